@@ -1,0 +1,3 @@
+from homoexport.cli import app
+
+app(prog_name="homoexport")
