@@ -1,0 +1,206 @@
+"""Recipes: the YAML that fully describes a distillation run, validated by pydantic.
+
+Unknown keys and bad values are errors that name the key path and what is allowed, because a typo in
+a 3-hour run's recipe should cost seconds, not the run. ``--set a.b=c`` overrides apply before
+validation. The resolved recipe (defaults filled in) is saved next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StudentSpec(_Strict):
+    """Target shape. Widths are uniform across layers, so the student is a stock BertConfig."""
+
+    hidden: Optional[int] = Field(None, gt=0, description="hidden size (residual stream width)")
+    heads: Optional[int] = Field(None, gt=0, description="attention heads; head_dim = hidden / heads")
+    ffn: Optional[int] = Field(None, gt=0, description="FFN (intermediate) size")
+    layers: Optional[int] = Field(None, gt=0, description="student depth; None keeps the teacher's (HomoDistil)")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "StudentSpec":
+        if self.hidden is not None and self.heads is not None and self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class DataSpec(_Strict):
+    train: list[str] = Field(default_factory=list, description="text/jsonl/parquet/WikiExtractor .txt.gz files, globs or dirs, or a hub dataset name")
+    eval: list[str] = Field(default_factory=list, description="held-out text; empty = take eval_blocks from the training data")
+    block_size: int = Field(128, ge=8, le=4096)
+    eval_blocks: int = Field(256, ge=0)
+    max_blocks: Optional[int] = Field(None, gt=0, description="cap on training blocks (for quick runs)")
+    cache_dir: Optional[str] = None
+
+
+class LossSpec(_Strict):
+    """Weights of the distillation objective (BRIEF §2.3) and the related methods (BRIEF §2.5)."""
+
+    mlm: float = Field(1.0, ge=0)
+    kl: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, gt=0)
+    hidden: float = Field(1.0, ge=0)
+    attention: float = Field(1.0, ge=0)
+    embedding: float = Field(1.0, ge=0)
+    relation: float = Field(0.0, ge=0, description="MiniLMv2 Q-Q/K-K/V-V relation transfer")
+    relation_heads: int = Field(12, gt=0)
+    relation_teacher_layer: int = Field(-1, description="teacher layer for relation transfer (negative counts from the end)")
+    layer_mapping: Literal["one_to_one", "uniform", "uniform_consecutive", "uniform_last", "last", "last_k"] = "one_to_one"
+
+
+class PruningSpec(_Strict):
+    schedule: Literal["homotopic", "one_shot", "none"] = "homotopic"
+    importance: Literal["platon", "ema", "sensitivity"] = "platon"
+    beta1: float = Field(0.85, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    t_i: float = Field(0.0, ge=0, description="steps at full width before pruning (<1: fraction of steps)")
+    t_f: float = Field(0.3, ge=0, description="steps at the final width after pruning (<1: fraction of steps)")
+    interval: int = Field(10, ge=1, description="update masks every this many steps (ΔT)")
+    multiple: int = Field(8, ge=1, description="round intermediate widths to this multiple")
+    score_batches: int = Field(8, ge=1, description="batches used to score importance for one-shot pruning")
+
+
+class OptimizerSpec(_Strict):
+    lr: float = Field(6e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-6, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.05, ge=0, description="warm-up steps (<1: fraction of steps)")
+    scheduler: Literal["linear", "constant", "cosine"] = "linear"
+    max_grad_norm: float = Field(1.0, ge=0)
+
+
+class TrainingSpec(_Strict):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(32, gt=0, description="global batch size (sequences per optimizer step)")
+    micro_batch_size: Optional[int] = Field(None, gt=0, description="per-process micro-batch; gradient accumulation fills the global batch")
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(0, ge=0, description="0 = only at the end")
+    checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+
+
+class Recipe(_Strict):
+    """A HomoDistil run: teacher, data, target (widths or a budget), losses, schedule, optimizer."""
+
+    name: str = "homodistil"
+    teacher: str = Field(..., description="local model directory or hub name of the teacher")
+    tokenizer: Optional[str] = Field(None, description="defaults to the teacher's")
+    init: Literal["copy", "truncate", "random"] = "copy"
+    truncate_layers: Optional[list[int]] = Field(None, description="teacher layers copied by init=truncate (default: evenly spaced)")
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    budget: Optional[str] = Field(None, description="latency=8ms | memory=30MB | params=20M; chooses the student widths")
+    data: DataSpec = Field(default_factory=DataSpec)
+    losses: LossSpec = Field(default_factory=LossSpec)
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    output: str = Field("runs/{name}", description="output directory; {name} is replaced")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.init == "copy" and self.student.layers is not None:
+            raise ValueError("init=copy keeps the teacher's depth: leave student.layers unset or use init=truncate|random")
+        if self.init == "truncate" and self.truncate_layers and self.student.layers and len(self.truncate_layers) != self.student.layers:
+            raise ValueError(f"truncate_layers has {len(self.truncate_layers)} entries but student.layers is {self.student.layers}")
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.output.replace("{name}", self.name))
+
+    def resolved_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with messages that name the key path and what is allowed."""
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the sub-model that ``loc`` (minus its last element) points into."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", ()) + (ann,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                current = candidate
+                break
+        else:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"])
+        path = ".".join(str(p) for p in loc) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_fields(Recipe, loc)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            lines.append(f"{path}: unknown key{hint}; allowed keys: {', '.join(allowed)}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise RecipeError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. training.steps=200")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def validate_recipe(data: dict) -> Recipe:
+    """Validate a recipe dict; raise :class:`RecipeError` naming every bad key."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of keys to values")
+    return validate_recipe(apply_overrides(data, overrides or []))
+
+
+def steps_of(value: float, total: int) -> int:
+    """Interpret a recipe step count: values below 1 are fractions of ``total``."""
+    return int(round(value * total)) if 0 < value < 1 else int(value)
