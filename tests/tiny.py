@@ -22,7 +22,7 @@ def make_tokenizer(directory: str | Path) -> BertTokenizerFast:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = SPECIALS + WORDS + letters + [f"##{c}" for c in letters] + [".", ",", "!", "?"]
+    vocab = SPECIALS + WORDS + [c for c in letters if c not in WORDS] + [f"##{c}" for c in letters] + [".", ",", "!", "?"]
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
     tok = BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
     tok.save_pretrained(directory)

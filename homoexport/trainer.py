@@ -1,0 +1,490 @@
+"""HomoDistil training on accelerate: distill while pruning, checkpoint atomically, resume exactly.
+
+One step, for every micro-batch of this rank's share of the global batch:
+teacher forward (no grad) -> student forward -> loss -> backward; then importance update from the
+final (all-reduced) gradients, a mask update on schedule steps, the optimizer step, and re-zeroing of
+pruned weights. The same code runs on one CPU process, several gloo processes, or GPUs and nodes under
+``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from homoexport import __version__
+from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
+from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.importance import ImportanceTracker
+from homoexport.losses import DistillationLoss
+from homoexport.machine import fingerprint
+from homoexport.mask_groups import MaskedModel, Masks, Widths, full_widths, prepare, shrink
+from homoexport.models import build_student, encode, load_model, load_tokenizer
+from homoexport.recipe import Recipe, steps_of
+from homoexport.schedule import Schedule, one_shot
+from homoexport.surgery import closed_form_parameters, count_parameters, materialize, parity_max_abs_diff, save_student
+
+PARITY_TOLERANCE = 1e-4
+
+
+class DistillModule(nn.Module):
+    """Student + loss projections as one module, so data parallelism syncs both in one all-reduce."""
+
+    def __init__(self, student: nn.Module, loss: DistillationLoss, relation_layer: int | None):
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        self.relation_layer = relation_layer
+
+    def forward(self, batch: dict[str, torch.Tensor], teacher_out, kept_heads: torch.Tensor | None):
+        inputs, mlm_positions = student_inputs(batch, self.loss.has_mlm and bool({"mlm", "kl"} & set(self.loss.active_terms)))
+        out = encode(self.student, inputs, attentions="attention" in self.loss.active_terms,
+                     mlm_positions=mlm_positions, relation_layer=self.relation_layer)
+        labels = batch["mlm_labels"][mlm_positions] if mlm_positions is not None else None
+        return self.loss(out, teacher_out, inputs["attention_mask"], labels, kept_heads)
+
+
+def student_inputs(batch: dict[str, torch.Tensor], use_mlm: bool) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Model inputs and the [B, T] masked-position mask: MLM-corrupted ids when MLM/KL are on."""
+    ids = batch["mlm_input_ids"] if use_mlm else batch["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"], "token_type_ids": batch["token_type_ids"]}
+    return inputs, (batch["mlm_labels"] != -100) if use_mlm else None
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], loss: DistillationLoss, relation_layer: int | None):
+    """The teacher's view of the same (possibly corrupted) inputs the student sees."""
+    use_mlm = loss.has_mlm and bool({"mlm", "kl"} & set(loss.active_terms))
+    inputs, positions = student_inputs(batch, use_mlm)
+    return encode(teacher, inputs, attentions="attention" in loss.active_terms,
+                  mlm_positions=positions if "kl" in loss.active_terms else None, relation_layer=relation_layer)
+
+
+def relation_layers(recipe: Recipe, teacher_layers: int) -> tuple[int | None, int | None]:
+    """(student layer, teacher layer) for MiniLMv2 relation transfer, or (None, None) when off."""
+    if recipe.losses.relation <= 0:
+        return None, None
+    return -1, recipe.losses.relation_teacher_layer % teacher_layers
+
+
+def target_widths(recipe: Recipe, full: Widths) -> Widths:
+    """The recipe's student shape, defaulting unspecified widths to the teacher's."""
+    s = recipe.student
+    hidden = s.hidden or full.hidden
+    heads = s.heads or full.heads
+    if hidden % heads:
+        raise ValueError(f"student.hidden ({hidden}) must be divisible by student.heads ({heads})")
+    return Widths(hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=s.ffn or full.ffn)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint file in ``directory`` (partial writes never have the final name)."""
+    found = sorted(directory.glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary name, fsync, then rename: a kill leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunPaths:
+    out: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def log(self) -> Path:
+        return self.out / "train_log.jsonl"
+
+
+def _evaluate(module: DistillModule, teacher: nn.Module, batcher: BlockBatcher | None, steps: int, kept_heads,
+              teacher_relation_layer: int | None) -> dict[str, float]:
+    """Held-out loss terms, cosine of mean-pooled (projected) last hidden states to the teacher's, and
+    MLM accuracy when the student predicts masked tokens. Uses the unwrapped module: no collectives."""
+    if batcher is None:
+        return {}
+    student, loss_fn = module.student, module.loss
+    device = next(student.parameters()).device
+    use_mlm = loss_fn.has_mlm and bool({"mlm", "kl"} & set(loss_fn.active_terms))
+    was_training = student.training
+    student.eval()
+    sums: dict[str, float] = {}
+    correct = total = 0
+    with torch.no_grad():
+        for step in range(steps):
+            batch = {k: v.to(device) for k, v in batcher.batch_at(step).items()}
+            inputs, positions = student_inputs(batch, use_mlm)
+            t_out = teacher_outputs(teacher, batch, loss_fn, teacher_relation_layer)
+            s_out = encode(student, inputs, attentions="attention" in loss_fn.active_terms, mlm_positions=positions,
+                           relation_layer=module.relation_layer)
+            labels = batch["mlm_labels"][positions] if positions is not None else None
+            loss, terms = loss_fn(s_out, t_out, inputs["attention_mask"], labels, kept_heads)
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if positions is not None and s_out.mlm_logits is not None:
+                correct += int((s_out.mlm_logits.argmax(-1) == labels).sum())
+                total += int(positions.sum())
+            mask = inputs["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
+            s_last = loss_fn.hidden_proj[-1](s_out.hidden[-1])
+            s_pool = (s_last * mask).sum(1) / mask.sum(1)
+            t_pool = (t_out.hidden[-1] * mask).sum(1) / mask.sum(1)
+            cos = torch.nn.functional.cosine_similarity(s_pool.float(), t_pool.float(), dim=-1).mean()
+            sums["cosine_to_teacher"] = sums.get("cosine_to_teacher", 0.0) + float(cos)
+    student.train(was_training)
+    out = {f"eval_{k}": v / steps for k, v in sums.items()}
+    if total:
+        out["eval_mlm_accuracy"] = correct / total
+    return out
+
+
+def _param_report(model: nn.Module, widths: Widths, config) -> dict[str, Any]:
+    cf = closed_form_parameters(widths, config.num_hidden_layers, config.vocab_size, config.max_position_embeddings,
+                                config.type_vocab_size, pooler=getattr(getattr(model, "base_model", model), "pooler", None) is not None)
+    return {"widths": widths.as_dict(), "layers": config.num_hidden_layers, "parameters": count_parameters(model),
+            "embedding_parameters": cf["embedding"], "backbone_parameters": cf["backbone"]}
+
+
+def distill(
+    recipe: Recipe,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    plan: dict | None = None,
+    stop_after: int | None = None,
+    on_log: Callable[[dict], None] | None = None,
+) -> dict[str, Any]:
+    """Run a recipe end to end; returns the report (also written to ``out_dir/report.json``).
+
+    ``stop_after`` ends the process after that many steps as if killed (after the step's checkpoint, if
+    any), for resume tests. The student appears in ``out_dir/student`` only once it passed the parity
+    check, via a staging directory.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    out = RunPaths(Path(out_dir) if out_dir else recipe.output_dir())
+    if out.out.exists() and any(out.out.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"output directory {out.out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+    precision = recipe.training.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    set_seed(recipe.training.seed)
+
+    # Teacher, tokenizer, data.
+    need_attn = recipe.losses.attention > 0
+    teacher, has_mlm = load_model(recipe.teacher, attention="eager" if need_attn else "sdpa")
+    teacher.requires_grad_(False).eval()
+    tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
+    spec = DataSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
+                    eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
+    with accelerator.main_process_first():
+        train_blocks, eval_blocks = build_blocks(spec, tokenizer)
+    use_mlm = has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0)
+    mlm_prob = 0.15 if use_mlm else None
+    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=recipe.training.seed, mlm_probability=mlm_prob)
+    eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
+    eval_batcher = BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=recipe.training.seed + 1, mlm_probability=mlm_prob, shuffle=False) if len(eval_blocks) else None
+    eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
+
+    # Student and schedule.
+    c, t = teacher.config, recipe.student
+    random_widths = {"hidden": t.hidden or c.hidden_size, "heads": t.heads or c.num_attention_heads, "ffn": t.ffn or c.intermediate_size}
+    student = build_student(teacher, recipe.init, t.layers, recipe.truncate_layers,
+                            widths=random_widths if recipe.init == "random" else None, seed=recipe.training.seed)
+    masked: MaskedModel | None = None
+    schedule: Schedule | None = None
+    total = recipe.training.steps
+    if recipe.pruning.schedule != "none" and recipe.init != "random":
+        masked = prepare(student)
+        full = full_widths(masked.layout)
+        target = target_widths(recipe, full)
+        if recipe.pruning.schedule == "one_shot":
+            schedule = one_shot(full, target, total)
+        else:
+            schedule = Schedule(full, target, total, t_i=steps_of(recipe.pruning.t_i, total), t_f=steps_of(recipe.pruning.t_f, total),
+                                interval=recipe.pruning.interval, multiple=recipe.pruning.multiple)
+    student.requires_grad_(True).train()
+    s_rel, t_rel = relation_layers(recipe, teacher.config.num_hidden_layers)
+    loss_fn = DistillationLoss(recipe.losses, student.config.hidden_size, teacher.config.hidden_size,
+                               student.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm)
+    module = DistillModule(student, loss_fn, s_rel)
+    importance = ImportanceTracker(student, masked.layout, recipe.pruning.importance, recipe.pruning.beta1, recipe.pruning.beta2) if masked else None
+
+    o = recipe.optimizer
+    decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
+    no_decay = [p for n, p in module.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=o.betas, eps=o.eps)
+    lr_scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
+    teacher.to(accelerator.device)
+    module, optimizer = accelerator.prepare(module, optimizer)
+    unwrapped: DistillModule = accelerator.unwrap_model(module)
+
+    micro = recipe.training.micro_batch_size or recipe.training.batch_size // world
+    if recipe.training.batch_size % (world * micro):
+        raise ValueError(f"training.batch_size {recipe.training.batch_size} is not a multiple of {world} processes x micro_batch_size {micro}")
+    n_micro = recipe.training.batch_size // (world * micro)
+
+    # Resume.
+    start = 0
+    ckpt = latest_checkpoint(out.checkpoints) if resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        unwrapped.load_state_dict(state["module"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if masked is not None:
+            masked.masks = Masks.from_state_dict(state["masks"])
+            masked.set_masks(masked.masks)
+            importance.load_state_dict(state["importance"])
+        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        start = state["step"]
+    elif masked is not None and recipe.pruning.schedule == "one_shot":
+        _score_and_prune_once(module, unwrapped, teacher, batcher, importance, masked, schedule, recipe, n_micro, world, rank, accelerator, t_rel)
+    if is_main:
+        out.out.mkdir(parents=True, exist_ok=True)
+        if not resume or ckpt is None:
+            out.log.unlink(missing_ok=True)
+        atomic_write_text(out.out / "recipe.resolved.yaml", _resolved_header() + recipe.resolved_yaml())
+
+    kept_heads = lambda: masked.masks.heads if masked is not None else None  # noqa: E731
+    tokens_per_step = recipe.training.batch_size * recipe.data.block_size
+    started = time.time()
+    last_terms: dict[str, float] = {}
+    bar = _progress(progress and is_main, total, start)
+    try:
+        for step in range(start, total):
+            t0 = time.time()
+            module.train()
+            batches = batcher.micro_batches(step, n_micro, rank, world)
+            terms_sum: dict[str, float] = {}
+            for i, mb in enumerate(batches):
+                mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+                with accelerator.autocast():
+                    t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
+                ctx = accelerator.no_sync(module) if i < n_micro - 1 else _nullcontext()
+                with ctx:
+                    loss, terms = module(mb, t_out, kept_heads())
+                    accelerator.backward(loss / n_micro)
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
+            if importance is not None and step < schedule.end + 1:
+                importance.update()
+                if schedule.is_update_step(step):
+                    widths = schedule.widths_at(step)
+                    if widths != masked.masks.widths():
+                        masked.set_masks(shrink(masked.masks, importance.unit_scores(), widths))
+            if o.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if masked is not None:
+                masked.apply()
+            done = step + 1
+            last_terms = _all_reduce_mean(accelerator, terms_sum)
+            record = {"step": done, "loss": sum(last_terms.get(k, 0) * w for k, w in unwrapped.loss.active_terms.items()),
+                      **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": lr_scheduler.get_last_lr()[0],
+                      "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9),
+                      **({"widths": masked.masks.widths().as_dict()} if masked is not None else {})}
+            ev = recipe.training.eval_every
+            if ev and done % ev == 0 and done < total and is_main:
+                record.update(_evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
+            if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
+                with open(out.log, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                if on_log:
+                    on_log(record)
+            if bar is not None:
+                bar.update(done, record)
+            ce = recipe.training.checkpoint_every
+            if (ce and done % ce == 0) or done == total:
+                _checkpoint(accelerator, out, done, unwrapped, optimizer, lr_scheduler, masked, importance)
+            if stop_after is not None and done >= stop_after and done < total:
+                raise _Stopped(done)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    wall = time.time() - started
+    return _finish(recipe, out, accelerator, unwrapped, teacher, tokenizer, masked, eval_batcher, eval_steps, t_rel, has_mlm,
+                   last_terms, wall, start, total, tokens_per_step, plan, overwrite)
+
+
+class _Stopped(Exception):
+    """Raised by ``stop_after`` to simulate a kill in tests."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
+    if accelerator.num_processes == 1 or not terms:
+        return terms
+    keys = sorted(terms)
+    t = torch.tensor([terms[k] for k in keys], device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return dict(zip(keys, t.tolist()))
+
+
+def _checkpoint(accelerator, out: RunPaths, step: int, unwrapped: DistillModule, optimizer, lr_scheduler, masked, importance) -> None:
+    """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
+    importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
+    rngs = [_rng_state()]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rngs = gather_object([_rng_state()])
+    if accelerator.is_main_process:
+        state = {"step": step, "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+                 "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
+                 "masks": masked.masks.state_dict() if masked is not None else None,
+                 "importance": importance.state_dict() if importance is not None else None}
+        save_checkpoint(out.checkpoints / f"step-{step:08d}.pt", state)
+        for old in sorted(out.checkpoints.glob("step-*.pt"))[:-2]:
+            old.unlink()
+    accelerator.wait_for_everyone()
+
+
+def _score_and_prune_once(module, unwrapped, teacher, batcher, importance, masked, schedule, recipe, n_micro, world, rank, accelerator, t_rel) -> None:
+    """One-shot pruning: score importance on ``score_batches`` batches (no update), prune to target."""
+    for step in range(recipe.pruning.score_batches):
+        for mb in batcher.micro_batches(step, n_micro, rank, world):
+            mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+            t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
+            loss, _ = module(mb, t_out, masked.masks.heads)
+            accelerator.backward(loss / n_micro)
+        importance.update()
+        module.zero_grad(set_to_none=True)
+    masked.set_masks(shrink(masked.masks, importance.unit_scores(), schedule.target))
+
+
+def _resolved_header() -> str:
+    fp = fingerprint()
+    versions = ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v)
+    return (f"# Resolved by homoexport {__version__}; loadable as a recipe.\n# versions: {versions}\n"
+            f"# machine: {fp['cpu_model']} ({fp['arch']}, {fp['physical_cores']} cores, isa {' '.join(fp['isa'])}), id {fp['id']}\n")
+
+
+def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teacher, tokenizer, masked, eval_batcher, eval_steps,
+            t_rel, has_mlm, last_terms, wall, start, total, tokens_per_step, plan, overwrite) -> dict[str, Any]:
+    """Evaluate, materialise, check parity, save the student and the report (main process only)."""
+    report: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        student = unwrapped.student
+        student.eval()
+        kept = masked.masks.heads if masked is not None else None
+        evaluation = _evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept, t_rel)
+        if masked is not None:
+            dense = materialize(masked)
+            probe = eval_batcher.batch_at(0) if eval_batcher else None
+            probe_inputs = {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")} if probe else None
+            parity = parity_max_abs_diff(masked, dense, probe_inputs) if probe_inputs else None
+            if parity is not None and parity > PARITY_TOLERANCE:
+                raise RuntimeError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
+            widths = masked.masks.widths()
+        else:
+            dense, parity = student, None
+            c = student.config
+            widths = Widths(c.hidden_size, c.num_attention_heads, c.hidden_size // c.num_attention_heads, c.intermediate_size)
+        dense = dense.cpu()
+        with staging_dir(out.out / "student", overwrite=True) as tmp:
+            save_student(dense, tmp, tokenizer)
+        t = teacher.config
+        teacher_widths = Widths(t.hidden_size, t.num_attention_heads, t.hidden_size // t.num_attention_heads, t.intermediate_size)
+        active = unwrapped.loss.active_terms
+        report = {
+            "homoexport_version": __version__,
+            "recipe": recipe.name,
+            "teacher": {"path": recipe.teacher, "has_mlm_head": has_mlm, **_param_report(teacher, teacher_widths, t)},
+            "student": {"path": str(out.out / "student"), **_param_report(dense, widths, dense.config)},
+            "steps": total, "resumed_from_step": start or None,
+            "tokens": total * tokens_per_step,
+            "wall_time_s": round(wall, 2),
+            "processes": accelerator.num_processes,
+            "final_loss_terms": last_terms,
+            "active_loss_terms": active,
+            "mlm_kl_active": "mlm" in active or "kl" in active,
+            "mlm_kl_note": None if has_mlm else "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)",
+            "parity_max_abs_diff": parity,
+            "evaluation": evaluation,
+            "plan": plan,
+            "machine": fingerprint(),
+        }
+        atomic_write_json(out.out / "report.json", report)
+    accelerator.wait_for_everyone()
+    return report
+
+
+class _progress:
+    """A rich progress bar with loss terms, widths and throughput (None-safe when disabled)."""
+
+    def __new__(cls, enabled: bool, total: int, start: int):
+        if not enabled:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+        self.task = self.progress.add_task("distill", total=total, completed=start, info="")
+        self.progress.start()
+
+    def update(self, done: int, record: dict) -> None:
+        terms = " ".join(f"{k[5:]}={v:.3g}" for k, v in record.items() if k.startswith("loss_"))
+        w = record.get("widths")
+        widths = f" | h{w['hidden']} a{w['heads']}x{w['head_dim']} f{w['ffn']}" if w else ""
+        self.progress.update(self.task, completed=done, info=f"loss={record['loss']:.3g} ({terms}){widths} | {record['tokens_per_s']:.0f} tok/s")
+
+    def close(self) -> None:
+        self.progress.stop()
