@@ -39,8 +39,9 @@ class Schedule:
 
     @property
     def end(self) -> int:
-        """The step from which the student is at the target width."""
-        return self.total_steps - self.t_f
+        """The step from which the student is at the target width (at the latest the last step, so the
+        final widths always equal the targets)."""
+        return max(self.t_i, self.total_steps - max(self.t_f, 1))
 
     def remaining(self, step: int) -> float:
         """Share of the removable width still present at ``step``: 1 before t_i, 0 from ``end`` on."""

@@ -129,6 +129,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def parameter_report(model: nn.Module, widths: Widths) -> dict:
+    """Shape and parameter counts of ``model`` for reports (paper split: embedding / backbone)."""
+    c = model.config
+    cf = closed_form_parameters(widths, c.num_hidden_layers, c.vocab_size, c.max_position_embeddings, c.type_vocab_size,
+                                pooler=getattr(getattr(model, "base_model", model), "pooler", None) is not None)
+    return {"widths": widths.as_dict(), "layers": c.num_hidden_layers, "parameters": count_parameters(model),
+            "embedding_parameters": cf["embedding"], "backbone_parameters": cf["backbone"]}
+
+
 def closed_form_parameters(
     widths: Widths, layers: int, vocab: int, max_positions: int, type_vocab: int, pooler: bool = True, mlm_head: bool = False, num_labels: int = 0
 ) -> dict[str, int]:

@@ -31,7 +31,7 @@ from homoexport.mask_groups import MaskedModel, Masks, Widths, full_widths, prep
 from homoexport.models import build_student, encode, load_model, load_tokenizer
 from homoexport.recipe import Recipe, steps_of
 from homoexport.schedule import Schedule, one_shot
-from homoexport.surgery import closed_form_parameters, count_parameters, materialize, parity_max_abs_diff, save_student
+from homoexport.surgery import materialize, parameter_report, parity_max_abs_diff, save_student
 
 PARITY_TOLERANCE = 1e-4
 
@@ -169,13 +169,6 @@ def _evaluate(module: DistillModule, teacher: nn.Module, batcher: BlockBatcher |
     if total:
         out["eval_mlm_accuracy"] = correct / total
     return out
-
-
-def _param_report(model: nn.Module, widths: Widths, config) -> dict[str, Any]:
-    cf = closed_form_parameters(widths, config.num_hidden_layers, config.vocab_size, config.max_position_embeddings,
-                                config.type_vocab_size, pooler=getattr(getattr(model, "base_model", model), "pooler", None) is not None)
-    return {"widths": widths.as_dict(), "layers": config.num_hidden_layers, "parameters": count_parameters(model),
-            "embedding_parameters": cf["embedding"], "backbone_parameters": cf["backbone"]}
 
 
 def distill(
@@ -444,8 +437,8 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
         report = {
             "homoexport_version": __version__,
             "recipe": recipe.name,
-            "teacher": {"path": recipe.teacher, "has_mlm_head": has_mlm, **_param_report(teacher, teacher_widths, t)},
-            "student": {"path": str(out.out / "student"), **_param_report(dense, widths, dense.config)},
+            "teacher": {"path": recipe.teacher, "has_mlm_head": has_mlm, **parameter_report(teacher, teacher_widths)},
+            "student": {"path": str(out.out / "student"), **parameter_report(dense, widths)},
             "steps": total, "resumed_from_step": start or None,
             "tokens": total * tokens_per_step,
             "wall_time_s": round(wall, 2),

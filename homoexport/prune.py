@@ -1,0 +1,111 @@
+"""One-shot importance pruning without training: ``homoexport prune``.
+
+Scores every unit by the sensitivity of the step-0 distillation objective (the unpruned model as its
+own teacher, dropout active so the gradients are informative; plus the MLM loss when there is an MLM
+head) over a few batches, keeps the most important units at the target shape, materialises a dense
+stock BERT and checks it against the masked model.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.importance import ImportanceTracker
+from homoexport.losses import DistillationLoss
+from homoexport.mask_groups import Widths, full_widths, prepare, shrink
+from homoexport.models import load_model, load_tokenizer
+from homoexport.recipe import LossSpec
+from homoexport.surgery import count_parameters, materialize, parameter_report, parity_max_abs_diff, save_student
+from homoexport.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
+
+
+def synthetic_blocks(tokenizer, n_blocks: int, block_size: int, seed: int = 0) -> np.ndarray:
+    """[n_blocks, block_size] random non-special token ids framed by [CLS] ... [SEP] (no text needed)."""
+    rng = np.random.default_rng(seed)
+    special = set(tokenizer.all_special_ids)
+    vocab = np.array([i for i in range(len(tokenizer)) if i not in special])
+    blocks = rng.choice(vocab, size=(n_blocks, block_size))
+    blocks[:, 0], blocks[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
+    return blocks.astype(np.int32)
+
+
+def prune_model(
+    model_path: str | Path,
+    out_dir: str | Path,
+    hidden: int | None = None,
+    heads: int | None = None,
+    ffn: int | None = None,
+    data: list[str] | None = None,
+    batches: int = 8,
+    batch_size: int = 8,
+    block_size: int = 128,
+    importance: str = "sensitivity",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Prune ``model_path`` once to (hidden, heads, ffn) and write a loadable model + prune_report.json.
+
+    Unspecified widths keep the model's. ``data`` are text files scored on; None uses synthetic ids.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
+    torch.manual_seed(seed)
+    model, has_mlm = load_model(model_path, attention="eager")
+    tokenizer = load_tokenizer(model_path)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    masked = prepare(model)
+    full = full_widths(masked.layout)
+    hidden, heads = hidden or full.hidden, heads or full.heads
+    if hidden % heads:
+        raise ValueError(f"--hidden {hidden} must be divisible by --heads {heads}")
+    target = Widths(hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=ffn or full.ffn)
+    for name in ("hidden", "heads", "head_dim", "ffn"):
+        if not 0 < getattr(target, name) <= getattr(full, name):
+            raise ValueError(f"target {name}={getattr(target, name)} must be in [1, {getattr(full, name)}] (the model's {name})")
+
+    if data:
+        blocks, _ = build_blocks(DataSpec(sources=data, block_size=block_size, eval_blocks=0, max_blocks=batches * batch_size), tokenizer)
+        source = f"{len(blocks)} blocks from {', '.join(data)}"
+    else:
+        blocks = synthetic_blocks(tokenizer, batches * batch_size, block_size, seed)
+        source = f"{len(blocks)} synthetic blocks (random token ids)"
+    batcher = BlockBatcher(blocks, tokenizer, batch_size, seed=seed, mlm_probability=0.15 if has_mlm else None)
+
+    loss = DistillationLoss(LossSpec(), full.hidden, full.hidden, model.config.num_hidden_layers, model.config.num_hidden_layers, has_mlm)
+    module = DistillModule(model, loss, relation_layer=None).train()
+    tracker = ImportanceTracker(model, masked.layout, importance)
+    for step in range(min(batches, batcher.steps_per_epoch)):
+        batch = batcher.batch_at(step)
+        total, _ = module(batch, teacher_outputs(teacher, batch, loss, None), None)
+        total.backward()
+        tracker.update()
+        module.zero_grad(set_to_none=True)
+    masked.set_masks(shrink(masked.masks, tracker.unit_scores(), target))
+    model.eval()
+    student = materialize(masked)
+    probe = {k: v for k, v in batcher.batch_at(0).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    parity = parity_max_abs_diff(masked, student, probe)
+    if parity > PARITY_TOLERANCE:
+        raise RuntimeError(f"masked and materialised models differ by {parity:.2e} > {PARITY_TOLERANCE}; nothing written")
+    report = {
+        "model": str(model_path),
+        "before": parameter_report(teacher, full),
+        "after": parameter_report(student, target),
+        "parameter_ratio": count_parameters(student) / count_parameters(teacher),
+        "importance": importance,
+        "scored_on": source,
+        "parity_max_abs_diff": parity,
+        "has_mlm_head": has_mlm,
+    }
+    with staging_dir(out_dir, overwrite=overwrite) as tmp:
+        save_student(student, tmp, tokenizer)
+        atomic_write_json(tmp / "prune_report.json", report)
+    return report
