@@ -188,7 +188,7 @@ def distill(
     check, via a staging directory.
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
     from transformers import get_scheduler
 
     out = RunPaths(Path(out_dir) if out_dir else recipe.output_dir())
@@ -197,7 +197,9 @@ def distill(
     precision = recipe.training.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    # Some parameters get no gradient by design (the pooler; the MLM head or projections of inactive terms).
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     set_seed(recipe.training.seed)
@@ -305,7 +307,9 @@ def distill(
                 if schedule.is_update_step(step):
                     widths = schedule.widths_at(step)
                     if widths != masked.masks.widths():
-                        masked.set_masks(shrink(masked.masks, importance.unit_scores(), widths))
+                        new_masks = shrink(masked.masks, importance.unit_scores(), widths)
+                        _check_same_on_all_ranks(accelerator, new_masks)
+                        masked.set_masks(new_masks)
             if o.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
             optimizer.step()
@@ -357,6 +361,16 @@ class _nullcontext:
 
     def __exit__(self, *exc):
         return False
+
+
+def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
+    """Scores come from all-reduced gradients, so every rank must choose the same units; verify it."""
+    if accelerator.num_processes == 1:
+        return
+    flat = torch.cat([m.flatten().to(torch.uint8) for m in masks.tensors()]).to(accelerator.device)
+    gathered = accelerator.gather(flat).view(accelerator.num_processes, -1)
+    if not (gathered == gathered[0]).all():
+        raise RuntimeError("data-parallel ranks chose different units to prune: importance scores diverged")
 
 
 def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:

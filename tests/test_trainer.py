@@ -1,0 +1,175 @@
+"""HomoDistil training: exact target widths, monotone masks, zeroed pruned weights, resume, data parallel."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModel
+from typer.testing import CliRunner
+
+from homoexport.cli import app
+from homoexport.mask_groups import MaskedModel
+from homoexport.recipe import validate_recipe
+from homoexport.trainer import _Stopped, distill
+from tiny import save_model_dir, synthetic_sentences
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(synthetic_sentences(600, seed=1)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("teachers")
+    return {"mlm": save_model_dir(root / "mlm", "mlm"), "base": save_model_dir(root / "base", "base", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)}
+
+
+def recipe_dict(teacher: Path, corpus: Path, out: Path, **over) -> dict:
+    r = {
+        "teacher": str(teacher),
+        "student": {"hidden": 32, "heads": 2, "ffn": 48},
+        "data": {"train": [str(corpus)], "block_size": 32, "eval_blocks": 8},
+        "pruning": {"interval": 3, "t_f": 0.25, "multiple": 8},
+        "optimizer": {"lr": 1e-3, "warmup": 0},
+        "training": {"steps": 24, "batch_size": 8, "log_every": 1},
+        "output": str(out),
+    }
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            r.setdefault(section, {})[field] = value
+        else:
+            r[section] = value
+    return r
+
+
+def test_distill_reaches_targets_with_monotone_masks_and_zero_pruned_weights(teachers, corpus, tmp_path, monkeypatch):
+    seen = []
+    original = MaskedModel.apply
+
+    def checked_apply(self):
+        original(self)
+        assert self.pruned_weights_are_zero()
+        seen.append([m.clone() for m in self.masks.tensors()])
+
+    monkeypatch.setattr(MaskedModel, "apply", checked_apply)
+    records = []
+    report = distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")), progress=False, on_log=records.append)
+    assert len(seen) >= 24
+    for before, after in zip(seen, seen[1:]):
+        assert all(not (a & ~b).any() for a, b in zip(after, before)), "a pruned unit came back"
+    assert report["student"]["widths"] == {"hidden": 32, "heads": 2, "head_dim": 16, "ffn": 48}
+    assert report["parity_max_abs_diff"] <= 1e-4 and report["mlm_kl_active"]
+    widths = [r["widths"]["hidden"] for r in records]
+    assert widths[0] == 64 and widths[-1] == 32 and widths == sorted(widths, reverse=True)
+    # Student == teacher at step 0, so the KL starts near 0 and grows with pruning (the decrease at a fixed
+    # width is the next test); here every term must stay finite.
+    assert all(torch.isfinite(torch.tensor(v)) for r in records for k, v in r.items() if k.startswith("loss"))
+    student = AutoModel.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.hidden_size == 32 and student.config.intermediate_size == 48
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 24
+    assert "# versions:" in (tmp_path / "run" / "recipe.resolved.yaml").read_text()
+
+
+def test_loss_decreases_at_fixed_width(teachers, corpus, tmp_path):
+    """With pruning done at step 0 (one-shot), distillation must pull the student back toward the teacher."""
+    records = []
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "run", pruning={"schedule": "one_shot", "score_batches": 2},
+                    training={"steps": 40, "batch_size": 8, "log_every": 1})
+    report = distill(validate_recipe(r), progress=False, on_log=records.append)
+    assert not report["mlm_kl_active"] and "no MLM head" in report["mlm_kl_note"]
+    first = sum(r["loss"] for r in records[:5]) / 5
+    last = sum(r["loss"] for r in records[-5:]) / 5
+    assert last < 0.85 * first
+    assert all(r["widths"]["hidden"] == 32 for r in records)
+
+
+def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, tmp_path):
+    base = recipe_dict(teachers["mlm"], corpus, tmp_path / "full", training={"steps": 16, "batch_size": 8, "log_every": 1, "checkpoint_every": 4})
+    distill(validate_recipe(base), progress=False)
+    killed = dict(base, output=str(tmp_path / "killed"))
+    with pytest.raises(_Stopped):
+        distill(validate_recipe(killed), progress=False, stop_after=10)  # "dies" after step 10; last checkpoint at 8
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")) == ["step-00000004.pt", "step-00000008.pt"]
+    assert not (tmp_path / "killed" / "student").exists()
+    report = distill(validate_recipe(killed), progress=False, resume=True)
+    assert report["resumed_from_step"] == 8
+    a = load_file(tmp_path / "full" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "student" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_empty_output_needs_resume_or_overwrite(teachers, corpus, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("")
+    with pytest.raises(FileExistsError, match="--resume"):
+        distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")), progress=False)
+
+
+@pytest.mark.parametrize("init,over", [("truncate", {"student": {"layers": 1}, "losses": {"layer_mapping": "uniform"}, "pruning": {"schedule": "none"}}),
+                                       ("random", {"student": {"hidden": 32, "heads": 2, "ffn": 48, "layers": 1},
+                                                   "losses": {"layer_mapping": "last", "relation": 1.0, "relation_heads": 4, "attention": 0.0,
+                                                              "hidden": 0.0, "embedding": 0.0, "mlm": 1.0, "kl": 1.0},
+                                                   "pruning": {"schedule": "none"}})])
+def test_related_initialisations_train_and_save(teachers, corpus, tmp_path, init, over):
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", init=init, training={"steps": 4, "batch_size": 8, "log_every": 1}, **over)
+    report = distill(validate_recipe(r), progress=False)
+    assert report["student"]["layers"] == 1
+    if init == "random":
+        assert "relation" in report["active_loss_terms"] and report["student"]["widths"]["hidden"] == 32
+
+
+def test_cli_bad_data_path_fails_cleanly_and_leaves_no_student(teachers, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(teachers["mlm"], tmp_path / "missing.txt", tmp_path / "run")))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress"])
+    assert result.exit_code == 2 and "missing.txt" in result.output
+    assert not (tmp_path / "run" / "student").exists()
+
+
+def test_cli_empty_corpus_fails_cleanly(teachers, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(teachers["mlm"], empty, tmp_path / "run")))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress"])
+    assert result.exit_code == 2 and "empty.txt" in result.output
+
+
+def test_cli_recipe_typo_names_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("teacher: x\ntraning:\n  steps: 3\n")
+    result = CliRunner().invoke(app, ["distill", str(path)])
+    assert result.exit_code == 2 and "traning" in result.output and "did you mean 'training'" in result.output
+
+
+@pytest.mark.slow
+def test_two_process_gloo_matches_single_process(teachers, corpus, tmp_path):
+    """2 CPU processes (gloo, launched with torchrun; accelerate's own CPU multi-process launcher needs MPI):
+    same masks on both ranks (checked by the trainer at every update) and, without dropout, the same
+    student as one process at the same global batch."""
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "one", training={"steps": 8, "batch_size": 8, "log_every": 1})
+    r["pruning"]["interval"] = 2
+    single = distill(validate_recipe(r), progress=False)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(dict(r, output=str(tmp_path / "two"))))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "homoexport", "distill", str(path), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["processes"] == 2 and two["student"]["widths"] == single["student"]["widths"]
+    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
