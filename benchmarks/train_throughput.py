@@ -1,0 +1,138 @@
+"""Distillation step throughput against the arithmetic floor, and where a step's time goes.
+
+floor = FLOPs(teacher forward + student forward + backward) / measured matmul GFLOP/s of this machine.
+The step is timed whole and in parts (teacher, student forward + losses, backward, importance update,
+optimizer + re-masking) at the quickstart shapes: the student at full width (start of HomoDistil) and
+at the target width (end). Prints a table and writes JSON.
+
+    python benchmarks/train_throughput.py --teacher ../shared/models/all-MiniLM-L6-v2 --out benchmarks/results/train_throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from homoexport.data import BlockBatcher
+from homoexport.importance import ImportanceTracker
+from homoexport.losses import DistillationLoss
+from homoexport.machine import fingerprint
+from homoexport.mask_groups import Widths, full_widths, prepare, random_masks
+from homoexport.models import load_model, load_tokenizer
+from homoexport.prune import synthetic_blocks
+from homoexport.recipe import LossSpec
+from homoexport.trainer import DistillModule, teacher_outputs
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """Sustained fp32 GEMM rate of this machine with torch's current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def forward_flops(widths: Widths, layers: int, batch: int, seq: int, mlm_tokens: int = 0, vocab: int = 0) -> float:
+    """Matmul FLOPs of one encoder forward: Q/K/V/O and FFN projections plus attention scores/context."""
+    tokens = batch * seq
+    h, a, f = widths.hidden, widths.attn, widths.ffn
+    per_layer = 2 * tokens * (3 * h * a + a * h + 2 * h * f) + 2 * 2 * batch * seq * seq * a
+    return layers * per_layer + 2 * mlm_tokens * (h * h + h * vocab)
+
+
+def timed(fn, sync=lambda: None):
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return out, time.perf_counter() - t
+
+
+def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq: int, steps: int) -> dict:
+    teacher, has_mlm = load_model(teacher_path, attention="eager")
+    teacher.requires_grad_(False).eval()
+    tokenizer = load_tokenizer(teacher_path)
+    student = copy.deepcopy(teacher).requires_grad_(True).train()
+    masked = prepare(student)
+    full = full_widths(masked.layout)
+    widths = full if widths_name == "full" else target
+    if widths != full:
+        masked.set_masks(random_masks(masked.layout, widths, torch.Generator().manual_seed(0)))
+    loss = DistillationLoss(LossSpec(), full.hidden, full.hidden, teacher.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm)
+    module = DistillModule(student, loss, None)
+    tracker = ImportanceTracker(student, masked.layout, "platon")
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    batcher = BlockBatcher(synthetic_blocks(tokenizer, batch * (steps + 2), seq), tokenizer, batch, mlm_probability=0.15 if has_mlm else None)
+    parts = {"teacher": 0.0, "student_forward_and_losses": 0.0, "backward": 0.0, "importance": 0.0, "optimizer_and_masking": 0.0}
+    total = 0.0
+    for step in range(steps + 1):
+        batch_ = batcher.batch_at(step)
+        t0 = time.perf_counter()
+        t_out, dt_t = timed(lambda: teacher_outputs(teacher, batch_, loss, None))
+        (value, _), dt_s = timed(lambda: module(batch_, t_out, masked.masks.heads))
+        _, dt_b = timed(lambda: value.backward())
+        _, dt_i = timed(tracker.update)
+
+        def opt():
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            masked.apply()
+
+        _, dt_o = timed(opt)
+        if step == 0:
+            continue  # warm-up
+        total += time.perf_counter() - t0
+        for k, v in zip(parts, (dt_t, dt_s, dt_b, dt_i, dt_o)):
+            parts[k] += v
+    c = teacher.config
+    teacher_flops = forward_flops(full, c.num_hidden_layers, batch, seq)
+    # A masked student computes at full width (zeros are multiplied too): its FLOPs are the teacher's.
+    student_flops = 3 * forward_flops(full, c.num_hidden_layers, batch, seq)
+    step_s = total / steps
+    return {"widths": widths.as_dict(), "batch": batch, "seq": seq, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
+            "teacher_gflop": teacher_flops / 1e9, "student_fwd_bwd_gflop": student_flops / 1e9,
+            "share": {k: v / total for k, v in parts.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, help="teacher model directory (e.g. ../shared/models/all-MiniLM-L6-v2)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--hidden", type=int, default=192)
+    ap.add_argument("--heads", type=int, default=6)
+    ap.add_argument("--ffn", type=int, default=768)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    gflops = matmul_gflops()
+    target = Widths(args.hidden, args.heads, args.hidden // args.heads, args.ffn)
+    rows = []
+    for name in ("full", "target"):
+        r = measure(args.teacher, name, target, args.batch, args.seq, args.steps)
+        floor_s = (r["teacher_gflop"] + r["student_fwd_bwd_gflop"]) / gflops
+        r.update(stage=name, floor_step_s=floor_s, floor_tokens_per_s=args.batch * args.seq / floor_s, ratio_to_floor=r["step_s"] / floor_s)
+        rows.append(r)
+    print(f"machine matmul: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print("| student | step s | tokens/s | floor tokens/s | x floor | teacher | student fwd+loss | backward | importance | optim+mask |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["share"]
+        print(f"| {r['stage']} {r['widths']['hidden']}/{r['widths']['heads']}/{r['widths']['ffn']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['floor_tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | {s['teacher']:.0%} | {s['student_forward_and_losses']:.0%} | "
+              f"{s['backward']:.0%} | {s['importance']:.0%} | {s['optimizer_and_masking']:.0%} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"matmul_gflops": gflops, "threads": torch.get_num_threads(), "rows": rows, "machine": fingerprint()}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
