@@ -9,6 +9,7 @@ pruned weights. The same code runs on one CPU process, several gloo processes, o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -277,11 +278,16 @@ def distill(
         _score_and_prune_once(module, unwrapped, teacher, batcher, importance, masked, schedule, recipe, n_micro, world, rank, accelerator, t_rel)
     if is_main:
         out.out.mkdir(parents=True, exist_ok=True)
-        if not resume or ckpt is None:
+        if ckpt is None:
             out.log.unlink(missing_ok=True)
+        elif out.log.exists():  # drop records of steps after the checkpoint: they are about to be redone
+            kept = [line for line in out.log.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+            atomic_write_text(out.log, "".join(line + "\n" for line in kept))
         atomic_write_text(out.out / "recipe.resolved.yaml", _resolved_header() + recipe.resolved_yaml())
 
-    kept_heads = lambda: masked.masks.heads if masked is not None else None  # noqa: E731
+    def kept_heads() -> torch.Tensor | None:
+        return masked.masks.heads if masked is not None else None
+
     tokens_per_step = recipe.training.batch_size * recipe.data.block_size
     started = time.time()
     last_terms: dict[str, float] = {}
@@ -296,7 +302,7 @@ def distill(
                 mb = {k: v.to(accelerator.device) for k, v in mb.items()}
                 with accelerator.autocast():
                     t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
-                ctx = accelerator.no_sync(module) if i < n_micro - 1 else _nullcontext()
+                ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
                 with ctx:
                     loss, terms = module(mb, t_out, kept_heads())
                     accelerator.backward(loss / n_micro)
@@ -353,14 +359,6 @@ class _Stopped(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped after step {step}")
         self.step = step
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
@@ -471,15 +469,14 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
     return report
 
 
-class _progress:
-    """A rich progress bar with loss terms, widths and throughput (None-safe when disabled)."""
+def _progress(enabled: bool, total: int, start: int) -> "_Progress | None":
+    return _Progress(total, start) if enabled else None
 
-    def __new__(cls, enabled: bool, total: int, start: int):
-        if not enabled:
-            return None
-        return super().__new__(cls)
 
-    def __init__(self, enabled: bool, total: int, start: int):
+class _Progress:
+    """A rich progress bar with loss terms, current widths, throughput and ETA."""
+
+    def __init__(self, total: int, start: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

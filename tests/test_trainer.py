@@ -107,6 +107,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
     a = load_file(tmp_path / "full" / "student" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "student" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
 
 
 def test_non_empty_output_needs_resume_or_overwrite(teachers, corpus, tmp_path):
