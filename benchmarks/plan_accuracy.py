@@ -1,0 +1,100 @@
+"""Is the planner's prediction what `homoexport bench` measures afterwards?
+
+For each latency budget: plan (cold measurement cache for the first budget, so its time is the full
+planner cost; later budgets reuse the cache, as a user re-planning would), then export the chosen shape
+and the first shape above it (the boundary) again, and time them with `homoexport bench` in a separate
+process at the same settings. Pass: every chosen shape meets its budget when re-measured, and every
+re-measured shape is within --tolerance of the planner's prediction.
+
+    python benchmarks/plan_accuracy.py --teacher ../shared/models/all-MiniLM-L6-v2 --budgets 3,6,10 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from homoexport.atomic import atomic_write_json
+from homoexport.budget import CandidateExporter, PlanSettings, Shape, plan
+from homoexport.machine import fingerprint
+
+
+def bench_p50(onnx_file: Path, settings: PlanSettings, out: Path) -> float:
+    """p50 of `homoexport bench` run in its own process at the plan's settings."""
+    cmd = [sys.executable, "-m", "homoexport", "bench", str(onnx_file), "--batch", str(settings.batch), "--seq", str(settings.seq),
+           "--threads", str(settings.resolved_threads()), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"homoexport bench failed:\n{proc.stderr[-2000:]}")
+    return float(json.loads(out.read_text())["results"][0]["p50_ms"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", required=True, type=Path, help="teacher model directory")
+    ap.add_argument("--budgets", default="3,6,10", help="latency budgets in ms, comma-separated")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--precision", default="int8", choices=("int8", "fp32"))
+    ap.add_argument("--tolerance", type=float, default=0.15, help="allowed |bench - predicted| / predicted")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/plan_accuracy.json"))
+    args = ap.parse_args()
+
+    settings = PlanSettings(batch=args.batch, seq=args.seq, threads=args.threads, precision=args.precision)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    with tempfile.TemporaryDirectory(prefix="plan-accuracy-") as tmp:
+        work = Path(tmp)
+        cache = work / "cache.json"  # cold for the first budget
+        plans, predicted = [], {}
+        for ms in budgets:
+            t0 = time.perf_counter()
+            report = plan(args.teacher, f"latency={ms:g}ms", settings, cache_path=cache, progress=False)
+            elapsed = time.perf_counter() - t0
+            rows = [r for r in report["candidates"] if r["measurement"]]
+            for r in rows:
+                predicted[r["name"]] = (Shape(r["hidden"], r["heads"], r["ffn"], r["layers"]), r["measurement"]["p50_ms"])
+            above = next((r["name"] for r in rows if r["params"] > report["chosen"]["params"]), None)
+            plans.append({"budget_ms": ms, "chosen": report["chosen"]["name"], "predicted_ms": report["chosen"]["predicted"]["p50_ms"],
+                          "boundary": above, "planner_s": round(elapsed, 1), "measured": report["measured"], "cache_hits": report["cache_hits"]})
+            print(f"latency={ms:g}ms: chose {report['chosen']['name']} (predicted p50 {report['chosen']['predicted']['p50_ms']:.2f} ms) "
+                  f"in {elapsed:.1f}s, {report['measured']} measured, {report['cache_hits']} cached", flush=True)
+
+        sweep_names = sorted({p["chosen"] for p in plans} | {p["boundary"] for p in plans if p["boundary"]}, key=lambda n: predicted[n][0])
+        exporter = CandidateExporter(args.teacher, settings)
+        remeasured = {}
+        for name in sweep_names:
+            deployed = exporter.export(predicted[name][0], work / name)
+            remeasured[name] = bench_p50(deployed, settings, work / f"bench-{name}.json")
+
+    sweep = [{"shape": n, "predicted_ms": predicted[n][1], "bench_ms": remeasured[n],
+              "rel_error": remeasured[n] / predicted[n][1] - 1} for n in sweep_names]
+    for p in plans:
+        p["bench_ms"] = remeasured[p["chosen"]]
+        p["meets_budget"] = p["bench_ms"] <= p["budget_ms"]
+        p["within_tolerance"] = abs(p["bench_ms"] / p["predicted_ms"] - 1) <= args.tolerance
+    ok = all(p["meets_budget"] and p["within_tolerance"] for p in plans) and all(abs(s["rel_error"]) <= args.tolerance for s in sweep)
+
+    print(f"\nsettings: batch {args.batch}, seq {args.seq}, {args.threads} threads, {args.precision}; p50 (ms)")
+    print("\n| shape | predicted (plan) | re-measured (bench) | error |\n|---|---:|---:|---:|")
+    for s in sweep:
+        print(f"| {s['shape']} | {s['predicted_ms']:.2f} | {s['bench_ms']:.2f} | {s['rel_error']:+.1%} |")
+    print("\n| budget | chosen | predicted | bench | meets budget | within ±{:.0%} | planner s (measured/cached) |".format(args.tolerance))
+    print("|---:|---|---:|---:|---|---|---:|")
+    for p in plans:
+        print(f"| {p['budget_ms']:g} ms | {p['chosen']} | {p['predicted_ms']:.2f} | {p['bench_ms']:.2f} | {p['meets_budget']} | "
+              f"{p['within_tolerance']} | {p['planner_s']} ({p['measured']}/{p['cache_hits']}) |")
+    print(f"\n{'PASS' if ok else 'FAIL'}")
+    atomic_write_json(args.out, {"settings": settings.to_dict(), "machine": fingerprint(), "tolerance": args.tolerance,
+                                 "plans": plans, "sweep": sweep, "pass": ok})
+    print(f"wrote {args.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

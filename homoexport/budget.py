@@ -1,0 +1,798 @@
+"""Budgets (BRIEF §4): choose the largest student shape whose *measured* cost fits a budget.
+
+A budget is one or more comma-separated constraints, all of which must hold:
+
+- ``latency=8ms``: p50 latency of the deployed ONNX file (int8 or fp32, exactly as ``homoexport export``
+  writes it) through onnxruntime at the plan's batch / seq / threads. p50 is the statistic because it is
+  what ``homoexport bench`` gates on and what is stable on a loaded machine; p90 is recorded as well.
+- ``memory=30MB``: size of the deployed model file (MB = 2^20 bytes, as ``bench`` reports sizes).
+- ``rss=120MB``: peak RSS an InferenceSession adds to a fresh process after one run at the plan's
+  batch / seq (``bench.measure_footprint().session_rss_mb``: weights, pre-packed kernels, arena).
+- ``params=20M``: parameter count of the student by closed form (embedding + backbone).
+
+Candidates are the shapes reachable from the teacher by HomoDistil (same depth, uniform widths, hidden
+a multiple of 16 or 8, the teacher's head_dim where it divides hidden, FFN = hidden x the teacher's
+FFN/hidden ratio). Cost grows with width, so the search bisects the candidate list (sorted by size)
+instead of timing every shape, then times the few shapes just above the boundary to catch
+non-monotone steps (e.g. a change of head count). Measured figures must fit with a safety ``margin``
+(timing noise), so the returned shape never violates the budget. Measurements are cached per machine
+fingerprint, settings and shape.
+
+Measuring on another machine: ``export_candidates`` writes every candidate's deployed file plus a
+manifest; ``measure_candidates`` (onnxruntime + numpy only) times them there and writes
+``measurements.json``; ``plan(..., measurements=FILE)`` chooses from that file.
+
+This module imports neither torch nor transformers at import time: ``measure_candidates`` runs on boxes
+that only have onnxruntime and numpy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.machine import fingerprint, package_versions, physical_cores
+
+SCHEMA = "homoexport.plan/1"
+MANIFEST_SCHEMA = "homoexport.plan-candidates/1"
+MEASUREMENTS_SCHEMA = "homoexport.plan-measurements/1"
+CACHE_SCHEMA = "homoexport.plan-cache/1"
+MANIFEST_FILE = "manifest.json"
+MEASUREMENTS_FILE = "measurements.json"
+
+BUDGET_SYNTAX = (
+    "KIND=VALUE[,KIND=VALUE...] with KIND latency (us|ms|s), memory or rss (KB|MB|GB, 2^10 steps) or params (K|M|B or a plain "
+    "count), e.g. latency=8ms | memory=30MB | rss=120MB | params=20M | latency=8ms,memory=30MB"
+)
+_UNITS = {
+    "latency": {"us": 1e-3, "ms": 1.0, "s": 1e3},  # -> milliseconds
+    "memory": {"kb": 2**10, "mb": 2**20, "gb": 2**30, "kib": 2**10, "mib": 2**20, "gib": 2**30},  # -> bytes
+    "params": {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9},  # -> count
+}
+_UNITS["rss"] = _UNITS["memory"]
+# Figures that come from timing/RSS and so carry noise: the safety margin applies to them only.
+NOISY = ("latency", "rss")
+PRECISIONS = ("int8", "fp32")
+PLAN_TASKS = ("feature-extraction", "text-classification", "fill-mask")
+MB = 2**20
+
+
+class BudgetError(ValueError):
+    """A budget, candidate list or plan input that cannot be used; the message says what is accepted."""
+
+
+class NoFitError(BudgetError):
+    """No candidate fits the budget; the message names the smallest achievable figure."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Budgets
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One budget term: ``kind`` <= ``limit`` (ms for latency, bytes for memory/rss, count for params)."""
+
+    kind: str
+    limit: float
+    text: str
+
+    def describe(self, value: float) -> str:
+        """A figure of this kind in the budget's own units, e.g. '7.41 ms', '28.3 MB', '18.2M'."""
+        if self.kind == "latency":
+            return f"{value:.2f} ms"
+        if self.kind in ("memory", "rss"):
+            return f"{value / MB:.1f} MB"
+        return f"{value / 1e6:.2f}M"
+
+
+def parse_budget(text: str) -> tuple[Constraint, ...]:
+    """``"latency=8ms,memory=30MB"`` -> constraints; a clear error showing the syntax otherwise."""
+    constraints: list[Constraint] = []
+    for term in (t.strip() for t in (text or "").split(",")):
+        kind, sep, value = term.partition("=")
+        kind = kind.strip().lower()
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", value)
+        if not sep or kind not in _UNITS or m is None or m.group(2).lower() not in _UNITS[kind]:
+            raise BudgetError(f"bad budget {text!r} (term {term!r}): expected {BUDGET_SYNTAX}")
+        limit = float(m.group(1)) * _UNITS[kind][m.group(2).lower()]
+        if limit <= 0:
+            raise BudgetError(f"bad budget {text!r}: {kind} must be > 0")
+        if any(c.kind == kind for c in constraints):
+            raise BudgetError(f"bad budget {text!r}: {kind} given twice")
+        constraints.append(Constraint(kind, limit, term))
+    return tuple(constraints)
+
+
+# --------------------------------------------------------------------------------------------------
+# Shapes
+
+
+@dataclass(frozen=True)
+class TeacherShape:
+    """What the candidates derive from: the teacher's widths, depth and embedding table sizes."""
+
+    hidden: int
+    heads: int
+    ffn: int
+    layers: int
+    vocab: int
+    max_positions: int
+    type_vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+@dataclass(frozen=True, order=True)
+class Shape:
+    """A uniform student shape; a stock BertConfig (heads x head_dim == hidden)."""
+
+    hidden: int
+    heads: int
+    ffn: int
+    layers: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def name(self) -> str:
+        return f"h{self.hidden}-a{self.heads}-f{self.ffn}-l{self.layers}"
+
+    def to_dict(self) -> dict[str, int]:
+        return {"hidden": self.hidden, "heads": self.heads, "head_dim": self.head_dim, "ffn": self.ffn, "layers": self.layers}
+
+
+def teacher_shape(teacher: str | os.PathLike) -> TeacherShape:
+    """Read the teacher's config (a local model directory, or a hub name through transformers' cache)."""
+    path = Path(teacher) / "config.json"
+    if path.is_file():
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        from transformers import AutoConfig
+
+        try:
+            cfg = AutoConfig.from_pretrained(str(teacher)).to_dict()
+        except Exception as e:  # transformers raises OSError/ValueError/HF errors for unknown names
+            raise BudgetError(f"cannot read the teacher's config from {teacher}: {type(e).__name__}: {e}") from e
+    if cfg.get("model_type") != "bert":
+        raise BudgetError(f"teacher {teacher} has model_type {cfg.get('model_type')!r}: the planner supports bert")
+    return TeacherShape(cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                        cfg["vocab_size"], cfg["max_position_embeddings"], cfg.get("type_vocab_size", 2))
+
+
+def choose_heads(hidden: int, teacher: TeacherShape) -> int | None:
+    """Heads for ``hidden`` reachable by dropping heads and/or shrinking head_dim uniformly.
+
+    Prefers the teacher's head_dim, else the largest head_dim that is a multiple of 8 (GEMM-friendly).
+    None when neither gives at most the teacher's head count (e.g. 208 = 8 x 26 under 12 heads of 32).
+    """
+    dims = [d for d in range(teacher.head_dim, 0, -1) if hidden % d == 0 and hidden // d <= teacher.heads]
+    d = next((d for d in dims if d == teacher.head_dim or d % 8 == 0), None)
+    return None if d is None else hidden // d
+
+
+def round_to(value: float, multiple: int) -> int:
+    """Nearest positive multiple of ``multiple`` (hardware-friendly GEMM sizes)."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def enumerate_candidates(teacher: TeacherShape, multiple: int = 16, ffn_ratio: float | None = None, layers: int | None = None) -> list[Shape]:
+    """Every reachable shape with hidden a multiple of ``multiple`` (plus the teacher's own), sorted by size."""
+    if multiple not in (8, 16, 32, 64):
+        raise BudgetError(f"multiple must be one of 8, 16, 32, 64, got {multiple}")
+    ratio = ffn_ratio if ffn_ratio is not None else teacher.ffn / teacher.hidden
+    if ratio <= 0:
+        raise BudgetError(f"ffn ratio must be > 0, got {ratio}")
+    depth = layers or teacher.layers
+    shapes = []
+    for hidden in sorted(set(range(multiple, teacher.hidden + 1, multiple)) | {teacher.hidden}):
+        heads = choose_heads(hidden, teacher)
+        if heads is not None:
+            shapes.append(Shape(hidden, heads, min(teacher.ffn, round_to(hidden * ratio, multiple)), depth))
+    return sorted(shapes)
+
+
+def parse_candidates(text: str, teacher: TeacherShape, multiple: int = 16, ffn_ratio: float | None = None, layers: int | None = None) -> list[Shape]:
+    """``"128,256:8:1024"``: hidden sizes (heads and FFN derived as in ``enumerate_candidates``) or
+    HIDDEN:HEADS:FFN triples; each must be reachable from the teacher."""
+    ratio = ffn_ratio if ffn_ratio is not None else teacher.ffn / teacher.hidden
+    depth = layers or teacher.layers
+    shapes = set()
+    for spec in (s.strip() for s in text.split(",") if s.strip()):
+        parts = spec.split(":")
+        if len(parts) not in (1, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise BudgetError(f"bad candidate {spec!r}: expected HIDDEN or HIDDEN:HEADS:FFN (positive integers), comma-separated")
+        hidden = int(parts[0])
+        heads = int(parts[1]) if len(parts) == 3 else choose_heads(hidden, teacher)
+        ffn = int(parts[2]) if len(parts) == 3 else min(teacher.ffn, round_to(hidden * ratio, multiple))
+        if heads is None or hidden > teacher.hidden or heads > teacher.heads or hidden % heads or hidden // heads > teacher.head_dim or ffn > teacher.ffn:
+            raise BudgetError(
+                f"candidate {spec!r} is not reachable from the teacher (hidden {teacher.hidden}, {teacher.heads} heads x {teacher.head_dim}, "
+                f"ffn {teacher.ffn}): need hidden <= {teacher.hidden}, heads <= {teacher.heads} dividing hidden, head_dim <= {teacher.head_dim}, "
+                f"ffn <= {teacher.ffn}"
+            )
+        shapes.add(Shape(hidden, heads, ffn, depth))
+    if not shapes:
+        raise BudgetError(f"--candidates {text!r} names no shape")
+    return sorted(shapes)
+
+
+def parameters(shape: Shape, teacher: TeacherShape) -> int:
+    """Parameter count of the student (encoder with pooler, no task head), by closed form."""
+    from homoexport.mask_groups import Widths
+    from homoexport.surgery import closed_form_parameters
+
+    widths = Widths(shape.hidden, shape.heads, shape.head_dim, shape.ffn)
+    return closed_form_parameters(widths, shape.layers, teacher.vocab, teacher.max_positions, teacher.type_vocab)["total"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings, measurements, cache
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How candidates are exported and measured. ``threads`` None = all physical cores of the measuring machine."""
+
+    batch: int = 1
+    seq: int = 128
+    threads: Optional[int] = None
+    precision: str = "int8"
+    task: str = "feature-extraction"
+    optimize: str = "O2"
+    target: str = "auto"
+    per_channel: bool = True
+    warmup: int = 10
+    repeats: int = 50
+    rounds: int = 3
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise BudgetError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.task not in PLAN_TASKS:
+            raise BudgetError(f"task must be one of {', '.join(PLAN_TASKS)}, got {self.task!r}")
+        if self.batch < 1 or self.seq < 1 or (self.threads is not None and self.threads < 1) or self.repeats < 1 or self.rounds < 1 or self.warmup < 0:
+            raise BudgetError(f"batch, seq, threads, repeats and rounds must be >= 1 and warmup >= 0: {self}")
+
+    @property
+    def quantize(self) -> str:
+        return "dynamic" if self.precision == "int8" else "none"
+
+    def resolved_threads(self) -> int:
+        return self.threads or physical_cores()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Measurement:
+    """A candidate's measured cost. ``rss_mb`` is None until an rss budget needed it."""
+
+    p50_ms: float
+    p90_ms: float
+    file_bytes: int
+    rss_mb: Optional[float] = None
+    source: str = "measured"  # measured | cache | file
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def figure(kind: str, m: Measurement | None, params: int) -> float | None:
+    """The value a constraint of ``kind`` compares (ms, bytes or count); None when not measured."""
+    if kind == "params":
+        return float(params)
+    if m is None:
+        return None
+    return {"latency": m.p50_ms, "memory": float(m.file_bytes), "rss": None if m.rss_mb is None else m.rss_mb * MB}[kind]
+
+
+def fits(constraints: Sequence[Constraint], m: Measurement | None, params: int, margin: float) -> bool:
+    """True when every constraint holds; noisy figures (latency, rss) must stay under limit x (1 - margin)."""
+    for c in constraints:
+        value = figure(c.kind, m, params)
+        if value is None or value > c.limit * ((1 - margin) if c.kind in NOISY else 1.0):
+            return False
+    return True
+
+
+def settings_key(settings: PlanSettings, teacher: TeacherShape) -> str:
+    """What, besides the machine and the shape, changes a measurement: settings, embedding sizes and the
+    versions of the exporter stack (the graph it writes)."""
+    v = package_versions()
+    exporter = ",".join(f"{k}={v.get(k)}" for k in ("optimum", "optimum-onnx", "transformers", "onnx", "onnxruntime"))
+    s = settings
+    return (f"b{s.batch}-s{s.seq}-t{s.resolved_threads()}-{s.precision}-{s.task}-{s.optimize}-{s.target}-pc{int(s.per_channel)}"
+            f"-w{s.warmup}-r{s.repeats}x{s.rounds}-v{teacher.vocab}-p{teacher.max_positions}-tt{teacher.type_vocab}|{exporter}")
+
+
+def default_cache_path() -> Path:
+    """``$HOMOEXPORT_CACHE/plan_cache.json``, else ``~/.cache/homoexport/plan_cache.json``."""
+    root = os.environ.get("HOMOEXPORT_CACHE") or Path.home() / ".cache" / "homoexport"
+    return Path(root) / "plan_cache.json"
+
+
+class MeasurementCache:
+    """Measurements keyed by machine fingerprint id | settings key | shape, in one JSON file.
+
+    Each ``put`` re-reads the file before writing it atomically, so concurrent planners lose nothing
+    but a simultaneous write of the same key.
+    """
+
+    def __init__(self, path: Path | None, machine_id: str, settings: str):
+        self.path, self.prefix = path, f"{machine_id}|{settings}|"
+
+    def _read(self) -> dict[str, Any]:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}  # an unreadable cache is only a slower plan
+        return data.get("entries", {}) if data.get("schema") == CACHE_SCHEMA else {}
+
+    def get(self, shape: Shape) -> Measurement | None:
+        entry = self._read().get(self.prefix + shape.name)
+        return Measurement(**{**entry, "source": "cache"}) if entry else None
+
+    def put(self, shape: Shape, m: Measurement) -> None:
+        if self.path is None:
+            return
+        entries = self._read()
+        entries[self.prefix + shape.name] = {**m.to_dict(), "source": "measured"}
+        atomic_write_json(self.path, {"schema": CACHE_SCHEMA, "entries": entries})
+
+
+# --------------------------------------------------------------------------------------------------
+# Building, exporting and measuring one candidate
+
+
+class CandidateExporter:
+    """Builds random-weight students of the teacher's config and exports them exactly as
+    ``homoexport export`` does (same optimize level, quantization, target, per-channel and int8 order).
+
+    Random weights time like trained ones, but their int8-vs-fp32 agreement means nothing, so only that
+    accuracy threshold is relaxed; every structural check of the export still runs.
+    """
+
+    def __init__(self, teacher: str | os.PathLike, settings: PlanSettings):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.teacher, self.settings = str(teacher), settings
+        self.config = AutoConfig.from_pretrained(self.teacher)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.teacher)
+
+    def build(self, shape: Shape, model_dir: Path) -> Path:
+        """Save a random-weight student of ``shape`` with the teacher's tokenizer to ``model_dir``."""
+        import torch
+        from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+        config = self.config.__class__.from_dict({**self.config.to_dict(), "hidden_size": shape.hidden, "num_attention_heads": shape.heads,
+                                                  "intermediate_size": shape.ffn, "num_hidden_layers": shape.layers})
+        cls = {"feature-extraction": AutoModel, "fill-mask": AutoModelForMaskedLM, "text-classification": AutoModelForSequenceClassification}
+        torch.manual_seed(0)
+        cls[self.settings.task].from_config(config).eval().save_pretrained(model_dir)
+        self.tokenizer.save_pretrained(model_dir)
+        return model_dir
+
+    def export(self, shape: Shape, work: Path) -> Path:
+        """Build and export ``shape`` under ``work``; returns the deployed file (int8, or fp32 optimized)."""
+        from homoexport.export import deployed_model_path, export_model
+        from homoexport.models import quiet_transformers
+
+        quiet_transformers()
+        s = self.settings
+        model_dir = self.build(shape, work / "model")
+        export_dir = work / "export"
+        export_model(model_dir, export_dir, task=s.task, optimize=s.optimize, quantize=s.quantize, target=s.target, per_channel=s.per_channel,
+                     overwrite=True, int8_min_cosine=0.0, int8_min_agreement=0.0, latency_threads=s.resolved_threads(), latency_repeats=1,
+                     progress=False)
+        return deployed_model_path(export_dir)
+
+
+def measure_file(path: Path, settings: PlanSettings, with_rss: bool) -> Measurement:
+    """Latency and file size of an ONNX file, and the session RSS when asked (in a fresh process).
+
+    Latency: ``rounds`` passes of warm-up + repeats on one session; p50/p90 are the medians of the
+    per-round figures, so one burst of load from other processes moves the figure less. onnxruntime +
+    numpy only.
+    """
+    import numpy as np
+
+    from homoexport.bench import file_size_bytes, load_session, measure_footprint, measure_latency
+
+    threads = settings.resolved_threads()
+    session = load_session(path, threads)
+    stats = [measure_latency(path, batch=settings.batch, seq=settings.seq, threads=threads, warmup=settings.warmup, repeats=settings.repeats,
+                             session=session) for _ in range(settings.rounds)]
+    rss = measure_footprint(path, settings.batch, settings.seq, threads).session_rss_mb if with_rss else None
+    return Measurement(float(np.median([s.p50_ms for s in stats])), float(np.median([s.p90_ms for s in stats])), file_size_bytes(path), rss)
+
+
+def export_and_measure(exporter: CandidateExporter, shape: Shape, with_rss: bool) -> Measurement:
+    """Export ``shape`` into a temporary directory, measure its deployed file, clean up."""
+    with tempfile.TemporaryDirectory(prefix=f"homoexport-plan-{shape.name}-") as tmp:
+        return measure_file(exporter.export(shape, Path(tmp)), exporter.settings, with_rss)
+
+
+# --------------------------------------------------------------------------------------------------
+# Search
+
+MeasureFn = Callable[[Shape, bool], Measurement]
+
+
+@dataclass
+class SearchResult:
+    chosen: Shape | None
+    measured: dict[Shape, Measurement] = field(default_factory=dict)
+
+
+def search(
+    candidates: Sequence[Shape],
+    constraints: Sequence[Constraint],
+    params: Mapping[Shape, int],
+    measure: MeasureFn,
+    margin: float = 0.05,
+    refine: int = 2,
+    on_measure: Callable[[Shape], None] | None = None,
+) -> SearchResult:
+    """The largest candidate (by size order) that fits every constraint.
+
+    Bisection over ``candidates`` (sorted ascending; cost is assumed to grow with size), then the
+    ``refine`` shapes just above the boundary are measured too, so one non-monotone step does not hide a
+    larger fitting shape. Only shapes that were measured (or need no measurement) can be chosen.
+    """
+    order = sorted(candidates)
+    needs = any(c.kind != "params" for c in constraints)
+    with_rss = any(c.kind == "rss" for c in constraints)
+    measured: dict[Shape, Measurement] = {}
+
+    def ok(i: int) -> bool:
+        shape = order[i]
+        if needs and shape not in measured:
+            if on_measure:
+                on_measure(shape)
+            measured[shape] = measure(shape, with_rss)
+        return fits(constraints, measured.get(shape), params[shape], margin)
+
+    lo, hi = -1, len(order)  # invariant: order[lo] fits (or lo == -1), order[hi] does not (or hi == len)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    best = lo
+    for i in range(lo + 1, min(lo + 1 + refine, len(order))):
+        if ok(i):
+            best = i
+    return SearchResult(order[best] if best >= 0 else None, measured)
+
+
+def no_fit_message(constraints: Sequence[Constraint], smallest: Shape, m: Measurement | None, params: int, margin: float, settings: PlanSettings) -> str:
+    """Why nothing fits: the smallest candidate's figure for each violated constraint."""
+    parts = []
+    for c in constraints:
+        value = figure(c.kind, m, params)
+        if value is not None:
+            limit = c.limit * ((1 - margin) if c.kind in NOISY else 1.0)
+            if value > limit:
+                room = f" (limit {c.describe(limit)} after the {margin:.0%} safety margin)" if c.kind in NOISY and margin else ""
+                parts.append(f"{c.kind} {c.describe(value)} > {c.text}{room}")
+    where = f"batch {settings.batch}, seq {settings.seq}, {settings.resolved_threads()} threads, {settings.precision}"
+    return (f"no candidate fits the budget: the smallest achievable, {smallest.name} ({params / 1e6:.2f}M params), measures "
+            f"{'; '.join(parts)} at {where}; raise the budget, lower --multiple, or reduce layers")
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def load_measurements(path: Path) -> dict[str, Any]:
+    """A measurements.json written by ``measure_candidates``, checked."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BudgetError(f"measurements file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise BudgetError(f"{path} is not valid JSON: {e}") from None
+    if data.get("schema") != MEASUREMENTS_SCHEMA:
+        raise BudgetError(f"{path} is not a `homoexport measure` output (expected \"schema\": \"{MEASUREMENTS_SCHEMA}\")")
+    return data
+
+
+def plan(
+    teacher: str | os.PathLike,
+    budget: str,
+    settings: PlanSettings = PlanSettings(),
+    candidates: Sequence[Shape] | None = None,
+    multiple: int = 16,
+    ffn_ratio: float | None = None,
+    layers: int | None = None,
+    margin: float = 0.05,
+    refine: int = 2,
+    cache_path: Path | None = None,
+    measurements: Path | None = None,
+    measure: MeasureFn | None = None,
+    machine: Mapping[str, Any] | None = None,
+    out: Path | None = None,
+    plot: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose the largest student shape of ``teacher`` that fits ``budget``; returns the plan (written to
+    ``out`` and plotted to ``plot`` when given). Raises ``NoFitError`` when even the smallest does not fit.
+
+    The figures come from ``measurements`` (a ``homoexport measure`` file from the target machine), else
+    from ``measure`` (tests inject one), else from exporting and timing candidates here, cached in
+    ``cache_path`` per machine fingerprint, settings and shape (None: no cache).
+    """
+    started = time.perf_counter()
+    constraints = parse_budget(budget)
+    if not 0 <= margin < 1:
+        raise BudgetError(f"margin must be in [0, 1), got {margin}")
+    t = teacher_shape(teacher)
+    if settings.seq > t.max_positions:
+        raise BudgetError(f"seq {settings.seq} exceeds the teacher's max_position_embeddings {t.max_positions}")
+    shapes = list(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, layers)
+    params = {s: parameters(s, t) for s in shapes}
+    machine = dict(machine or fingerprint())
+    cache = MeasurementCache(cache_path, machine["id"], settings_key(settings, t))
+    hits: list[str] = []
+
+    if measurements is not None:
+        data = load_measurements(measurements)
+        if data["teacher_shape"] != asdict(t):
+            raise BudgetError(f"{measurements} was measured for a teacher of shape {data['teacher_shape']}, not {teacher} ({asdict(t)})")
+        settings = PlanSettings(**data["settings"])
+        machine = data["machine"]
+        by_name = {e["name"]: Measurement(**{**e["measurement"], "source": "file"}) for e in data["candidates"]}
+
+        def measure_one(shape: Shape, with_rss: bool) -> Measurement:
+            if shape.name not in by_name:
+                raise BudgetError(f"{measurements} has no measurement of {shape.name}: export the same candidates (same teacher, "
+                                  f"--multiple, --ffn-ratio, --candidates) with --export-candidates and measure them again")
+            return by_name[shape.name]
+    else:
+        exporter: list[CandidateExporter] = []
+
+        def measure_one(shape: Shape, with_rss: bool) -> Measurement:
+            hit = cache.get(shape)
+            if hit is not None and (hit.rss_mb is not None or not with_rss):
+                hits.append(shape.name)
+                return hit
+            if measure is not None:
+                m = measure(shape, with_rss)
+            else:
+                if not exporter:
+                    exporter.append(CandidateExporter(teacher, settings))
+                m = export_and_measure(exporter[0], shape, with_rss)
+            cache.put(shape, m)
+            return m
+
+    with _progress(progress) as bar:
+        task = bar.add_task("planning", total=None)
+        result = search(shapes, constraints, params, measure_one, margin, refine,
+                        on_measure=lambda s: bar.update(task, description=f"measuring {s.name} (export + time)"))
+    rows = []
+    for s in sorted(shapes):
+        m = result.measured.get(s)
+        needs = any(c.kind != "params" for c in constraints)
+        rows.append({"name": s.name, **s.to_dict(), "params": params[s], "measurement": m.to_dict() if m else None,
+                     "fits": fits(constraints, m, params[s], margin) if (m or not needs) else None})
+    report = {
+        "schema": SCHEMA,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "teacher": str(teacher),
+        "teacher_shape": asdict(t),
+        "budget": budget,
+        "constraints": [asdict(c) for c in constraints],
+        "statistic": "p50_ms",
+        "margin": margin,
+        "settings": {**settings.to_dict(), "threads_resolved": settings.resolved_threads()},
+        "machine": machine,
+        "measurements_file": str(measurements) if measurements else None,
+        "chosen": None,
+        "candidates": rows,
+        "measured": sum(1 for m in result.measured.values() if m.source == "measured"),
+        "cache_hits": len(hits),
+        "elapsed_s": None,
+    }
+    if result.chosen is None:
+        smallest = sorted(shapes)[0]
+        raise NoFitError(no_fit_message(constraints, smallest, result.measured.get(smallest), params[smallest], margin, settings))
+    m = result.measured.get(result.chosen)
+    report["chosen"] = {"name": result.chosen.name, **result.chosen.to_dict(), "params": params[result.chosen],
+                        "predicted": m.to_dict() if m else None}
+    report["elapsed_s"] = round(time.perf_counter() - started, 2)
+    if plot is not None:
+        plot_plan(report, plot)
+    if out is not None:
+        atomic_write_json(out, report)
+    return report
+
+
+def apply_plan(recipe: Any, plan_report: Mapping[str, Any]) -> Any:
+    """A copy of ``recipe`` (homoexport.recipe.Recipe) whose student widths are the plan's chosen shape."""
+    from homoexport.recipe import validate_recipe
+
+    chosen = plan_report.get("chosen")
+    if not chosen:
+        raise BudgetError("the plan has no chosen shape")
+    data = recipe.model_dump(mode="json")
+    data["student"] = {**data["student"], "hidden": chosen["hidden"], "heads": chosen["heads"], "ffn": chosen["ffn"]}
+    return validate_recipe(data)
+
+
+def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | None = None, cache_path: Path | None = None,
+                    progress: bool = True) -> tuple[Any, dict[str, Any] | None]:
+    """The recipe to train and its plan: from ``plan_file`` (a plan.json), else by planning ``budget`` (or
+    the recipe's own ``budget``) for the recipe's teacher and depth at the default settings. Without a
+    budget, the recipe unchanged and None."""
+    if plan_file is not None and budget is not None:
+        raise BudgetError("give --budget or --plan, not both")
+    budget = budget or recipe.budget
+    if plan_file is None and budget is None:
+        return recipe, None
+    s = recipe.student
+    if s.hidden or s.heads or s.ffn:
+        raise BudgetError("the recipe sets student widths and a budget: give one (remove student.hidden/heads/ffn or the budget)")
+    if plan_file is not None:
+        try:
+            report = json.loads(Path(plan_file).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise BudgetError(f"cannot read the plan {plan_file}: {e}") from None
+        if report.get("schema") != SCHEMA:
+            raise BudgetError(f"{plan_file} is not a `homoexport plan` output (expected \"schema\": \"{SCHEMA}\")")
+    else:
+        report = plan(recipe.teacher, budget, layers=s.layers, cache_path=cache_path, progress=progress)
+    return apply_plan(recipe, report), report
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring on another machine
+
+
+def export_candidates(
+    teacher: str | os.PathLike,
+    out_dir: Path,
+    settings: PlanSettings = PlanSettings(),
+    candidates: Sequence[Shape] | None = None,
+    multiple: int = 16,
+    ffn_ratio: float | None = None,
+    layers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Write every candidate's deployed ONNX file (+ config.json, which ``bench`` reads the vocabulary
+    from) to ``out_dir/<name>/`` and a manifest, for ``measure_candidates`` on the target machine."""
+    t = teacher_shape(teacher)
+    shapes = sorted(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, layers)
+    exporter = CandidateExporter(teacher, settings)
+    entries = []
+    with staging_dir(out_dir, overwrite=overwrite) as stage, _progress(progress) as bar:
+        task = bar.add_task("exporting", total=len(shapes))
+        for s in shapes:
+            bar.update(task, description=f"exporting {s.name}")
+            with tempfile.TemporaryDirectory(prefix=f"homoexport-cand-{s.name}-") as tmp:
+                deployed = exporter.export(s, Path(tmp))
+                (stage / s.name).mkdir()
+                shutil.copy2(deployed, stage / s.name / deployed.name)
+                shutil.copy2(deployed.parent / "config.json", stage / s.name / "config.json")
+            entries.append({"name": s.name, **s.to_dict(), "params": parameters(s, t), "file": f"{s.name}/{deployed.name}"})
+            bar.advance(task)
+        manifest = {"schema": MANIFEST_SCHEMA, "teacher": str(teacher), "teacher_shape": asdict(t), "settings": settings.to_dict(),
+                    "exported_on": fingerprint(), "candidates": entries}
+        atomic_write_json(stage / MANIFEST_FILE, manifest)
+    return manifest
+
+
+def measure_candidates(directory: Path, threads: int | None = None, rss: bool = True, out: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Time every candidate of an ``export_candidates`` directory on this machine (onnxruntime + numpy
+    only) and write ``measurements.json`` (default: inside ``directory``). ``threads`` overrides the
+    manifest's (None there = all physical cores here)."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise BudgetError(f"{directory} has no readable {MANIFEST_FILE} (write one with `homoexport plan --export-candidates`): {e}") from None
+    if manifest.get("schema") != MANIFEST_SCHEMA:
+        raise BudgetError(f"{directory / MANIFEST_FILE} is not a candidates manifest (expected \"schema\": \"{MANIFEST_SCHEMA}\")")
+    settings = PlanSettings(**{**manifest["settings"], **({"threads": threads} if threads else {})})
+    settings = replace(settings, threads=settings.resolved_threads())
+    rows = []
+    with _progress(progress) as bar:
+        task = bar.add_task("measuring", total=len(manifest["candidates"]))
+        for entry in manifest["candidates"]:
+            bar.update(task, description=f"measuring {entry['name']}")
+            m = measure_file(directory / entry["file"], settings, with_rss=rss)
+            rows.append({**entry, "measurement": m.to_dict()})
+            bar.advance(task)
+    data = {"schema": MEASUREMENTS_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "teacher": manifest["teacher"], "teacher_shape": manifest["teacher_shape"], "settings": settings.to_dict(),
+            "machine": fingerprint(), "candidates": rows}
+    atomic_write_json(out or directory / MEASUREMENTS_FILE, data)
+    return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Presentation
+
+
+def plan_table(report: Mapping[str, Any]) -> Any:
+    """A rich table of the candidates: shape, params, measured figures, fit; the chosen row in bold."""
+    from rich.table import Table
+
+    s = report["settings"]
+    title = (f"plan for {report['budget']} ({report['statistic']}, batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, "
+             f"{s['precision']}, margin {report['margin']:.0%})")
+    table = Table(title=title)
+    for col in ("shape", "params", "p50 ms", "p90 ms", "file MB", "rss MB", "source", "fits"):
+        table.add_column(col, justify="left" if col in ("shape", "source") else "right", no_wrap=col == "shape")
+    chosen = (report.get("chosen") or {}).get("name")
+    for r in report["candidates"]:
+        m = r["measurement"] or {}
+        if not m and r["fits"] is None:
+            continue
+        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
+                 _num(m["file_bytes"] / MB if m else None), _num(m.get("rss_mb")), m.get("source", "-"),
+                 {True: "yes", False: "no", None: "-"}[r["fits"]]]
+        table.add_row(*cells, style="bold green" if r["name"] == chosen else None)
+    return table
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def plot_plan(report: Mapping[str, Any], path: Path) -> Path:
+    """PNG of the measured candidates' budgeted figure (latency unless only memory/rss is budgeted) vs
+    parameters, with the budget line and the chosen shape marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = [c["kind"] for c in report["constraints"]]
+    kind = next((k for k in ("latency", "memory", "rss") if k in kinds), "latency")
+    key, scale, label = {"latency": ("p50_ms", 1.0, "p50 latency (ms)"), "memory": ("file_bytes", 1 / MB, "file size (MB)"),
+                         "rss": ("rss_mb", 1.0, "session RSS (MB)")}[kind]
+    rows = [r for r in report["candidates"] if r["measurement"] and r["measurement"].get(key) is not None]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([r["params"] / 1e6 for r in rows], [r["measurement"][key] * scale for r in rows], "o", label="measured candidates")
+    limit = next((c["limit"] for c in report["constraints"] if c["kind"] == kind), None)
+    if limit is not None:
+        ax.axhline(limit / MB if kind in ("memory", "rss") else limit, color="red", linestyle="--", label=f"budget {report['budget']}")
+    params_limit = next((c["limit"] for c in report["constraints"] if c["kind"] == "params"), None)
+    if params_limit is not None:
+        ax.axvline(params_limit / 1e6, color="purple", linestyle=":", label="params budget")
+    chosen = report.get("chosen")
+    if chosen and chosen.get("predicted"):
+        ax.plot([chosen["params"] / 1e6], [chosen["predicted"][key] * scale], "*", markersize=16, color="green", label=f"chosen {chosen['name']}")
+    s = report["settings"]
+    ax.set(xlabel="parameters (M)", ylabel=label, title=f"batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, {s['precision']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,269 @@
+"""Budget planner: budget parsing, candidate enumeration, the bisection chooser, the cache, the
+export-candidates / measure / plan --measurements round trip, apply_plan, and one real tiny plan."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from homoexport.budget import (
+    MB,
+    BudgetError,
+    Measurement,
+    NoFitError,
+    PlanSettings,
+    Shape,
+    TeacherShape,
+    apply_plan,
+    choose_heads,
+    enumerate_candidates,
+    export_candidates,
+    measure_candidates,
+    parse_budget,
+    parse_candidates,
+    plan,
+    plan_for_recipe,
+    teacher_shape,
+)
+from homoexport.recipe import validate_recipe
+from tiny import save_model_dir
+
+MINILM = TeacherShape(hidden=384, heads=12, ffn=1536, layers=6, vocab=30522, max_positions=512, type_vocab=2)
+
+
+def fake_cost(shape: Shape) -> float:
+    """A deterministic latency model: grows with hidden x FFN and depth (ms)."""
+    return 0.5 + shape.layers * (shape.hidden * 4 * shape.hidden + 2 * shape.hidden * shape.ffn) * 128 / 2e8
+
+
+class FakeMeasure:
+    """Injected measure function recording every call."""
+
+    def __init__(self, cost=fake_cost):
+        self.calls: list[Shape] = []
+        self.cost = cost
+
+    def __call__(self, shape: Shape, with_rss: bool) -> Measurement:
+        self.calls.append(shape)
+        ms = self.cost(shape)
+        return Measurement(ms, ms * 1.1, shape.hidden * 1000, 50.0 + shape.hidden / 10 if with_rss else None)
+
+
+@pytest.fixture()
+def teacher_dir(tmp_path):
+    """A tiny teacher (hidden 64, 4 heads of 16, FFN 128, 2 layers) saved as a model directory."""
+    return save_model_dir(tmp_path / "teacher", kind="base")
+
+
+# --- budgets --------------------------------------------------------------------------------------
+
+
+def test_parse_budget_units_and_combinations():
+    (lat,) = parse_budget("latency=8ms")
+    assert (lat.kind, lat.limit) == ("latency", 8.0)
+    assert parse_budget("latency=500us")[0].limit == pytest.approx(0.5)
+    assert parse_budget("latency=0.01s")[0].limit == pytest.approx(10.0)
+    assert parse_budget("memory=30MB")[0].limit == 30 * MB
+    assert parse_budget("rss=1GB")[0].limit == 2**30
+    assert parse_budget("params=20M")[0].limit == 20e6
+    assert parse_budget("params=1500000")[0].limit == 1.5e6
+    both = parse_budget("latency=8ms, memory=30MB")
+    assert [c.kind for c in both] == ["latency", "memory"]
+
+
+@pytest.mark.parametrize("bad", ["", "latency", "latency=8", "latency=8MB", "memory=30ms", "speed=8ms", "latency=-1ms",
+                                 "latency=0ms", "latency=8ms,latency=9ms", "params=20X", "latency=fast"])
+def test_bad_budget_strings_fail_with_the_syntax(bad):
+    with pytest.raises(BudgetError, match=r"latency=8ms \| memory=30MB|must be > 0|given twice") as e:
+        parse_budget(bad)
+    if "twice" not in str(e.value) and "> 0" not in str(e.value):
+        assert "KIND=VALUE" in str(e.value)
+
+
+# --- candidates -----------------------------------------------------------------------------------
+
+
+def test_enumeration_respects_divisibility_and_rounding():
+    shapes = enumerate_candidates(MINILM, multiple=16)
+    assert shapes == sorted(shapes) and shapes[-1] == Shape(384, 12, 1536, 6)
+    for s in shapes:
+        assert s.hidden % 16 == 0 and s.hidden <= 384
+        assert s.hidden % s.heads == 0 and s.heads <= 12 and s.head_dim <= 32
+        assert s.ffn % 16 == 0 and s.ffn == min(1536, round(s.hidden * 4 / 16) * 16)
+        assert s.layers == 6
+        if s.hidden % 32 == 0:
+            assert s.head_dim == 32  # the teacher's head_dim wherever it divides hidden
+        else:
+            assert s.head_dim % 8 == 0  # else a multiple of 8
+    assert Shape(48, 2, 192, 6) in shapes  # 48 = 2 heads x 24
+    assert {s.hidden for s in enumerate_candidates(MINILM, multiple=8)} >= {s.hidden for s in shapes}
+    assert all(s.ffn == round(s.hidden * 2 / 16) * 16 for s in enumerate_candidates(MINILM, 16, ffn_ratio=2.0))
+    assert {s.layers for s in enumerate_candidates(MINILM, 16, layers=4)} == {4}
+    with pytest.raises(BudgetError, match="multiple must be one of"):
+        enumerate_candidates(MINILM, multiple=12)
+
+
+def test_choose_heads_reachability():
+    assert choose_heads(256, MINILM) == 8
+    assert choose_heads(80, MINILM) == 5  # head_dim 16 (32 does not divide 80)
+    assert choose_heads(376, MINILM) is None  # needs head_dim in [31.4, 32] dividing 376: none
+    assert 376 not in {s.hidden for s in enumerate_candidates(MINILM, multiple=8)}
+
+
+def test_parse_candidates_validates_reachability():
+    got = parse_candidates("128, 256:8:1024", MINILM)
+    assert got == [Shape(128, 4, 512, 6), Shape(256, 8, 1024, 6)]
+    for bad in ("512", "256:7:1024", "256:8:4096", "128:2:512", "abc", "256:8"):
+        with pytest.raises(BudgetError, match="HIDDEN|not reachable"):
+            parse_candidates(bad, MINILM)
+
+
+# --- the chooser (fake measurements) --------------------------------------------------------------
+
+
+@pytest.fixture()
+def minilm_dir(tmp_path):
+    """A config-only directory shaped like all-MiniLM-L6-v2: enough for planning with fake measurements."""
+    d = tmp_path / "minilm"
+    d.mkdir()
+    t = MINILM
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": t.hidden, "num_attention_heads": t.heads,
+                                               "intermediate_size": t.ffn, "num_hidden_layers": t.layers, "vocab_size": t.vocab,
+                                               "max_position_embeddings": t.max_positions, "type_vocab_size": t.type_vocab}))
+    return d
+
+
+def _plan(teacher, budget, measure, **kw):
+    kw.setdefault("candidates", enumerate_candidates(MINILM))
+    return plan(teacher, budget, measure=measure, cache_path=kw.pop("cache_path", None), progress=False,
+                machine={"id": "testmachine"}, **kw)
+
+
+@pytest.mark.parametrize("limit_ms", [1.0, 3.0, 6.0, 10.0])
+def test_chooses_the_largest_fitting_shape_and_measures_few(minilm_dir, limit_ms):
+    fake = FakeMeasure()
+    shapes = enumerate_candidates(MINILM)
+    report = _plan(minilm_dir, f"latency={limit_ms}ms", fake, margin=0.05)
+    fitting = [s for s in shapes if fake_cost(s) <= limit_ms * 0.95]
+    assert report["chosen"]["name"] == fitting[-1].name
+    assert report["chosen"]["predicted"]["p50_ms"] <= limit_ms * 0.95
+    assert len(fake.calls) <= math.ceil(math.log2(len(shapes) + 1)) + 2 < len(shapes)  # bisection + refine, not all
+    assert len(set(fake.calls)) == len(fake.calls)  # nothing measured twice
+
+
+def test_refinement_finds_a_larger_shape_past_a_non_monotone_step(minilm_dir):
+    shapes = enumerate_candidates(MINILM)
+    bump = shapes[10]  # one shape that is slow for its size (e.g. an odd head count)
+
+    def cost(s):
+        return 100.0 if s == bump else float(shapes.index(s))
+
+    report = _plan(minilm_dir, "latency=11.5ms", FakeMeasure(cost), margin=0.0, refine=2)
+    assert report["chosen"]["name"] == shapes[11].name  # bisection stops at 9, refinement looks past 10
+
+
+def test_combined_and_params_budgets(minilm_dir):
+    shapes = enumerate_candidates(MINILM)
+    report = _plan(minilm_dir, "latency=10ms,memory=200KB", FakeMeasure(), margin=0.05)
+    assert report["chosen"]["hidden"] * 1000 <= 200 * 1024
+    fake = FakeMeasure()
+    report = _plan(minilm_dir, "params=12M", fake)
+    assert fake.calls == []  # params need no measurement
+    from homoexport.budget import parameters
+
+    best = max((s for s in shapes if parameters(s, MINILM) <= 12e6), key=lambda s: s.hidden)
+    assert report["chosen"]["name"] == best.name and report["chosen"]["params"] <= 12e6
+    rss = FakeMeasure()
+    report = _plan(minilm_dir, "rss=80MB", rss, margin=0.0)
+    assert report["chosen"]["predicted"]["rss_mb"] <= 80
+
+
+def test_fails_naming_the_smallest_achievable_figure(minilm_dir):
+    smallest = enumerate_candidates(MINILM)[0]
+    with pytest.raises(NoFitError, match=rf"{smallest.name}.*latency {fake_cost(smallest):.2f} ms > latency=0.1ms"):
+        _plan(minilm_dir, "latency=0.1ms", FakeMeasure())
+    with pytest.raises(NoFitError, match=r"params 0\.52M > params=1K"):
+        _plan(minilm_dir, "params=1K", FakeMeasure())
+
+
+def test_never_returns_a_shape_over_budget_when_cost_is_noisy(minilm_dir):
+    import random
+
+    rng = random.Random(0)
+    for _ in range(20):
+        report = _plan(minilm_dir, "latency=5ms", FakeMeasure(lambda s: fake_cost(s) * rng.uniform(0.7, 1.3)), margin=0.05)
+        assert report["chosen"]["predicted"]["p50_ms"] <= 5 * 0.95
+
+
+def test_cache_hits_skip_measurement(minilm_dir, tmp_path):
+    cache = tmp_path / "cache.json"
+    first = FakeMeasure()
+    a = _plan(minilm_dir, "latency=6ms", first, cache_path=cache)
+    assert first.calls and a["cache_hits"] == 0 and a["measured"] == len(first.calls)
+    second = FakeMeasure()
+    b = _plan(minilm_dir, "latency=6ms", second, cache_path=cache)
+    assert second.calls == [] and b["cache_hits"] == len(first.calls) and b["chosen"] == {**a["chosen"], "predicted": {**a["chosen"]["predicted"], "source": "cache"}}
+    other_settings = FakeMeasure()
+    _plan(minilm_dir, "latency=6ms", other_settings, cache_path=cache, settings=PlanSettings(threads=1, seq=64))
+    assert other_settings.calls  # another setting is another key
+    other_machine = FakeMeasure()
+    plan(minilm_dir, "latency=6ms", candidates=enumerate_candidates(MINILM), measure=other_machine, cache_path=cache, progress=False,
+         machine={"id": "elsewhere"})
+    assert other_machine.calls  # another machine is another key
+    needs_rss = FakeMeasure()
+    _plan(minilm_dir, "rss=80MB", needs_rss, cache_path=cache)
+    assert needs_rss.calls  # cached entries without RSS are measured again when RSS is budgeted
+
+
+def test_plan_writes_json_and_plot(minilm_dir, tmp_path):
+    report = _plan(minilm_dir, "latency=6ms", FakeMeasure(), out=tmp_path / "plan.json", plot=tmp_path / "plan.png")
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    assert saved["chosen"] == report["chosen"] and saved["statistic"] == "p50_ms" and saved["settings"]["threads_resolved"] >= 1
+    assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- recipes ----------------------------------------------------------------------------------------
+
+
+def test_apply_plan_and_plan_for_recipe(minilm_dir, tmp_path):
+    recipe = validate_recipe({"teacher": str(minilm_dir), "student": {}})
+    report = _plan(minilm_dir, "latency=6ms", FakeMeasure())
+    student = apply_plan(recipe, report).student
+    assert (student.hidden, student.heads, student.ffn) == (report["chosen"]["hidden"], report["chosen"]["heads"], report["chosen"]["ffn"])
+    (tmp_path / "plan.json").write_text(json.dumps(report))
+    planned, used = plan_for_recipe(recipe, plan_file=tmp_path / "plan.json")
+    assert used == report and planned.student.hidden == report["chosen"]["hidden"]
+    assert plan_for_recipe(recipe) == (recipe, None)
+    fixed = validate_recipe({"teacher": str(minilm_dir), "student": {"hidden": 32}, "budget": "latency=8ms"})
+    with pytest.raises(BudgetError, match="widths and a budget"):
+        plan_for_recipe(fixed)
+
+
+# --- real export, edge round trip (one tiny export per candidate) ---------------------------------------
+
+
+def test_real_plan_and_edge_round_trip(teacher_dir, tmp_path):
+    t = teacher_shape(teacher_dir)
+    assert t == TeacherShape(64, 4, 128, 2, t.vocab, 128, 2)
+    settings = PlanSettings(seq=32, threads=1, warmup=2, repeats=5, rounds=2)
+    candidates = parse_candidates("32,64", t)
+    report = plan(teacher_dir, "latency=10s", settings, candidates=candidates, cache_path=tmp_path / "cache.json", progress=False)
+    assert report["chosen"]["name"] == candidates[-1].name  # generous budget: the largest shape
+    measured = [r for r in report["candidates"] if r["measurement"]]
+    assert measured and all(r["measurement"]["p50_ms"] > 0 and r["measurement"]["file_bytes"] > 0 for r in measured)
+
+    manifest = export_candidates(teacher_dir, tmp_path / "cands", settings, candidates=candidates, progress=False)
+    assert [c["name"] for c in manifest["candidates"]] == [c.name for c in candidates]
+    assert all((tmp_path / "cands" / c["file"]).is_file() for c in manifest["candidates"])
+    data = measure_candidates(tmp_path / "cands", progress=False)
+    assert (tmp_path / "cands" / "measurements.json").is_file() and all(r["measurement"]["rss_mb"] > 0 for r in data["candidates"])
+    small = data["candidates"][0]["measurement"]
+    limit = small["file_bytes"] + 1
+    from_file = plan(teacher_dir, f"memory={limit / 1024:.3f}KB", candidates=candidates, measurements=tmp_path / "cands" / "measurements.json",
+                     cache_path=None, progress=False)
+    assert from_file["chosen"]["name"] == candidates[0].name and from_file["chosen"]["predicted"]["source"] == "file"
+    with pytest.raises(BudgetError, match="no measurement of"):
+        plan(teacher_dir, "latency=10s", candidates=parse_candidates("48", t), measurements=tmp_path / "cands" / "measurements.json", progress=False)
