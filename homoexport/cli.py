@@ -42,3 +42,433 @@ def fail(message: str, code: int = 2) -> None:
     """Print a one-line error (no traceback) and exit with ``code``."""
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+# --- prune and distill (issues 2, 3) -------------------------------------------------------------------
+
+
+@app.command("prune")
+def prune_command(
+    model: str = typer.Argument(..., help="Model directory (BERT-class, with its tokenizer) to prune."),
+    out: Path = typer.Option(..., "--out", help="Directory for the pruned model and prune_report.json."),
+    hidden: Optional[int] = typer.Option(None, "--hidden", min=1, help="Target hidden size (default: keep)."),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1, help="Target attention heads; head_dim = hidden / heads (default: keep)."),
+    ffn: Optional[int] = typer.Option(None, "--ffn", min=1, help="Target FFN (intermediate) size (default: keep)."),
+    data: list[str] = typer.Option([], "--data", help="Text files/globs/dirs to score importance on (repeatable); default: synthetic token ids."),
+    batches: int = typer.Option(8, "--batches", min=1, help="Batches used to score importance."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Sequences per scoring batch."),
+    seq: int = typer.Option(128, "--seq", min=8, help="Tokens per scoring sequence."),
+    importance: str = typer.Option("sensitivity", "--importance", help="Score: sensitivity | ema | platon."),
+    seed: int = typer.Option(0, "--seed", help="Seed for synthetic data, masking and dropout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """One-shot importance prune of a model to a target shape (no training); writes a loadable stock BERT."""
+    from homoexport.models import quiet_transformers
+    from homoexport.prune import prune_model
+
+    quiet_transformers()
+    try:
+        report = prune_model(model, out, hidden=hidden, heads=heads, ffn=ffn, data=data or None, batches=batches,
+                             batch_size=batch_size, block_size=seq, importance=importance, seed=seed, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    b, a = report["before"], report["after"]
+    console.print(f"pruned {model}: {_shape(b)} -> {_shape(a)}; parameters {b['parameters']:,} -> {a['parameters']:,} "
+                  f"({report['parameter_ratio']:.1%}); parity max-abs-diff {report['parity_max_abs_diff']:.2e}; wrote {out}", highlight=False)
+
+
+def _shape(r: dict) -> str:
+    w = r["widths"]
+    return f"{r['layers']}L hidden {w['hidden']} heads {w['heads']}x{w['head_dim']} ffn {w['ffn']}"
+
+
+@app.command("distill")
+def distill_command(
+    recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set training.steps=200 (repeatable; values parsed as YAML)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's output)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a non-empty run directory."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    budget: Optional[str] = typer.Option(None, "--budget", help="Choose the student widths with `homoexport plan` on this machine first "
+                                         "(batch 1, seq 128, all physical cores, int8), e.g. latency=8ms | memory=30MB | params=20M; "
+                                         "overrides the recipe's budget. The plan goes into report.json."),
+    plan_file: Optional[Path] = typer.Option(None, "--plan", help="Take the student widths from a plan.json written by `homoexport plan` "
+                                             "(e.g. from measurements on the target device) instead of planning here."),
+) -> None:
+    """HomoDistil: copy the teacher, prune its width on a schedule while distilling, save the dense student.
+
+    Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
+    Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
+    from homoexport.budget import default_cache_path, plan_for_recipe
+    from homoexport.models import quiet_transformers
+    from homoexport.recipe import RecipeError, load_recipe
+    from homoexport.trainer import distill
+
+    quiet_transformers()
+    try:
+        r, plan = plan_for_recipe(load_recipe(recipe, set_), budget=budget, plan_file=plan_file, cache_path=default_cache_path(), progress=progress)
+        if plan:
+            console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
+        report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    if report:
+        s, t = report["student"], report["teacher"]
+        console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); "
+                      f"{report['steps']} steps in {report['wall_time_s']:.0f}s; parity {report['parity_max_abs_diff']}; "
+                      f"wrote {s['path']}", highlight=False)
+        if report.get("mlm_kl_note"):
+            console.print(f"[yellow]note:[/] {report['mlm_kl_note']}", highlight=False)
+
+
+# --- bench (issue 7) ---------------------------------------------------------------------------------
+# Library modules are imported inside the command so that `homoexport bench` never imports torch.
+
+
+@app.command(
+    "bench",
+    epilog="Exit codes: 0 ok; 1 latency or accuracy regression beyond the limit; 2 bad arguments or unreadable "
+    "inputs; 3 an entry of the baseline is missing from this run; 4 the baseline was measured on another machine "
+    "(latencies not compared; see --allow-machine-mismatch). With several failures the lowest code wins.",
+)
+def bench_command(
+    paths: list[str] = typer.Argument(
+        ...,
+        metavar="PATH...",
+        help="ONNX files or export directories (every *.onnx inside). NAME=PATH sets the name used as the compare key; "
+        "by default a model is named <directory>/<file stem>.",
+    ),
+    batch: str = typer.Option("1", "--batch", help="Batch sizes, comma-separated (e.g. 1,8)."),
+    seq: str = typer.Option("128", "--seq", help="Sequence lengths in tokens, comma-separated (e.g. 32,128); the maximum length under --seq-dist."),
+    threads: str = typer.Option("all", "--threads", help="onnxruntime intra-op thread counts, comma-separated; 'all' = all physical cores (e.g. 1,all)."),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed runs before timing each grid point."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed runs per grid point (default 50). Exclusive with --duration."),
+    duration: Optional[float] = typer.Option(None, "--duration", min=0.001, help="Time each grid point for this many seconds instead of a fixed number of runs."),
+    seq_dist: str = typer.Option(
+        "fixed",
+        "--seq-dist",
+        help="Sequence lengths: 'fixed' (every sequence --seq tokens); 'uniform' (random lengths up to --seq, each batch padded "
+        "to its longest, as a server with dynamic padding sends it); 'text' (the lengths of --text lines, capped at --seq).",
+    ),
+    text: Optional[Path] = typer.Option(
+        None, "--text", help="Plain-text file, one sentence per line, tokenized with the tokenizer.json next to each model for real token ids "
+        "(without it: random whole words of that vocabulary; without a tokenizer.json: random ids).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report (machine fingerprint, settings, per-model size/load/memory, latencies, accuracy, comparison) as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Directory to write PNGs of latency vs batch and seq (one per model, plus all models together)."),
+    glue: list[str] = typer.Option(
+        [], "--glue", help="glue_report.json (or a directory holding one; NAME=PATH to label it) whose accuracies are recorded and gated; "
+        "repeatable. A glue_report.json inside a benchmarked directory is picked up automatically.",
+    ),
+    compare: Optional[Path] = typer.Option(None, "--compare", help="Baseline bench JSON (an earlier --out) to gate against; see the exit codes below."),
+    max_regression: str = typer.Option("10%", "--max-regression", help="Allowed latency growth per matching entry (model, batch, seq, threads, seq-dist), e.g. 10% or 0.1."),
+    metric: str = typer.Option("p50_ms", "--metric", help="Latency statistic gated by --max-regression: p50_ms, p90_ms, p99_ms or mean_ms."),
+    max_accuracy_drop: Optional[float] = typer.Option(
+        None, "--max-accuracy-drop", min=0.0, help="Allowed accuracy loss in points (0-100 scale) per GLUE task/metric/variant versus the baseline's; off when not given.",
+    ),
+    allow_machine_mismatch: bool = typer.Option(
+        False, "--allow-machine-mismatch", help="Compare latencies even when the baseline's CPU, ISA, cores or onnxruntime version differ (e.g. to gate an onnxruntime upgrade).",
+    ),
+) -> None:
+    """Measure ONNX models with onnxruntime: latency (mean, p50/p90/p99, stdev), throughput, file size, load time and
+    peak RSS of the session, on this machine (fingerprint recorded). Prints a markdown table; with --compare, gates
+    against a baseline for CI. Needs only onnxruntime + numpy (no torch)."""
+    from homoexport.bench import BenchSettings, parse_fraction, parse_int_list, parse_threads, run_bench
+
+    if repeats is not None and duration is not None:
+        fail("--repeats and --duration are exclusive: give one")
+    try:
+        settings = BenchSettings(
+            batches=parse_int_list(batch, "--batch"),
+            seqs=parse_int_list(seq, "--seq"),
+            threads=parse_threads(threads),
+            warmup=warmup,
+            repeats=repeats or 50,
+            duration_s=duration,
+            seq_dist=seq_dist,
+            text=text,
+            seed=seed,
+        )
+        outcome = run_bench(
+            paths, settings, out=out, plot_dir=plot, glue=glue, baseline=compare, max_regression=parse_fraction(max_regression),
+            metric=metric, max_accuracy_drop=max_accuracy_drop, allow_machine_mismatch=allow_machine_mismatch,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    print(outcome.markdown)
+    for path in ([out] if out else []) + outcome.plots:
+        console.print(f"wrote {path}", highlight=False)
+    raise typer.Exit(outcome.exit_code)
+
+
+# --- report (issue 7) --------------------------------------------------------------------------------
+
+
+@app.command("report")
+def report_command(
+    run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories, searched recursively for report.json (distill), export_report.json, glue_report.json and bench.json."),
+    out: Path = typer.Option(Path("report"), "--out", help="Directory to write report.md and its PNGs into."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+) -> None:
+    """Gather the distill, export, GLUE and bench reports of runs into one report.md (+ accuracy-vs-latency Pareto
+    and width-schedule plots), readable in a browser or a PR comment. Missing reports are skipped and said so."""
+    from homoexport.report import SECTIONS, write_report
+
+    try:
+        path, gathered = write_report(run_dirs, out, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        fail(str(e))
+    for section in SECTIONS:
+        n = len(gathered.found.get(section.key, []))
+        console.print(f"{section.title}: {n} {section.filename}" if n else f"{section.title}: none found, skipped", highlight=False)
+    for problem in gathered.problems:
+        console.print(f"[yellow]warning:[/] {problem}", highlight=False)
+    console.print(f"wrote {path}", highlight=False)
+
+
+# --- glue, glue-suite (issue 6) ----------------------------------------------------------------------
+# Options shared by both commands are declared once; the library is imported inside the commands.
+
+_GLUE_DATA_DIR = typer.Option(None, "--data-dir", help="GLUE data in the original TSV layout: DIR/SST-2/train.tsv, DIR/CoLA (no header), DIR/MNLI/dev_matched.tsv, ...")
+_GLUE_HUB = typer.Option(False, "--hub", help="Load nyu-mll/glue from the Hugging Face hub instead of --data-dir (needs network or a warm cache).")
+_GLUE_EPOCHS = typer.Option(3.0, "--epochs", min=0.01, help="Training epochs (fractions allowed).")
+_GLUE_LR = typer.Option(5e-5, "--lr", min=0.0, help="Peak learning rate of AdamW (linear warm-up, then linear decay to 0).")
+_GLUE_BATCH = typer.Option(32, "--batch-size", min=1, help="Training batch size (dynamic padding).")
+_GLUE_EVAL_BATCH = typer.Option(64, "--eval-batch-size", min=1, help="Batch size of every dev-set evaluation, and so of the reported latency per batch.")
+_GLUE_MAX_LENGTH = typer.Option(128, "--max-length", min=8, help="Truncate each example (pairs longest-first) to this many tokens.")
+_GLUE_WARMUP = typer.Option(0.1, "--warmup-ratio", min=0.0, max=0.99, help="Fraction of the training steps spent warming the learning rate up from 0.")
+_GLUE_WEIGHT_DECAY = typer.Option(0.01, "--weight-decay", min=0.0, help="AdamW weight decay.")
+_GLUE_SEEDS = typer.Option("42", "--seeds", "--seed", help="Seed, or comma-separated seeds (e.g. 1,2,3): one fine-tune per seed, reported as mean ± std.")
+_GLUE_EVAL_STEPS = typer.Option(None, "--eval-steps", min=1, help="Evaluate on dev and checkpoint every N steps (and at the last step); default once per epoch. The best dev checkpoint is kept.")
+_GLUE_MAX_TRAIN = typer.Option(None, "--max-train-samples", min=1, help="Fine-tune on a fixed random subset of this many training examples (the same subset for every seed), to fit a time budget.")
+_GLUE_MAX_EVAL = typer.Option(None, "--max-eval-samples", min=1, help="Evaluate on a fixed random subset of this many examples of each dev split.")
+_GLUE_EXPORT = typer.Option(True, "--export/--no-export", help="Export the fine-tuned model (ONNX fp32, O2-optimized, int8) and score the fp32 and int8 files with onnxruntime.")
+_GLUE_QUANTIZE = typer.Option("dynamic", "--quantize", help="int8 quantization of the export: dynamic or static.")
+_GLUE_THREADS = typer.Option(None, "--threads", min=1, help="Threads for the dev-set evaluation of every backend (default: all physical cores).")
+_GLUE_OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it exists.")
+
+
+def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: int, max_length: int, warmup_ratio: float, weight_decay: float,
+                   seeds: str, eval_steps: Optional[int], max_train_samples: Optional[int], max_eval_samples: Optional[int], export: bool,
+                   quantize: str, threads: Optional[int]):
+    from homoexport.glue import GlueSettings
+
+    try:
+        seed_list = tuple(int(s) for s in seeds.split(","))
+    except ValueError:
+        fail(f"--seeds must be integers separated by commas, got {seeds!r}")
+    return GlueSettings(
+        epochs=epochs, learning_rate=lr, batch_size=batch_size, eval_batch_size=eval_batch_size, max_length=max_length, warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay, seeds=seed_list, eval_steps=eval_steps, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
+        export=export, quantize=quantize, threads=threads,
+    )
+
+
+@app.command("glue")
+def glue_command(
+    model_dir: Path = typer.Argument(..., help="Encoder or student to fine-tune (a classification head is added when it has none)."),
+    task: str = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli."),
+    out: Path = typer.Option(..., "--out", help="Run directory: glue_report.json/.md, seed-S/model (best dev checkpoint), seed-S/onnx (export)."),
+    data_dir: Optional[Path] = _GLUE_DATA_DIR,
+    hub: bool = _GLUE_HUB,
+    epochs: float = _GLUE_EPOCHS,
+    lr: float = _GLUE_LR,
+    batch_size: int = _GLUE_BATCH,
+    eval_batch_size: int = _GLUE_EVAL_BATCH,
+    max_length: int = _GLUE_MAX_LENGTH,
+    warmup_ratio: float = _GLUE_WARMUP,
+    weight_decay: float = _GLUE_WEIGHT_DECAY,
+    seeds: str = _GLUE_SEEDS,
+    eval_steps: Optional[int] = _GLUE_EVAL_STEPS,
+    max_train_samples: Optional[int] = _GLUE_MAX_TRAIN,
+    max_eval_samples: Optional[int] = _GLUE_MAX_EVAL,
+    export: bool = _GLUE_EXPORT,
+    quantize: str = _GLUE_QUANTIZE,
+    threads: Optional[int] = _GLUE_THREADS,
+    overwrite: bool = _GLUE_OVERWRITE,
+) -> None:
+    """Fine-tune MODEL_DIR on one GLUE task, export it to ONNX fp32 + int8, and score PyTorch, ONNX fp32 and ONNX int8
+    on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
+    from homoexport.export import ExportError
+    from homoexport.glue import report_table, run_glue
+
+    try:
+        settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
+                                  max_train_samples, max_eval_samples, export, quantize, threads)
+        report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
+        fail(str(e))
+    Console().print(report_table(report))
+    console.print(f"wrote {out / 'glue_report.json'}", highlight=False)
+
+
+@app.command("glue-suite")
+def glue_suite_command(
+    model_dir: Path = typer.Argument(..., help="Encoder or student to fine-tune on every task."),
+    tasks: str = typer.Option("mnli,qqp,qnli,sst2,cola,stsb,mrpc,rte", "--tasks", help="Comma-separated GLUE tasks (any order; the table follows the GLUE paper's order)."),
+    out: Path = typer.Option(..., "--out", help="Directory: glue_suite.json/.md and one run directory per task."),
+    data_dir: Optional[Path] = _GLUE_DATA_DIR,
+    hub: bool = _GLUE_HUB,
+    epochs: float = _GLUE_EPOCHS,
+    lr: float = _GLUE_LR,
+    batch_size: int = _GLUE_BATCH,
+    eval_batch_size: int = _GLUE_EVAL_BATCH,
+    max_length: int = _GLUE_MAX_LENGTH,
+    warmup_ratio: float = _GLUE_WARMUP,
+    weight_decay: float = _GLUE_WEIGHT_DECAY,
+    seeds: str = _GLUE_SEEDS,
+    eval_steps: Optional[int] = _GLUE_EVAL_STEPS,
+    max_train_samples: Optional[int] = _GLUE_MAX_TRAIN,
+    max_eval_samples: Optional[int] = _GLUE_MAX_EVAL,
+    export: bool = _GLUE_EXPORT,
+    quantize: str = _GLUE_QUANTIZE,
+    threads: Optional[int] = _GLUE_THREADS,
+    overwrite: bool = _GLUE_OVERWRITE,
+) -> None:
+    """Run `homoexport glue` on several tasks with the same settings and write one table (markdown + JSON) in the GLUE
+    paper's column order (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE) with the average, for each backend."""
+    from homoexport.export import ExportError
+    from homoexport.glue import run_glue_suite, suite_table
+
+    try:
+        settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
+                                  max_train_samples, max_eval_samples, export, quantize, threads)
+        suite = run_glue_suite(model_dir, [t.strip() for t in tasks.split(",") if t.strip()], out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
+        fail(str(e))
+    Console().print(suite_table(suite))
+    console.print(f"wrote {out / 'glue_suite.json'} and {out / 'glue_suite.md'}", highlight=False)
+
+
+# --- export (issue 4) --------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_command(
+    model_dir: Path = typer.Argument(..., help="Model directory (config.json, weights, tokenizer): a student from prune/distill, the teacher, or a glue fine-tune."),
+    onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the only format; required)."),
+    out: Path = typer.Option(..., "--out", help="EXPORT_DIR: model.onnx (fp32), model_optimized.onnx, model_quantized.onnx, config.json, tokenizer files, export_report.json."),
+    task: str = typer.Option("auto", "--task", help="feature-extraction | fill-mask | text-classification | auto (from config.architectures: *Model, *ForMaskedLM, *ForSequenceClassification)."),
+    optimize: str = typer.Option("O2", "--optimize", help="ORTOptimizer level: none | O1 (generic graph optimizations) | O2 (+ fused Attention, LayerNorm, GELU; checked against the layer count) | O3 (O2 + approximate GELU)."),
+    quantize: str = typer.Option("dynamic", "--quantize", help="int8 quantization: none | dynamic | static (needs --calibration-data)."),
+    target: str = typer.Option("auto", "--target", help="int8 kernels to quantize for: auto (this CPU's flags) | avx2 | avx512 | avx512_vnni | arm64."),
+    per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="Per-channel weight scales (same speed; per-tensor loses accuracy on real encoders)."),
+    calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Static quantization: a .txt(.gz) file, one text per line, or a GLUE .tsv with a header (sentence, sentence1/sentence2, question/sentence)."),
+    calibration_samples: int = typer.Option(200, "--calibration-samples", min=1, help="Texts read from --calibration-data."),
+    opset: Optional[int] = typer.Option(None, "--opset", min=11, help="ONNX opset (default: optimum's for the architecture)."),
+    order: str = typer.Option("auto", "--order", help="How the int8 file is built: fuse-first (quantize the fused graph) | quantize-first (quantize, then fuse what ORT can) | auto (build both, keep the faster at batch 1 / seq 128)."),
+    atol: float = typer.Option(1e-4, "--atol", min=0.0, help="Largest allowed |ONNX fp32 - PyTorch| (and optimized, except O3: 1e-2) on last_hidden_state/logits."),
+    int8_min_cosine: float = typer.Option(0.97, "--int8-min-cosine", min=0.0, max=1.0, help="feature-extraction: smallest allowed cosine between int8 and fp32 mean-pooled embeddings of any validation text."),
+    int8_min_agreement: float = typer.Option(0.9, "--int8-min-agreement", min=0.0, max=1.0, help="text-classification / fill-mask: smallest allowed share of int8 predictions (classes / top-1 tokens) equal to fp32's."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads for the report's latency figures (default: all physical cores)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace EXPORT_DIR if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Export MODEL_DIR to ONNX through optimum, fuse it (ORTOptimizer), quantize it to int8 (ORTQuantizer), and validate
+    every file: fp32 vs PyTorch, int8 vs fp32, fused Attention count; latency at batch 1 / seq 128. Any failed check stops
+    the export and leaves EXPORT_DIR untouched."""
+    from homoexport.export import ExportError, export_model, report_table
+    from homoexport.models import quiet_transformers
+
+    quiet_transformers()
+    if not onnx:
+        fail("nothing to export: pass --onnx (the only export format)")
+    try:
+        report = export_model(
+            model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
+            calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
+            int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads, progress=progress,
+        )
+    except (ExportError, FileExistsError) as e:
+        fail(str(e))
+    Console().print(report_table(report))
+    console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)
+
+
+# --- plan, measure (issue 5) -------------------------------------------------------------------------
+
+
+@app.command("plan")
+def plan_command(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher model directory (BERT-class); candidates are the shapes HomoDistil can reach from it."),
+    budget: Optional[str] = typer.Option(
+        None, "--budget", help="Constraints, comma-separated, all must hold: latency=8ms (p50 at --batch/--seq/--threads/--precision), "
+        "memory=30MB (deployed file size, MB = 2^20 bytes), rss=120MB (peak RSS an inference session adds), params=20M. Required unless --export-candidates.",
+    ),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size the latency and RSS are measured at."),
+    seq: int = typer.Option(128, "--seq", min=1, help="Sequence length (tokens) the latency and RSS are measured at."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads (default: all physical cores of the measuring machine)."),
+    precision: str = typer.Option("int8", "--precision", help="int8 (export with --quantize dynamic) or fp32 (--quantize none: the O2-optimized fp32 file)."),
+    task: str = typer.Option("feature-extraction", "--task", help="What is deployed: feature-extraction (the encoder) | text-classification | fill-mask (adds the vocabulary projection)."),
+    candidates: Optional[str] = typer.Option(None, "--candidates", help="Only these shapes, comma-separated: HIDDEN (heads and FFN derived) or HIDDEN:HEADS:FFN, e.g. 128,256:8:1024."),
+    multiple: int = typer.Option(16, "--multiple", help="Hidden sizes and FFN are multiples of this (8, 16, 32 or 64)."),
+    ffn_ratio: Optional[float] = typer.Option(None, "--ffn-ratio", min=0.01, help="FFN = hidden x this (default: the teacher's FFN/hidden)."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Student depth (default: the teacher's, as HomoDistil keeps it)."),
+    margin: float = typer.Option(0.05, "--margin", min=0.0, max=0.5, help="Safety margin on measured figures (latency, rss): a shape fits when it measures at most budget x (1 - margin)."),
+    refine: int = typer.Option(2, "--refine", min=0, help="After bisection, also measure this many shapes just above the boundary (catches non-monotone steps)."),
+    repeats: int = typer.Option(50, "--repeats", min=1, help="Timed runs per candidate (after --warmup untimed runs)."),
+    warmup: int = typer.Option(10, "--warmup", min=0, help="Untimed runs per candidate before timing."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Timing passes per candidate; p50/p90 are the medians over passes (robust to bursts of load)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Measurement cache (JSON, keyed by machine fingerprint, settings and shape); default $HOMOEXPORT_CACHE/plan_cache.json or ~/.cache/homoexport/plan_cache.json."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Measure every visited candidate afresh and store nothing."),
+    measurements: Optional[Path] = typer.Option(None, "--measurements", help="Choose from a measurements.json written by `homoexport measure` on the target machine instead of measuring here."),
+    export_candidates_dir: Optional[Path] = typer.Option(None, "--export-candidates", help="Instead of planning, write every candidate's deployed ONNX file + manifest.json to DIR, to time on the target with `homoexport measure DIR`."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the plan (chosen shape, predicted figures, every measured candidate, machine, settings) as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the budgeted figure vs parameters with the budget line and the chosen shape."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --export-candidates directory if it exists."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Choose the largest student shape of TEACHER whose cost, measured on this machine through onnxruntime on random-weight
+    candidates exported exactly as `homoexport export` does, fits the budget. Bisects the candidates by size, caches every
+    measurement, never returns a shape over budget, and fails naming the smallest achievable figure when none fits."""
+    from homoexport.budget import BudgetError, PlanSettings, default_cache_path, export_candidates, parse_candidates, plan, plan_table, teacher_shape
+    from homoexport.export import ExportError
+    from homoexport.models import quiet_transformers
+
+    quiet_transformers()
+    try:
+        settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
+        shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, layers) if candidates else None
+        if export_candidates_dir is not None:
+            manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, layers, overwrite=overwrite, progress=progress)
+            console.print(f"wrote {len(manifest['candidates'])} candidates to {export_candidates_dir}; on the target run "
+                          f"`homoexport measure {export_candidates_dir}`, then `homoexport plan --measurements .../measurements.json`", highlight=False)
+            return
+        if budget is None:
+            raise BudgetError("--budget is required (or --export-candidates DIR)")
+        report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
+                      cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot, progress=progress)
+    except (BudgetError, ExportError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        fail(str(e))
+    Console().print(plan_table(report))
+    c = report["chosen"]
+    predicted = f"; predicted p50 {c['predicted']['p50_ms']:.2f} ms, file {c['predicted']['file_bytes'] / 2**20:.1f} MB" if c["predicted"] else ""
+    console.print(f"chosen {c['name']} ({c['params'] / 1e6:.2f}M params){predicted}; {report['measured']} measured, "
+                  f"{report['cache_hits']} from cache, {report['elapsed_s']:.0f}s", highlight=False)
+    for path in [p for p in (out, plot) if p]:
+        console.print(f"wrote {path}", highlight=False)
+
+
+@app.command("measure")
+def measure_command(
+    directory: Path = typer.Argument(..., help="A directory written by `homoexport plan --export-candidates` (manifest.json + one folder per candidate)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads (default: the manifest's, else all physical cores here)."),
+    rss: bool = typer.Option(True, "--rss/--no-rss", help="Also measure each session's peak RSS in a fresh process (needed for rss= budgets)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the measurements (default: DIRECTORY/measurements.json)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+) -> None:
+    """Time exported plan candidates on this machine (latency p50/p90, file size, session RSS). Needs only onnxruntime + numpy,
+    so it runs on the edge device; feed the result to `homoexport plan --measurements`."""
+    from homoexport.budget import BudgetError, measure_candidates
+
+    try:
+        data = measure_candidates(directory, threads=threads, rss=rss, out=out, progress=progress)
+    except (BudgetError, FileNotFoundError, RuntimeError) as e:
+        fail(str(e))
+    for row in data["candidates"]:
+        m = row["measurement"]
+        rss_text = f", rss {m['rss_mb']:.1f} MB" if m["rss_mb"] is not None else ""
+        print(f"{row['name']}: p50 {m['p50_ms']:.2f} ms, p90 {m['p90_ms']:.2f} ms, file {m['file_bytes'] / 2**20:.1f} MB{rss_text}")
+    console.print(f"wrote {out or directory / 'measurements.json'}", highlight=False)
