@@ -95,11 +95,16 @@ def distill_command(
                                          "overrides the recipe's budget. The plan goes into report.json."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="Take the student widths from a plan.json written by `homoexport plan` "
                                              "(e.g. from measurements on the target device) instead of planning here."),
+    assistant: Optional[str] = typer.Option(None, "--assistant", help="Teacher assistant (MiniDisc, issue 9): auto = choose its width with one "
+                                            "weight-shared sandwich run and the λ-tradeoff of the recipe's assistant section; HIDDEN = use that "
+                                            "hidden size; off = none. Then distills teacher -> assistant -> student (OUT/stage1-assistant, "
+                                            "OUT/stage2-student, OUT/student). Default: the recipe's assistant.mode (off)."),
 ) -> None:
     """HomoDistil: copy the teacher, prune its width on a schedule while distilling, save the dense student.
 
     Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
     Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
+    from homoexport.assistant import distill_with_assistant, tradeoff_table, with_assistant_option
     from homoexport.budget import default_cache_path, plan_for_recipe
     from homoexport.models import quiet_transformers
     from homoexport.recipe import RecipeError, load_recipe
@@ -107,10 +112,12 @@ def distill_command(
 
     quiet_transformers()
     try:
-        r, plan = plan_for_recipe(load_recipe(recipe, set_), budget=budget, plan_file=plan_file, cache_path=default_cache_path(), progress=progress)
+        r, plan = plan_for_recipe(with_assistant_option(load_recipe(recipe, set_), assistant), budget=budget, plan_file=plan_file,
+                                  cache_path=default_cache_path(), progress=progress)
         if plan:
             console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
-        report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
+        run = distill_with_assistant if r.assistant.mode != "off" else distill
+        report = run(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         fail(str(e))
     if report:
@@ -120,6 +127,10 @@ def distill_command(
                       f"wrote {s['path']}", highlight=False)
         if report.get("mlm_kl_note"):
             console.print(f"[yellow]note:[/] {report['mlm_kl_note']}", highlight=False)
+        if report.get("selection", {}).get("candidates"):
+            console.print(tradeoff_table(report["selection"]))
+        if "assistant" in report:
+            console.print(f"assistant {_shape(report['assistant'])} ({report['assistant']['parameters']:,} params)", highlight=False)
 
 
 # --- bench (issue 7) ---------------------------------------------------------------------------------

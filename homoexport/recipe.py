@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -81,6 +81,49 @@ class OptimizerSpec(_Strict):
     max_grad_norm: float = Field(1.0, ge=0)
 
 
+class CandidateWidths(_Strict):
+    """One teacher-assistant shape to consider; heads defaults to keeping the target's head_dim."""
+
+    hidden: int = Field(..., gt=0)
+    heads: Optional[int] = Field(None, gt=0)
+    ffn: Optional[int] = Field(None, gt=0, description="default: interpolated between the target and the teacher like hidden")
+
+
+class AssistantSpec(_Strict):
+    """Teacher assistant for extreme compression (MiniDisc, BRIEF §2.5): teacher -> assistant -> student.
+
+    ``auto`` trains one weight-shared student at every candidate width (sandwich rule), scores each by
+    ``quality + lambda * sparsity`` on held-out text and takes the best; ``fixed`` uses ``hidden``
+    (and optionally ``heads``/``ffn``) as the assistant. ``training.steps`` is split between the two
+    stages by ``stage1_fraction``; the sandwich steps are extra.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    mode: Literal["off", "auto", "fixed"] = "off"
+    hidden: Optional[int] = Field(None, gt=0, description="mode=fixed: assistant hidden size")
+    heads: Optional[int] = Field(None, gt=0, description="mode=fixed: assistant heads (default: keep the target's head_dim)")
+    ffn: Optional[int] = Field(None, gt=0, description="mode=fixed: assistant FFN size (default: interpolated)")
+    candidates: Union[int, list[CandidateWidths]] = Field(4, description="mode=auto: how many evenly spaced widths between "
+                                                          "target and teacher, or an explicit list")
+    lambda_: float = Field(1.0, alias="lambda", ge=0, description="weight of sparsity (1 - params/teacher params) in the tradeoff score")
+    metric: Literal["representation", "mlm"] = Field("representation", description="representation: cosine of mean-pooled last "
+                                                     "hidden states to the teacher's; mlm: -MLM loss (teacher needs an MLM head)")
+    sandwich_steps: int = Field(100, gt=0, description="optimizer steps of the weight-shared sandwich run")
+    sampled_widths: int = Field(2, ge=0, description="candidate widths sampled per sandwich step besides the largest and the smallest")
+    score_batches: int = Field(4, gt=0, description="batches that score unit importance once, before the sandwich run")
+    eval_batches: int = Field(4, gt=0, description="held-out batches that score every candidate")
+    stage1_fraction: float = Field(0.5, gt=0, lt=1, description="share of training.steps for teacher -> assistant")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "AssistantSpec":
+        if self.mode == "fixed" and self.hidden is None:
+            raise ValueError("assistant.mode=fixed needs assistant.hidden")
+        if isinstance(self.candidates, int) and self.candidates < 1:
+            raise ValueError("assistant.candidates must be at least 1 (or a list of widths)")
+        return self
+
+
 class TrainingSpec(_Strict):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0, description="global batch size (sequences per optimizer step)")
@@ -107,6 +150,7 @@ class Recipe(_Strict):
     pruning: PruningSpec = Field(default_factory=PruningSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
+    assistant: AssistantSpec = Field(default_factory=AssistantSpec)
     output: str = Field("runs/{name}", description="output directory; {name} is replaced")
 
     @model_validator(mode="after")
@@ -121,7 +165,7 @@ class Recipe(_Strict):
         return Path(self.output.replace("{name}", self.name))
 
     def resolved_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 class RecipeError(ValueError):
@@ -142,7 +186,7 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
                 break
         else:
             return []
-    return list(getattr(current, "model_fields", {}))
+    return [f.alias or name for name, f in getattr(current, "model_fields", {}).items()]  # YAML spelling (assistant.lambda)
 
 
 def _format_errors(err: ValidationError) -> str:
