@@ -175,3 +175,20 @@ def test_two_process_gloo_matches_single_process(teachers, corpus, tmp_path):
     a = load_file(tmp_path / "one" / "student" / "model.safetensors")
     b = load_file(tmp_path / "two" / "student" / "model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def test_cli_distill_with_params_budget_plans_then_trains(teachers, corpus, tmp_path, monkeypatch):
+    """`distill --budget params=…` chooses the widths (no timing needed for a params budget) and records the plan."""
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "run", training={"steps": 6, "batch_size": 8, "log_every": 1})
+    r["student"] = {}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    teacher_params = sum(p.numel() for p in AutoModel.from_pretrained(teachers["base"]).parameters())
+    budget = int(teacher_params * 0.8)
+    monkeypatch.setenv("HOMOEXPORT_CACHE", str(tmp_path / "plan_cache.json"))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", f"params={budget}"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["plan"] is not None
+    assert report["student"]["parameters"] <= budget < teacher_params
+    assert report["student"]["widths"]["hidden"] < 64
