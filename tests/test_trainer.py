@@ -185,7 +185,7 @@ def test_cli_distill_with_params_budget_plans_then_trains(teachers, corpus, tmp_
     path.write_text(yaml.safe_dump(r))
     teacher_params = sum(p.numel() for p in AutoModel.from_pretrained(teachers["base"]).parameters())
     budget = int(teacher_params * 0.8)
-    monkeypatch.setenv("HOMOEXPORT_CACHE", str(tmp_path / "plan_cache.json"))
+    monkeypatch.setenv("HOMOEXPORT_CACHE", str(tmp_path / "cache"))
     result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", f"params={budget}"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
