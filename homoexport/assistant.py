@@ -50,11 +50,11 @@ from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
 from homoexport.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
-from homoexport.mask_groups import MaskedModel, Masks, UnitScores, Widths, prepare, shrink, tensor_masks
+from homoexport.mask_groups import MaskedModel, Masks, UnitScores, Widths, config_widths, prepare, shrink, tensor_masks
 from homoexport.models import encode, load_model, load_tokenizer
 from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.surgery import closed_form_parameters
-from homoexport.trainer import DistillModule, relation_layers, student_inputs, target_widths, teacher_outputs
+from homoexport.trainer import DistillModule, recipe_target, relation_layers, student_inputs, teacher_outputs
 
 SANDWICH_FILE = "sandwich.json"
 STAGE1_DIR, STAGE2_DIR = "stage1-assistant", "stage2-student"
@@ -128,10 +128,6 @@ def candidate_widths(spec: AssistantSpec, full: Widths, target: Widths, multiple
         w = assistant_widths(c.hidden, full, target, c.heads, c.ffn, multiple)
         unique[width_key(w)] = w
     return sorted(unique.values(), key=lambda w: (w.hidden, w.ffn, w.heads), reverse=True)
-
-
-def model_widths(config) -> Widths:
-    return Widths(config.hidden_size, config.num_attention_heads, config.hidden_size // config.num_attention_heads, config.intermediate_size)
 
 
 # --- weight-shared student --------------------------------------------------------------------------
@@ -280,8 +276,8 @@ def run_sandwich(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, len(eval_blocks))
     eval_batcher = BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=0.15 if has_mlm else None, shuffle=False)
 
-    full = model_widths(teacher.config)
-    target = target_widths(recipe, full)
+    full = config_widths(teacher.config)
+    target = recipe_target(recipe, full)
     candidates = candidate_widths(spec, full, target, recipe.pruning.multiple)
 
     student = copy.deepcopy(teacher).requires_grad_(True).train()
@@ -469,8 +465,8 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
         raise FileExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     started = time.time()
     config = AutoConfig.from_pretrained(recipe.teacher)
-    full = model_widths(config)
-    target = target_widths(recipe, full)
+    full = config_widths(config)
+    target = recipe_target(recipe, full)
     selection = _selection(recipe, out, full, target, resume, progress)
     assistant = Widths(**selection["chosen"]["widths"])
     steps1, steps2 = split_steps(recipe.training.steps, recipe.assistant.stage1_fraction)

@@ -176,6 +176,26 @@ def full_widths(layout: Layout) -> Widths:
     return Widths(layout.hidden, layout.num_heads, layout.head_dim, layout.ffn)
 
 
+def target_widths(full: Widths, hidden: int | None = None, heads: int | None = None, ffn: int | None = None) -> Widths:
+    """A student shape reachable from ``full``: unspecified widths keep the teacher's; head_dim = hidden / heads.
+
+    Fails naming the offending width, before any work is done.
+    """
+    hidden, heads = hidden or full.hidden, heads or full.heads
+    if hidden % heads:
+        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+    target = Widths(hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=ffn or full.ffn)
+    for name in ("hidden", "heads", "head_dim", "ffn"):
+        if not 0 < getattr(target, name) <= getattr(full, name):
+            raise ValueError(f"target {name}={getattr(target, name)} must be in [1, {getattr(full, name)}] (the teacher's {name})")
+    return target
+
+
+def config_widths(config) -> Widths:
+    """The shape a stock BertConfig describes."""
+    return Widths(config.hidden_size, config.num_attention_heads, config.hidden_size // config.num_attention_heads, config.intermediate_size)
+
+
 @dataclass
 class Masks:
     """Boolean keep-masks (True = kept) for every group. Monotone: pruning only ever clears bits."""

@@ -19,7 +19,7 @@ from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
 from homoexport.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
-from homoexport.mask_groups import Widths, full_widths, prepare, shrink
+from homoexport.mask_groups import full_widths, prepare, shrink, target_widths
 from homoexport.models import load_model, load_tokenizer
 from homoexport.recipe import LossSpec
 from homoexport.surgery import count_parameters, materialize, parameter_report, parity_max_abs_diff, save_student
@@ -63,13 +63,7 @@ def prune_model(
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
     masked = prepare(model)
     full = full_widths(masked.layout)
-    hidden, heads = hidden or full.hidden, heads or full.heads
-    if hidden % heads:
-        raise ValueError(f"--hidden {hidden} must be divisible by --heads {heads}")
-    target = Widths(hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=ffn or full.ffn)
-    for name in ("hidden", "heads", "head_dim", "ffn"):
-        if not 0 < getattr(target, name) <= getattr(full, name):
-            raise ValueError(f"target {name}={getattr(target, name)} must be in [1, {getattr(full, name)}] (the model's {name})")
+    target = target_widths(full, hidden, heads, ffn)
 
     if data:
         blocks, _ = build_blocks(DataSpec(sources=data, block_size=block_size, eval_blocks=0, max_blocks=batches * batch_size), tokenizer)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +29,14 @@ from homoexport.data import BlockBatcher, DataSpec, build_blocks
 from homoexport.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
 from homoexport.machine import fingerprint
-from homoexport.mask_groups import MaskedModel, Masks, Widths, full_widths, prepare, shrink
+from homoexport.mask_groups import MaskedModel, Masks, Widths, config_widths, full_widths, prepare, shrink, target_widths
 from homoexport.models import build_student, encode, load_model, load_tokenizer
 from homoexport.recipe import Recipe, steps_of
 from homoexport.schedule import Schedule, one_shot
 from homoexport.surgery import materialize, parameter_report, parity_max_abs_diff, save_student
 
 PARITY_TOLERANCE = 1e-4
+NO_MLM_NOTE = "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)"
 
 
 class DistillModule(nn.Module):
@@ -77,14 +79,9 @@ def relation_layers(recipe: Recipe, teacher_layers: int) -> tuple[int | None, in
     return -1, recipe.losses.relation_teacher_layer % teacher_layers
 
 
-def target_widths(recipe: Recipe, full: Widths) -> Widths:
+def recipe_target(recipe: Recipe, full: Widths) -> Widths:
     """The recipe's student shape, defaulting unspecified widths to the teacher's."""
-    s = recipe.student
-    hidden = s.hidden or full.hidden
-    heads = s.heads or full.heads
-    if hidden % heads:
-        raise ValueError(f"student.hidden ({hidden}) must be divisible by student.heads ({heads})")
-    return Widths(hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=s.ffn or full.ffn)
+    return target_widths(full, recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -195,6 +192,8 @@ def distill(
     out = RunPaths(Path(out_dir) if out_dir else recipe.output_dir())
     if out.out.exists() and any(out.out.iterdir()) and not (resume or overwrite):
         raise FileExistsError(f"output directory {out.out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: give one")
     precision = recipe.training.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -203,6 +202,10 @@ def distill(
     accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
+    if overwrite and is_main and out.out.exists():
+        # Replace the old run entirely: its checkpoints would otherwise be picked up by a later --resume.
+        shutil.rmtree(out.out)
+    accelerator.wait_for_everyone()
     set_seed(recipe.training.seed)
 
     # Teacher, tokenizer, data.
@@ -215,6 +218,10 @@ def distill(
     with accelerator.main_process_first():
         train_blocks, eval_blocks = build_blocks(spec, tokenizer)
     use_mlm = has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0)
+    if not has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0) and is_main and progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]note:[/] {NO_MLM_NOTE}", highlight=False)
     mlm_prob = 0.15 if use_mlm else None
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=recipe.training.seed, mlm_probability=mlm_prob)
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
@@ -232,7 +239,7 @@ def distill(
     if recipe.pruning.schedule != "none" and recipe.init != "random":
         masked = prepare(student)
         full = full_widths(masked.layout)
-        target = target_widths(recipe, full)
+        target = recipe_target(recipe, full)
         if recipe.pruning.schedule == "one_shot":
             schedule = one_shot(full, target, total)
         else:
@@ -265,12 +272,12 @@ def distill(
     ckpt = latest_checkpoint(out.checkpoints) if resume else None
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        _check_same_recipe(state["recipe"], recipe, ckpt)
         unwrapped.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if masked is not None:
-            masked.masks = Masks.from_state_dict(state["masks"])
-            masked.set_masks(masked.masks)
+            masked.set_masks(Masks.from_state_dict(state["masks"]))
             importance.load_state_dict(state["importance"])
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
@@ -341,7 +348,7 @@ def distill(
                 bar.update(done, record)
             ce = recipe.training.checkpoint_every
             if (ce and done % ce == 0) or done == total:
-                _checkpoint(accelerator, out, done, unwrapped, optimizer, lr_scheduler, masked, importance)
+                _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, masked, importance)
             if stop_after is not None and done >= stop_after and done < total:
                 raise _Stopped(done)
     finally:
@@ -349,8 +356,8 @@ def distill(
             bar.close()
 
     wall = time.time() - started
-    return _finish(recipe, out, accelerator, unwrapped, teacher, tokenizer, masked, eval_batcher, eval_steps, t_rel, has_mlm,
-                   last_terms, wall, start, total, tokens_per_step, plan, overwrite)
+    return _finish(recipe, out, accelerator, unwrapped, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps, t_rel, has_mlm,
+                   last_terms, wall, start, total, tokens_per_step, plan)
 
 
 class _Stopped(Exception):
@@ -371,6 +378,26 @@ def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
         raise RuntimeError("data-parallel ranks chose different units to prune: importance scores diverged")
 
 
+def _resumable_fields(recipe: Recipe) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resume (everything but the output location)."""
+    return recipe.model_dump(mode="json", exclude={"output"})
+
+
+def _check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
+    """Refuse to resume under a different recipe: the result would be neither run."""
+    current = _resumable_fields(recipe)
+    if saved != current:
+        diff = sorted(_differing_keys(saved, current))
+        raise ValueError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
+                         "restore those values or start over with --overwrite")
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in a.keys() | b.keys() for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
     if accelerator.num_processes == 1 or not terms:
         return terms
@@ -380,7 +407,7 @@ def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _checkpoint(accelerator, out: RunPaths, step: int, unwrapped: DistillModule, optimizer, lr_scheduler, masked, importance) -> None:
+def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped: DistillModule, optimizer, lr_scheduler, masked, importance) -> None:
     """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
     importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
     rngs = [_rng_state()]
@@ -389,7 +416,7 @@ def _checkpoint(accelerator, out: RunPaths, step: int, unwrapped: DistillModule,
 
         rngs = gather_object([_rng_state()])
     if accelerator.is_main_process:
-        state = {"step": step, "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"step": step, "recipe": _resumable_fields(recipe), "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
                  "masks": masked.masks.state_dict() if masked is not None else None,
                  "importance": importance.state_dict() if importance is not None else None}
@@ -419,8 +446,8 @@ def _resolved_header() -> str:
             f"# machine: {fp['cpu_model']} ({fp['arch']}, {fp['physical_cores']} cores, isa {' '.join(fp['isa'])}), id {fp['id']}\n")
 
 
-def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teacher, tokenizer, masked, eval_batcher, eval_steps,
-            t_rel, has_mlm, last_terms, wall, start, total, tokens_per_step, plan, overwrite) -> dict[str, Any]:
+def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps,
+            t_rel, has_mlm, last_terms, wall, start, total, tokens_per_step, plan) -> dict[str, Any]:
     """Evaluate, materialise, check parity, save the student and the report (main process only)."""
     report: dict[str, Any] = {}
     if accelerator.is_main_process:
@@ -430,26 +457,23 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
         evaluation = _evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept, t_rel)
         if masked is not None:
             dense = materialize(masked)
-            probe = eval_batcher.batch_at(0) if eval_batcher else None
-            probe_inputs = {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")} if probe else None
-            parity = parity_max_abs_diff(masked, dense, probe_inputs) if probe_inputs else None
-            if parity is not None and parity > PARITY_TOLERANCE:
+            probe = (eval_batcher or batcher).batch_at(0)
+            probe_inputs = {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")}
+            parity = parity_max_abs_diff(masked, dense, probe_inputs)
+            if parity > PARITY_TOLERANCE:
                 raise RuntimeError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
             widths = masked.masks.widths()
         else:
             dense, parity = student, None
-            c = student.config
-            widths = Widths(c.hidden_size, c.num_attention_heads, c.hidden_size // c.num_attention_heads, c.intermediate_size)
+            widths = config_widths(student.config)
         dense = dense.cpu()
         with staging_dir(out.out / "student", overwrite=True) as tmp:
             save_student(dense, tmp, tokenizer)
-        t = teacher.config
-        teacher_widths = Widths(t.hidden_size, t.num_attention_heads, t.hidden_size // t.num_attention_heads, t.intermediate_size)
         active = unwrapped.loss.active_terms
         report = {
             "homoexport_version": __version__,
             "recipe": recipe.name,
-            "teacher": {"path": recipe.teacher, "has_mlm_head": has_mlm, **parameter_report(teacher, teacher_widths)},
+            "teacher": {"path": recipe.teacher, "has_mlm_head": has_mlm, **parameter_report(teacher, config_widths(teacher.config))},
             "student": {"path": str(out.out / "student"), **parameter_report(dense, widths)},
             "steps": total, "resumed_from_step": start or None,
             "tokens": total * tokens_per_step,
@@ -458,7 +482,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
             "final_loss_terms": last_terms,
             "active_loss_terms": active,
             "mlm_kl_active": "mlm" in active or "kl" in active,
-            "mlm_kl_note": None if has_mlm else "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)",
+            "mlm_kl_note": None if has_mlm else NO_MLM_NOTE,
             "parity_max_abs_diff": parity,
             "evaluation": evaluation,
             "plan": plan,

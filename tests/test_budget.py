@@ -7,7 +7,6 @@ import json
 import math
 
 import pytest
-import yaml
 
 from homoexport.budget import (
     MB,

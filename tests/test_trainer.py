@@ -111,6 +111,26 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
     assert steps == list(range(1, 17))
 
 
+def test_overwrite_replaces_the_old_run_so_resume_cannot_pick_up_stale_checkpoints(teachers, corpus, tmp_path):
+    long = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 12, "batch_size": 8, "checkpoint_every": 4})
+    distill(validate_recipe(long), progress=False)
+    short = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4})
+    with pytest.raises(_Stopped):
+        distill(validate_recipe(short), progress=False, overwrite=True, stop_after=5)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004.pt"]
+    assert not (tmp_path / "run" / "report.json").exists() and not (tmp_path / "run" / "student").exists()
+    assert distill(validate_recipe(short), progress=False, resume=True)["resumed_from_step"] == 4
+
+
+def test_resume_refuses_a_changed_recipe(teachers, corpus, tmp_path):
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4})
+    with pytest.raises(_Stopped):
+        distill(validate_recipe(r), progress=False, stop_after=5)
+    changed = dict(r, optimizer={"lr": 5e-3, "warmup": 0})
+    with pytest.raises(ValueError, match=r"recipe changed.*optimizer\.lr"):
+        distill(validate_recipe(changed), progress=False, resume=True)
+
+
 def test_non_empty_output_needs_resume_or_overwrite(teachers, corpus, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("")
