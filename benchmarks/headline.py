@@ -286,7 +286,7 @@ def measure_latencies(entries: Sequence[Entry], out: Path, teacher: Path, rounds
         for entry, model, ids, int8, session in loaded:
             times[entry.run]["pytorch"].append(torch_latency_ms(model, ids, threads))
             times[entry.run]["int8"].append(measure_latency(int8, 1, LATENCY_SEQ, threads, warmup=3, repeats=30, session=session).p50_ms)
-    for entry, model, ids, int8, session in loaded:
+    for entry, _model, _ids, int8, _session in loaded:
         t = times[entry.run]
         atomic_write_json(out / entry.run / "latency.json", {
             **_encoder_params(model_dir(out, entry, teacher)),
