@@ -160,6 +160,8 @@ def teacher_shape(teacher: str | os.PathLike) -> TeacherShape:
     path = Path(teacher) / "config.json"
     if path.is_file():
         cfg = json.loads(path.read_text(encoding="utf-8"))
+    elif Path(teacher).is_absolute() or str(teacher).startswith(".") or Path(teacher).exists():
+        raise BudgetError(f"teacher model directory not found or has no config.json: {teacher}")
     else:
         from transformers import AutoConfig
 
