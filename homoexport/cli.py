@@ -257,13 +257,19 @@ _GLUE_MAX_TRAIN = typer.Option(None, "--max-train-samples", min=1, help="Fine-tu
 _GLUE_MAX_EVAL = typer.Option(None, "--max-eval-samples", min=1, help="Evaluate on a fixed random subset of this many examples of each dev split.")
 _GLUE_EXPORT = typer.Option(True, "--export/--no-export", help="Export the fine-tuned model (ONNX fp32, O2-optimized, int8) and score the fp32 and int8 files with onnxruntime.")
 _GLUE_QUANTIZE = typer.Option("dynamic", "--quantize", help="int8 quantization of the export: dynamic or static.")
+_GLUE_KEEP_FP32 = typer.Option("", "--keep-fp32", help="Comma-separated layer groups left fp32 in the int8 export (see `homoexport export --help`), e.g. ffn-output.")
 _GLUE_THREADS = typer.Option(None, "--threads", min=1, help="Threads for the dev-set evaluation of every backend (default: all physical cores).")
 _GLUE_OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it exists.")
 
 
+def _groups(value: str) -> tuple[str, ...]:
+    """A comma-separated option as a tuple of its non-empty items."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
 def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: int, max_length: int, warmup_ratio: float, weight_decay: float,
                    seeds: str, eval_steps: Optional[int], max_train_samples: Optional[int], max_eval_samples: Optional[int], export: bool,
-                   quantize: str, threads: Optional[int]):
+                   quantize: str, keep_fp32: str, threads: Optional[int]):
     from homoexport.glue import GlueSettings
 
     try:
@@ -273,7 +279,7 @@ def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: i
     return GlueSettings(
         epochs=epochs, learning_rate=lr, batch_size=batch_size, eval_batch_size=eval_batch_size, max_length=max_length, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, seeds=seed_list, eval_steps=eval_steps, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-        export=export, quantize=quantize, threads=threads,
+        export=export, quantize=quantize, keep_fp32=_groups(keep_fp32), threads=threads,
     )
 
 
@@ -297,6 +303,7 @@ def glue_command(
     max_eval_samples: Optional[int] = _GLUE_MAX_EVAL,
     export: bool = _GLUE_EXPORT,
     quantize: str = _GLUE_QUANTIZE,
+    keep_fp32: str = _GLUE_KEEP_FP32,
     threads: Optional[int] = _GLUE_THREADS,
     overwrite: bool = _GLUE_OVERWRITE,
 ) -> None:
@@ -307,7 +314,7 @@ def glue_command(
 
     try:
         settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
-                                  max_train_samples, max_eval_samples, export, quantize, threads)
+                                  max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
         report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
         fail(str(e))
@@ -335,6 +342,7 @@ def glue_suite_command(
     max_eval_samples: Optional[int] = _GLUE_MAX_EVAL,
     export: bool = _GLUE_EXPORT,
     quantize: str = _GLUE_QUANTIZE,
+    keep_fp32: str = _GLUE_KEEP_FP32,
     threads: Optional[int] = _GLUE_THREADS,
     overwrite: bool = _GLUE_OVERWRITE,
 ) -> None:
@@ -345,7 +353,7 @@ def glue_suite_command(
 
     try:
         settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
-                                  max_train_samples, max_eval_samples, export, quantize, threads)
+                                  max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
         suite = run_glue_suite(model_dir, [t.strip() for t in tasks.split(",") if t.strip()], out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
         fail(str(e))
@@ -366,6 +374,8 @@ def export_command(
     quantize: str = typer.Option("dynamic", "--quantize", help="int8 quantization: none | dynamic | static (needs --calibration-data)."),
     target: str = typer.Option("auto", "--target", help="int8 kernels to quantize for: auto (this CPU's flags) | avx2 | avx512 | avx512_vnni | arm64."),
     per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="Per-channel weight scales (same speed; per-tensor loses accuracy on real encoders)."),
+    keep_fp32: str = typer.Option("", "--keep-fp32", help="Comma-separated layer groups whose MatMuls stay fp32 in the int8 file: ffn-output (each layer's FFN down-projection; "
+                                  "recovers most of the int8 loss on CoLA for ~20% more latency, benchmarks/results/int8_keep_fp32.json)."),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Static quantization: a .txt(.gz) file, one text per line, or a GLUE .tsv with a header (sentence, sentence1/sentence2, question/sentence)."),
     calibration_samples: int = typer.Option(200, "--calibration-samples", min=1, help="Texts read from --calibration-data."),
     opset: Optional[int] = typer.Option(None, "--opset", min=11, help="ONNX opset (default: optimum's for the architecture)."),
@@ -389,7 +399,7 @@ def export_command(
     try:
         report = export_model(
             model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
-            calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
+            keep_fp32=_groups(keep_fp32), calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
             int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads, progress=progress,
         )
     except (ExportError, FileExistsError) as e:

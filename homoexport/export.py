@@ -22,6 +22,7 @@ import contextlib
 import csv
 import gzip
 import logging
+import re
 import shutil
 import time
 import warnings
@@ -58,6 +59,11 @@ _OPTIONAL_MISSING_PREFIXES = {"feature-extraction": ("pooler.",)}
 # Static (QDQ) quantization touches only MatMul: LayerNorm, GELU, Softmax and the residual Adds stay fp32,
 # which is what keeps BERT accuracy (their inputs have outlier ranges that 8 bits clip).
 STATIC_OPERATORS = ["MatMul"]
+# Layers that can be left in fp32 inside the int8 file (``keep_fp32``), by ONNX node name; the names are
+# the same in the plain and the fused graph. "ffn-output" is each layer's FFN down-projection
+# (intermediate -> hidden): its input is the GELU output, whose long tail dynamic 8-bit activation scales
+# clip; on CoLA it carries most of the int8 loss (benchmarks/results/int8_keep_fp32.json).
+FP32_GROUPS = {"ffn-output": re.compile(r"layer\.\d+/output/dense/MatMul$")}
 # O3 replaces GELU by its tanh approximation (FastGelu), so its outputs legitimately move more than fp32
 # rounding; this is the stated tolerance for that level.
 O3_ATOL = 1e-2
@@ -132,13 +138,23 @@ def detect_target(cpu: dict[str, Any]) -> str:
     )
 
 
-def quantization_config(mode: str, target: str, per_channel: bool) -> Any:
+def quantization_config(mode: str, target: str, per_channel: bool, nodes_to_exclude: Sequence[str] = ()) -> Any:
     """optimum's ``AutoQuantizationConfig`` for ``target`` (dynamic, or static QDQ on MatMul only)."""
     from optimum.onnxruntime import AutoQuantizationConfig
 
     factory = getattr(AutoQuantizationConfig, target)
     static = mode == "static"
-    return factory(is_static=static, per_channel=per_channel, operators_to_quantize=STATIC_OPERATORS if static else None)
+    return factory(is_static=static, per_channel=per_channel, nodes_to_exclude=list(nodes_to_exclude),
+                   operators_to_quantize=STATIC_OPERATORS if static else None)
+
+
+def fp32_nodes(path: Path, groups: Sequence[str]) -> list[str]:
+    """Names of the MatMul nodes of ``path`` that belong to the ``FP32_GROUPS`` named in ``groups``."""
+    import onnx
+
+    patterns = [FP32_GROUPS[g] for g in groups]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(p.search(n.name) for p in patterns)]
 
 
 def read_texts(path: Path, limit: int) -> list[str | tuple[str, str]]:
@@ -478,6 +494,7 @@ def export_model(
     quantize: str = "dynamic",
     target: str = "auto",
     per_channel: bool = True,
+    keep_fp32: Sequence[str] = (),
     calibration_data: Path | None = None,
     opset: int | None = None,
     overwrite: bool = False,
@@ -493,6 +510,7 @@ def export_model(
 ) -> dict[str, Any]:
     """Export ``model_dir`` to ONNX in ``out_dir`` (fp32, optimized, int8), validate, and return the report.
 
+    ``keep_fp32`` names ``FP32_GROUPS`` whose MatMuls stay fp32 in the int8 file (accuracy for some speed).
     ``order`` builds the int8 file from the fused graph ("fuse-first"), from the plain graph then fuses
     what ORT can ("quantize-first"), or tries both and keeps the faster at batch 1 / seq 128 ("auto").
     Raises ``ExportError`` (out_dir untouched) when the model, tokenizer or any parity check is wrong.
@@ -500,6 +518,10 @@ def export_model(
     for name, value, allowed in (("task", task, ("auto", *TASKS)), ("optimize level", optimize, OPTIMIZE_LEVELS),
                                  ("quantize mode", quantize, QUANTIZE_MODES), ("target", target, TARGETS), ("order", order, ORDERS)):
         _check_choice(name, value, allowed)
+    for group in keep_fp32:
+        _check_choice("keep-fp32 group", group, tuple(FP32_GROUPS))
+    if keep_fp32 and quantize == "none":
+        raise ExportError("--keep-fp32 only applies to an int8 export (got --quantize none)")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise ExportError(f"not a model directory (no config.json): {model_dir}")
@@ -563,7 +585,10 @@ def export_model(
         quant_report: dict[str, Any] = {"mode": quantize}
         if quantize != "none":
             steps.start(f"quantizing ({quantize}, {resolved_target})")
-            qconfig = quantization_config(quantize, resolved_target, per_channel)
+            excluded = fp32_nodes(stage / FP32_FILE, keep_fp32)
+            if keep_fp32 and not excluded:
+                raise ExportError(f"--keep-fp32 {','.join(keep_fp32)} matched no MatMul node of the exported graph")
+            qconfig = quantization_config(quantize, resolved_target, per_channel, excluded)
             calib_texts = read_texts(Path(calibration_data), calibration_samples) if calibration_data is not None else None
             candidates = _build_candidates(stage, work, optimize, order, qconfig, config, tokenizer, calib_texts, max_length)
             steps.done()
@@ -572,6 +597,7 @@ def export_model(
                                                      latency_threads, int8_min_cosine, int8_min_agreement)
             shutil.move(chosen.path, stage / QUANTIZED_FILE)
             quant_report |= _describe_qconfig(quantize, resolved_target, target, per_channel, qconfig, calibration_data, calib_texts)
+            quant_report["kept_fp32"] = {"groups": list(keep_fp32), "nodes": excluded}
             parity["int8_vs_fp32"] = quant_report.pop("int8_vs_fp32")
             steps.done()
 
@@ -590,7 +616,7 @@ def export_model(
             "task": task,
             "task_source": task_source,
             "options": {"optimize": optimize, "quantize": quantize, "target": target, "per_channel": per_channel,
-                        "calibration_data": str(calibration_data) if calibration_data else None, "opset": opset, "order": order,
+                        "keep_fp32": list(keep_fp32), "calibration_data": str(calibration_data) if calibration_data else None, "opset": opset, "order": order,
                         "atol": atol, "int8_min_cosine": int8_min_cosine, "int8_min_agreement": int8_min_agreement},
             "model": _describe_model(config, model),
             "machine": fingerprint(),
@@ -752,6 +778,9 @@ def report_table(report: dict[str, Any]) -> Any:
         table.caption = f"{fusion['level']}: {fusion['attention_nodes']}/{fusion['layers']} layers with fused Attention{note}"
     if quant.get("mode", "none") != "none":
         caption = f"int8 {quant['mode']} {quant['schema']} for {quant['target']}, per-channel {quant['per_channel']}, order {quant['order']} ({quant['order_reason']})"
+        kept = quant.get("kept_fp32") or {}
+        if kept.get("nodes"):
+            caption += f"; {len(kept['nodes'])} MatMuls kept fp32 ({', '.join(kept['groups'])})"
         table.caption = f"{table.caption}\n{caption}" if table.caption else caption
     return table
 

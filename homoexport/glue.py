@@ -46,7 +46,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
-from homoexport.export import FP32_FILE, QUANTIZED_FILE, export_model
+from homoexport.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
 from homoexport.export import REPORT_FILE as EXPORT_REPORT_FILE
 from homoexport.glue_data import GLUE_ORDER, HUB_DATASET, GlueTask, get_task, load_hub, load_tsv, predictions, score, subsample
 from homoexport.machine import fingerprint, physical_cores
@@ -83,6 +83,7 @@ class GlueSettings:
     max_eval_samples: int | None = None
     export: bool = True
     quantize: str = "dynamic"
+    keep_fp32: tuple[str, ...] = ()  # export.FP32_GROUPS left fp32 in the int8 file
     optimize: str = "O2"
     threads: int | None = None  # inference threads for the dev-set evaluation; None: all physical cores
 
@@ -101,6 +102,9 @@ class GlueSettings:
             raise ValueError(f"epochs and learning_rate must be positive, got {self.epochs} and {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        unknown = [g for g in self.keep_fp32 if g not in FP32_GROUPS]
+        if unknown:
+            raise ValueError(f"unknown keep-fp32 group {', '.join(map(repr, unknown))} (allowed: {', '.join(FP32_GROUPS)})")
 
     @property
     def inference_threads(self) -> int:
@@ -387,7 +391,7 @@ def _export(model_dir: Path, onnx_dir: Path, settings: GlueSettings, train: Data
         atomic_write_text(calibration, "\n".join(lines) + "\n")
     return export_model(
         model_dir, onnx_dir, task="text-classification", optimize=settings.optimize, quantize=settings.quantize,
-        calibration_data=calibration, calibration_samples=CALIBRATION_ROWS,
+        keep_fp32=settings.keep_fp32, calibration_data=calibration, calibration_samples=CALIBRATION_ROWS,
     )
 
 
@@ -437,7 +441,7 @@ def _export_summary(export_report: dict[str, Any], seed: int) -> dict[str, Any]:
         "report": f"seed-{seed}/onnx/{EXPORT_REPORT_FILE}",
         "files": export_report.get("files"),
         "parity": export_report.get("parity"),
-        "quantization": {k: quantization.get(k) for k in ("mode", "target", "schema", "order", "operators")},
+        "quantization": {k: quantization.get(k) for k in ("mode", "target", "schema", "order", "operators", "kept_fp32")},
         "elapsed_s": export_report.get("elapsed_s"),
     }
 
@@ -582,6 +586,11 @@ def _report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _kept_fp32(settings: dict[str, Any]) -> str:
+    kept = settings.get("keep_fp32") or []
+    return f" ({', '.join(kept)} kept fp32)" if kept and settings["export"] else ""
+
+
 def _settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     n = report["n_examples"]
@@ -589,7 +598,7 @@ def _settings_line(report: dict[str, Any]) -> str:
         f"{report['task']} on {report['model_dir']}: epochs {s['epochs']}, lr {s['learning_rate']}, batch {s['batch_size']}, "
         f"max_length {s['max_length']}, warmup {s['warmup_ratio']}, weight decay {s['weight_decay']}, seeds {','.join(map(str, s['seeds']))}, "
         f"train {n['train']} / dev {', '.join(str(v) for k, v in n.items() if k != 'train')} examples, "
-        f"quantize {s['quantize'] if s['export'] else 'off'}, eval batch {s['eval_batch_size']} on {s['inference_threads']} threads, "
+        f"quantize {s['quantize'] if s['export'] else 'off'}{_kept_fp32(s)}, eval batch {s['eval_batch_size']} on {s['inference_threads']} threads, "
         f"wall {report['wall_s']:.0f} s at load {report['load_average_1m']['start']:.1f}-{report['load_average_1m']['end']:.1f}"
     )
 

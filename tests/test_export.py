@@ -212,6 +212,33 @@ def test_int8_tolerance_is_enforced(tmp_path):
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
 
+@pytest.mark.parametrize("order", ["fuse-first", "quantize-first"])
+def test_keep_fp32_leaves_the_ffn_down_projections_unquantized(tmp_path, order):
+    """Each layer's FFN output MatMul stays a float MatMul in the int8 file; every other linear is int8."""
+    import onnx
+
+    src = model_dir(tmp_path / "m", "cls", hidden=48, heads=4)
+    report = ex.export_model(src, tmp_path / "out", keep_fp32=("ffn-output",), order=order, **FAST)
+    kept = report["quantization"]["kept_fp32"]
+    assert kept["groups"] == ["ffn-output"] and len(kept["nodes"]) == 2  # one per layer
+    assert all("/output/dense/MatMul" in name and "attention" not in name for name in kept["nodes"])
+    graph = onnx.load(str(tmp_path / "out" / ex.QUANTIZED_FILE)).graph
+    float_matmuls = {n.name for n in graph.node if n.op_type == "MatMul"}
+    assert set(kept["nodes"]) <= float_matmuls
+    int8_linears = [n for n in graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and "intermediate/dense" in n.name]
+    assert len(int8_linears) == 2
+    assert report["options"]["keep_fp32"] == ["ffn-output"]
+
+
+def test_keep_fp32_errors_are_named(tmp_path):
+    src = model_dir(tmp_path / "m", "base")
+    with pytest.raises(ex.ExportError, match="invalid keep-fp32 group 'ffn': expected one of ffn-output"):
+        ex.export_model(src, tmp_path / "o", keep_fp32=("ffn",))
+    with pytest.raises(ex.ExportError, match="only applies to an int8 export"):
+        ex.export_model(src, tmp_path / "o", keep_fp32=("ffn-output",), quantize="none")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_options_are_named(tmp_path):
     src = model_dir(tmp_path / "m", "base")
     with pytest.raises(ex.ExportError, match="invalid optimize level 'O9': expected one of none, O1, O2, O3"):

@@ -237,7 +237,7 @@ def test_onnx_scores_match_pytorch(tmp_path, encoder_dir):
 
 def test_run_glue_writes_report_with_all_backends(tmp_path, encoder_dir):
     data_dir = write_task(tmp_path / "data", "sst2", n_train=32, n_dev=16)
-    settings = GlueSettings(**{**FAST.__dict__, "export": True, "quantize": "static", "seeds": (1, 2), "eval_steps": 3})
+    settings = GlueSettings(**{**FAST.__dict__, "export": True, "quantize": "static", "seeds": (1, 2), "eval_steps": 3, "keep_fp32": ("ffn-output",)})
     report = run_glue(encoder_dir, "sst2", tmp_path / "out", settings, data_dir=data_dir)
     saved = json.loads((tmp_path / "out" / "glue_report.json").read_text())
     assert saved["kind"] == "homoexport.glue_report" and saved["task"] == "sst2"
@@ -255,9 +255,11 @@ def test_run_glue_writes_report_with_all_backends(tmp_path, encoder_dir):
         assert (tmp_path / "out" / run["paths"]["onnx"] / "model_quantized.onnx").is_file()
         assert not (tmp_path / "out" / f"seed-{run['seed']}" / "checkpoints").exists()
         assert run["export"]["quantization"]["mode"] == "static" and run["export"]["parity"]["onnx_fp32_vs_pytorch"]["passed"]
+        assert run["export"]["quantization"]["kept_fp32"]["groups"] == ["ffn-output"] and len(run["export"]["quantization"]["kept_fp32"]["nodes"]) == 2
         calibration = (tmp_path / "out" / f"seed-{run['seed']}" / "calibration.tsv").read_text().splitlines()
         assert calibration[0] == "sentence" and len(calibration) == 33  # header + every (training) row, never dev
     assert "ONNX int8" in (tmp_path / "out" / "glue_report.md").read_text()
+    assert "(ffn-output kept fp32)" in (tmp_path / "out" / "glue_report.md").read_text()
     assert report["results"] == saved["results"]
 
 
@@ -305,6 +307,9 @@ def test_cli_glue_runs_and_rejects_bad_input(tmp_path, encoder_dir):
     assert bad.exit_code == 2 and "unknown GLUE task 'squad'" in bad.output
     both = runner.invoke(app, ["glue", str(encoder_dir), "--task", "rte", "--data-dir", str(data_dir), "--hub", "--out", str(tmp_path / "x")])
     assert both.exit_code == 2 and "exactly one data source" in both.output
+    kept = runner.invoke(app, ["glue", str(encoder_dir), "--task", "rte", "--data-dir", str(data_dir), "--keep-fp32", "ffn", "--out", str(tmp_path / "x")])
+    assert kept.exit_code == 2 and "unknown keep-fp32 group 'ffn' (allowed: ffn-output)" in kept.output
+    assert not (tmp_path / "x").exists()
     ok = runner.invoke(app, ["glue", str(encoder_dir), "--task", "rte", "--data-dir", str(data_dir), "--out", str(tmp_path / "run"),
                              "--epochs", "1", "--batch-size", "4", "--seeds", "3", "--no-export", "--threads", "1"])
     assert ok.exit_code == 0, ok.output
