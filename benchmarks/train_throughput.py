@@ -1,7 +1,7 @@
 """Distillation step throughput against the arithmetic floor, and where a step's time goes.
 
 floor = FLOPs(teacher forward + student forward + backward) / measured matmul GFLOP/s of this machine.
-The step is timed whole and in parts (teacher, student forward + losses, backward, importance update,
+The step is timed whole (median over steps) and in parts (shares of the summed time) (teacher, student forward + losses, backward, importance update,
 optimizer + re-masking) at the quickstart shapes: the student at full width (start of HomoDistil) and
 at the target width (end). Prints a table and writes JSON.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -25,19 +26,23 @@ from homoexport.machine import fingerprint
 from homoexport.mask_groups import Widths, full_widths, prepare, random_masks
 from homoexport.models import load_model, load_tokenizer
 from homoexport.prune import synthetic_blocks
-from homoexport.recipe import LossSpec
-from homoexport.trainer import DistillModule, teacher_outputs
+from homoexport.recipe import LossSpec, OptimizerSpec
+from homoexport.trainer import DistillModule, adamw, teacher_outputs
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
-    """Sustained fp32 GEMM rate of this machine with torch's current thread count."""
+def matmul_gflops(n: int = 1024, repeats: int = 20, trials: int = 5) -> float:
+    """Sustained fp32 GEMM rate of this machine with torch's current thread count: the best of
+    ``trials`` timings, so that a trial slowed by another process does not lower the floor."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(3):
         a @ b
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
+    rates = []
+    for _ in range(trials):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        rates.append(2 * n**3 * repeats / (time.perf_counter() - t) / 1e9)
+    return max(rates)
 
 
 def forward_flops(widths: Widths, layers: int, batch: int, seq: int, mlm_tokens: int = 0, vocab: int = 0) -> float:
@@ -68,10 +73,10 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
     loss = DistillationLoss(LossSpec(), full.hidden, full.hidden, teacher.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm)
     module = DistillModule(student, loss, None)
     tracker = ImportanceTracker(student, masked.layout, "platon")
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
+    optimizer = adamw(module.parameters(), OptimizerSpec(), torch.device("cpu"))  # as the trainer builds it
     batcher = BlockBatcher(synthetic_blocks(tokenizer, batch * (steps + 2), seq), tokenizer, batch, mlm_probability=0.15 if has_mlm else None)
     parts = {"teacher": 0.0, "student_forward_and_losses": 0.0, "backward": 0.0, "importance": 0.0, "optimizer_and_masking": 0.0}
-    total = 0.0
+    total, step_times = 0.0, []
     for step in range(steps + 1):
         batch_ = batcher.batch_at(step)
         t0 = time.perf_counter()
@@ -88,14 +93,15 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
         _, dt_o = timed(opt)
         if step == 0:
             continue  # warm-up
-        total += time.perf_counter() - t0
+        step_times.append(time.perf_counter() - t0)
+        total += step_times[-1]
         for k, v in zip(parts, (dt_t, dt_s, dt_b, dt_i, dt_o)):
             parts[k] += v
     c = teacher.config
     teacher_flops = forward_flops(full, c.num_hidden_layers, batch, seq)
     # A masked student computes at full width (zeros are multiplied too): its FLOPs are the teacher's.
     student_flops = 3 * forward_flops(full, c.num_hidden_layers, batch, seq)
-    step_s = total / steps
+    step_s = statistics.median(step_times)  # robust to a step slowed by another process on a shared machine
     return {"widths": widths.as_dict(), "batch": batch, "seq": seq, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
             "teacher_gflop": teacher_flops / 1e9, "student_fwd_bwd_gflop": student_flops / 1e9,
             "share": {k: v / total for k, v in parts.items()}}

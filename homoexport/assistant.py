@@ -54,7 +54,7 @@ from homoexport.mask_groups import MaskedModel, Masks, UnitScores, Widths, confi
 from homoexport.models import encode, load_model, load_tokenizer
 from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.surgery import closed_form_parameters
-from homoexport.trainer import DistillModule, recipe_target, relation_layers, student_inputs, teacher_outputs
+from homoexport.trainer import DistillModule, adamw, recipe_target, relation_layers, student_inputs, teacher_outputs
 
 SANDWICH_FILE = "sandwich.json"
 STAGE1_DIR, STAGE2_DIR = "stage1-assistant", "stage2-student"
@@ -145,18 +145,18 @@ def nested_masks(layout, scores: UnitScores, widths: Sequence[Widths]) -> dict[t
 
 
 def masked_overrides(masked: MaskedModel, masks: Masks, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Weights and LayerNorm keep-buffers that make ``masked.model`` compute the student at ``masks``.
+    """Weights and LayerNorm kept-index buffers that make ``masked.model`` compute the student at ``masks``.
 
     Each override is ``weight * mask`` (a new tensor, so gradients still reach the shared weight) and
-    each hidden LayerNorm's ``keep`` becomes ``masks.hidden``. ``prefix`` names the model inside the
+    each hidden LayerNorm's ``kept_index`` becomes the kept dims of ``masks.hidden``. ``prefix`` names the model inside the
     module that :func:`masked_call` runs (e.g. ``"student."`` for a :class:`DistillModule`).
     """
     params = dict(masked.model.named_parameters())
     device = next(iter(params.values())).device
     out = {prefix + name: params[name] * m.to(device, params[name].dtype)
            for name, m in tensor_masks(masked.layout, masks).items() if name in params}
-    keep = masks.hidden.to(device, torch.float32)
-    out.update({f"{prefix}{ln}.keep": keep for ln in masked.layout.layer_norms})
+    kept_index = masks.hidden.nonzero().flatten().to(device)
+    out.update({f"{prefix}{ln}.kept_index": kept_index for ln in masked.layout.layer_norms})
     return out
 
 
@@ -301,7 +301,7 @@ def run_sandwich(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
 
     # 2. Sandwich: largest candidate + target + sampled candidates, losses summed (one backward each).
     o = recipe.optimizer
-    optimizer = torch.optim.AdamW(module.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    optimizer = adamw(module.parameters(), o, device)
     largest, middle = candidates[0], candidates[1:]
     bar = _Bar(spec.sandwich_steps) if progress else None
     last_loss = float("nan")

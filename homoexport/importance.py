@@ -43,22 +43,33 @@ class ImportanceTracker:
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the current gradients into the scores; call after backward, before the optimizer step."""
+        """Fold the current gradients into the scores; call after backward, before the optimizer step.
+
+        One multi-tensor (``torch._foreach_*``) pass per operation over every tracked parameter, in place:
+        this runs every step over the whole model (the word-embedding table included), so a per-tensor
+        loop with temporaries cost a sixth of the distillation step.
+        """
         self.steps += 1
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            s = (p.detach() * p.grad.detach()).abs().float()
-            if name not in self.mean:
-                self.mean[name] = torch.zeros_like(s)
-                self.uncertainty[name] = torch.zeros_like(s)
-            mean = self.mean[name]
-            if self.method == "sensitivity":
-                mean.add_((s - mean) / self.steps)
-            else:
-                mean.mul_(self.beta1).add_(s, alpha=1 - self.beta1)
-                if self.method == "platon":
-                    self.uncertainty[name].mul_(self.beta2).add_((s - mean).abs(), alpha=1 - self.beta2)
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        if not names:
+            return
+        for n in names:
+            if n not in self.mean:
+                self.mean[n] = torch.zeros_like(self.params[n], dtype=torch.float32)
+                self.uncertainty[n] = torch.zeros_like(self.params[n], dtype=torch.float32)
+        params = [self.params[n].detach() for n in names]
+        s = torch._foreach_mul(params, [p.grad.detach() for p in (self.params[n] for n in names)])  # s = θ · ∂L/∂θ
+        torch._foreach_abs_(s)
+        s = [t.float() for t in s]
+        mean = [self.mean[n] for n in names]
+        if self.method == "sensitivity":
+            torch._foreach_lerp_(mean, s, 1.0 / self.steps)  # running mean: mean += (s - mean) / steps
+            return
+        torch._foreach_lerp_(mean, s, 1 - self.beta1)  # mean = β1 mean + (1 - β1) s
+        if self.method == "platon":
+            torch._foreach_sub_(s, mean)
+            torch._foreach_abs_(s)
+            torch._foreach_lerp_([self.uncertainty[n] for n in names], s, 1 - self.beta2)  # U = β2 U + (1 - β2) |s - mean|
 
     def parameter_scores(self) -> dict[str, torch.Tensor]:
         """The per-parameter score the chosen method ranks by."""

@@ -302,18 +302,19 @@ class MaskedLayerNorm(nn.Module):
         self.eps = ln.eps
         self.weight = ln.weight
         self.bias = ln.bias
-        self.register_buffer("keep", keep.to(ln.weight.dtype).clone(), persistent=False)  # [hidden] 1.0 = kept
+        self.register_buffer("kept_index", keep.nonzero().flatten(), persistent=False)  # [kept] indices of the kept dims
 
     def set_keep(self, keep: torch.Tensor) -> None:
-        self.keep.copy_(keep.to(self.keep.dtype))
+        self.kept_index = keep.nonzero().flatten().to(self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., hidden]
-        keep = self.keep.to(x.dtype)
-        n = keep.sum()
-        mean = (x * keep).sum(-1, keepdim=True) / n
-        centered = (x - mean) * keep
-        var = centered.pow(2).sum(-1, keepdim=True) / n
-        return (centered * torch.rsqrt(var + self.eps) * self.weight + self.bias) * keep
+        idx = self.kept_index
+        if idx.numel() == x.shape[-1]:  # nothing pruned
+            return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        # The fused kernel on the kept dims only, scattered back into zeros: the same statistics as the
+        # materialised model's LayerNorm, in three kernels instead of a dozen elementwise ops.
+        y_kept = nn.functional.layer_norm(x.index_select(-1, idx), (idx.numel(),), self.weight[idx], self.bias[idx], self.eps)  # [..., kept]
+        return x.new_zeros(x.shape).index_copy(-1, idx, y_kept)
 
 
 def _get_module(model: nn.Module, name: str) -> nn.Module:
@@ -333,6 +334,7 @@ class MaskedModel:
     layout: Layout
     masks: Masks
     _tensor_masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _pruned: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)  # (parameter, its mask) with a pruned slice
 
     def widths(self) -> Widths:
         return self.masks.widths()
@@ -343,19 +345,26 @@ class MaskedModel:
             raise ValueError("masks must be monotone: a pruned unit can never return")
         self.masks = masks
         self._tensor_masks = tensor_masks(self.layout, masks)
+        self._pruned = None
         for name in self.layout.layer_norms:
             _get_module(self.model, name).set_keep(masks.hidden)
         self.apply()
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every pruned slice (call after each optimizer step so pruned weights stay exactly 0)."""
-        if not self._tensor_masks:
-            self._tensor_masks = tensor_masks(self.layout, self.masks)
-        params = dict(self.model.named_parameters())
-        for name, m in self._tensor_masks.items():
-            if name in params:
-                params[name].mul_(m.to(params[name].device, params[name].dtype))
+        """Zero every pruned slice (call after each optimizer step so pruned weights stay exactly 0).
+
+        Only tensors with a pruned slice are touched: at full width (the first part of a HomoDistil run)
+        this costs nothing.
+        """
+        if self._pruned is None:
+            if not self._tensor_masks:
+                self._tensor_masks = tensor_masks(self.layout, self.masks)
+            params = dict(self.model.named_parameters())
+            self._pruned = [(params[n], m.to(params[n].device, params[n].dtype))
+                            for n, m in self._tensor_masks.items() if n in params and not bool(m.all())]
+        for param, mask in self._pruned:
+            param.data.mul_(mask)  # mask broadcasts: [1, in] / [out, 1] / [out]
 
     def pruned_weights_are_zero(self) -> bool:
         """True if every pruned slice of every parameter is exactly zero."""

@@ -31,7 +31,7 @@ from homoexport.losses import DistillationLoss
 from homoexport.machine import fingerprint
 from homoexport.mask_groups import MaskedModel, Masks, Widths, config_widths, full_widths, prepare, shrink, target_widths
 from homoexport.models import build_student, encode, load_model, load_tokenizer
-from homoexport.recipe import Recipe, steps_of
+from homoexport.recipe import OptimizerSpec, Recipe, steps_of
 from homoexport.schedule import Schedule, one_shot
 from homoexport.surgery import materialize, parameter_report, parity_max_abs_diff, save_student
 
@@ -64,6 +64,12 @@ def student_inputs(batch: dict[str, torch.Tensor], use_mlm: bool) -> tuple[dict[
 
 
 @torch.no_grad()
+def adamw(params: Any, o: OptimizerSpec, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where the device has one (CPU and CUDA): one pass per parameter
+    instead of the default CPU loop of seven elementwise ops, a tenth of a CPU distillation step."""
+    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=device.type in ("cpu", "cuda"))
+
+
 def teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], loss: DistillationLoss, relation_layer: int | None):
     """The teacher's view of the same (possibly corrupted) inputs the student sees."""
     use_mlm = loss.has_mlm and bool({"mlm", "kl"} & set(loss.active_terms))
@@ -255,8 +261,7 @@ def distill(
     o = recipe.optimizer
     decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
     no_decay = [p for n, p in module.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=o.lr, betas=o.betas, eps=o.eps)
+    optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], o, accelerator.device)
     lr_scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
     teacher.to(accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
