@@ -53,6 +53,7 @@ from homoexport.losses import DistillationLoss
 from homoexport.mask_groups import MaskedModel, Masks, UnitScores, Widths, config_widths, prepare, shrink, tensor_masks
 from homoexport.models import encode, load_model, load_tokenizer
 from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
+from homoexport.report import plot_tradeoff
 from homoexport.surgery import closed_form_parameters
 from homoexport.trainer import DistillModule, adamw, recipe_target, relation_layers, student_inputs, teacher_outputs
 
@@ -518,33 +519,3 @@ def tradeoff_table(selection: dict[str, Any]):
         table.add_row(str(w["hidden"]), str(w["heads"]), str(w["ffn"]), f"{row['parameters'] / 1e6:.2f}M", f"{row['sparsity']:.3f}",
                       f"{row['quality']:.4f}", f"{row['score']:.4f}", mark)
     return table
-
-
-def plot_tradeoff(selection: dict[str, Any], path: Path) -> Path:
-    """Quality vs sparsity of every candidate, the target and the chosen assistant marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    rows = selection["candidates"]
-    cand = [r for r in rows if r["role"] == "candidate"]
-    ax.plot([r["sparsity"] for r in cand], [r["quality"] for r in cand], "o-", label="candidates")
-    for r in rows:
-        ax.annotate(f"h{r['widths']['hidden']}/f{r['widths']['ffn']}", (r["sparsity"], r["quality"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    tgt = [r for r in rows if r["role"] == "target"]
-    ax.plot([r["sparsity"] for r in tgt], [r["quality"] for r in tgt], "s", color="gray", label="target (direct)")
-    ch = selection["chosen"]
-    ax.plot([ch["sparsity"]], [ch["quality"]], "*", markersize=14, color="red", label=f"chosen (λ={selection['lambda']})")
-    ax.set_xlabel("sparsity (1 - params / teacher params)")
-    ax.set_ylabel(f"quality ({selection['metric']})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path

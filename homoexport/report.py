@@ -198,6 +198,52 @@ def plot_latency(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
 
 
 # --------------------------------------------------------------------------------------------------
+# teacher-assistant selection (homoexport.assistant's report.json)
+
+
+def tradeoff_markdown(selection: Mapping[str, Any]) -> str:
+    """Every assistant candidate's width, parameters, sparsity, held-out quality and λ-tradeoff score."""
+    chosen = selection["chosen"]["widths"]
+    lines = [f"Teacher-assistant candidates (metric {selection['metric']}, λ = {selection['lambda']}):", "",
+             "| hidden | heads | ffn | params | sparsity | quality | score | |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in selection["candidates"]:
+        w = row["widths"]
+        mark = "chosen" if w == chosen and row["role"] == "candidate" else ("target" if row["role"] == "target" else "")
+        lines.append(f"| {w['hidden']} | {w['heads']} | {w['ffn']} | {row['parameters'] / 1e6:.2f}M | {row['sparsity']:.3f} | "
+                     f"{row['quality']:.4f} | {row['score']:.4f} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(selection: dict[str, Any], path: Path) -> Path:
+    """Quality vs sparsity of every candidate, the target and the chosen assistant marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    rows = selection["candidates"]
+    cand = [r for r in rows if r["role"] == "candidate"]
+    ax.plot([r["sparsity"] for r in cand], [r["quality"] for r in cand], "o-", label="candidates")
+    for r in rows:
+        ax.annotate(f"h{r['widths']['hidden']}/f{r['widths']['ffn']}", (r["sparsity"], r["quality"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    tgt = [r for r in rows if r["role"] == "target"]
+    ax.plot([r["sparsity"] for r in tgt], [r["quality"] for r in tgt], "s", color="gray", label="target (direct)")
+    ch = selection["chosen"]
+    ax.plot([ch["sparsity"]], [ch["quality"]], "*", markersize=14, color="red", label=f"chosen (λ={selection['lambda']})")
+    ax.set_xlabel("sparsity (1 - params / teacher params)")
+    ax.set_ylabel(f"quality ({selection['metric']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+# --------------------------------------------------------------------------------------------------
 # `homoexport report`: gather the reports of run directories into report.md
 
 
@@ -358,6 +404,11 @@ def _distill(found: list[Found], out_dir: Path) -> tuple[str, list[Path]]:
             figs.append(path)
             last = {k: int(v) for k, v in history[-1].items() if k != "step"}
             text += f"\nWidths at step {int(history[-1]['step'])}: {last}\n\n![width schedule {f.run}]({path.name})\n"
+        selection = f.data.get("selection") if isinstance(f.data, dict) else None
+        if selection and selection.get("candidates"):
+            path = plot_tradeoff(selection, out_dir / f"assistant_tradeoff_{_slug(f.run)}.png")
+            figs.append(path)
+            text += f"\n{tradeoff_markdown(selection)}\n![assistant tradeoff {f.run}]({path.name})\n"
         parts.append(text)
     return "\n".join(parts), figs
 

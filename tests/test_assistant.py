@@ -197,6 +197,12 @@ def test_two_stage_run_reaches_target_and_resumes_after_a_kill(teacher, corpus, 
     assert stage2_teacher["widths"] == chosen
     assert json.loads((tmp_path / "run" / "report.json").read_text())["kind"] == "homoexport.assistant_report"
     assert (tmp_path / "run" / assistant.PLOT_FILE).is_file()
+    # `homoexport report` shows the candidates and the metric-vs-sparsity plot with the choice
+    from homoexport.report import write_report
+
+    md = write_report([tmp_path / "run"], tmp_path / "rep")[0].read_text()
+    assert "Teacher-assistant candidates" in md and md.count("| chosen |") == 1 and "| target |" in md
+    assert "](assistant_tradeoff_run.png)" in md and (tmp_path / "rep" / "assistant_tradeoff_run.png").is_file()
 
 
 def test_cli_fixed_assistant(teacher, corpus, tmp_path):
