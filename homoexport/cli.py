@@ -375,7 +375,7 @@ def export_command(
     target: str = typer.Option("auto", "--target", help="int8 kernels to quantize for: auto (this CPU's flags) | avx2 | avx512 | avx512_vnni | arm64."),
     per_channel: bool = typer.Option(True, "--per-channel/--no-per-channel", help="Per-channel weight scales (same speed; per-tensor loses accuracy on real encoders)."),
     keep_fp32: str = typer.Option("", "--keep-fp32", help="Comma-separated layer groups whose MatMuls stay fp32 in the int8 file: ffn-output (each layer's FFN down-projection; "
-                                  "recovers most of the int8 loss on CoLA for ~20% more latency, benchmarks/results/int8_keep_fp32.json)."),
+                                  "recovers the int8 loss on CoLA for ~30% more int8 latency, benchmarks/results/int8_keep_fp32.json)."),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Static quantization: a .txt(.gz) file, one text per line, or a GLUE .tsv with a header (sentence, sentence1/sentence2, question/sentence)."),
     calibration_samples: int = typer.Option(200, "--calibration-samples", min=1, help="Texts read from --calibration-data."),
     opset: Optional[int] = typer.Option(None, "--opset", min=11, help="ONNX opset (default: optimum's for the architecture)."),
