@@ -66,6 +66,12 @@ def test_plan_orders_teacher_then_shapes_widest_first_then_arms():
     assert next(e for e in entries if e.run == "truncate").group == "192"
 
 
+def test_glue_runs_the_widest_group_then_the_teacher_then_the_rest():
+    entries = headline.plan_entries(["homodistil", "truncate", "prune_only"], ["128", "192"])
+    order = [e.run for e in headline.glue_order(entries)]
+    assert order == ["homodistil-192", "truncate", "prune_only-192", "teacher", "homodistil-128", "prune_only-128"]
+
+
 def test_task_summary_is_mean_and_std_over_seeds_of_the_per_seed_metric_mean():
     # MRPC-like: two metrics (F1, acc) over three seeds; the task score per seed is their mean.
     report = _report({"pytorch": [[80.0, 84.0, 82.0], [70.0, 74.0, 78.0]], "onnx_int8": [[79.0, 83.0, 81.0], [69.0, 73.0, 77.0]]}, [42, 43, 44])
