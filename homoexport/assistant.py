@@ -53,7 +53,7 @@ from homoexport.losses import DistillationLoss
 from homoexport.mask_groups import MaskedModel, Masks, UnitScores, Widths, config_widths, prepare, shrink, tensor_masks
 from homoexport.models import encode, load_model, load_tokenizer
 from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
-from homoexport.report import plot_tradeoff
+from homoexport.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
 from homoexport.surgery import closed_form_parameters
 from homoexport.trainer import DistillModule, adamw, recipe_target, relation_layers, student_inputs, teacher_outputs
 
@@ -510,12 +510,8 @@ def tradeoff_table(selection: dict[str, Any]):
     from rich.table import Table
 
     table = Table(title=f"teacher-assistant candidates (metric {selection['metric']}, λ={selection['lambda']})")
-    for col in ("hidden", "heads", "ffn", "params", "sparsity", "quality", "score", ""):
+    for col in TRADEOFF_COLUMNS:
         table.add_column(col, justify="right")
-    chosen = selection["chosen"]["widths"]
-    for row in selection["candidates"]:
-        w = row["widths"]
-        mark = "chosen" if w == chosen and row["role"] == "candidate" else ("target" if row["role"] == "target" else "")
-        table.add_row(str(w["hidden"]), str(w["heads"]), str(w["ffn"]), f"{row['parameters'] / 1e6:.2f}M", f"{row['sparsity']:.3f}",
-                      f"{row['quality']:.4f}", f"{row['score']:.4f}", mark)
+    for cells in tradeoff_rows(selection):
+        table.add_row(*cells)
     return table

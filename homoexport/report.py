@@ -201,16 +201,26 @@ def plot_latency(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
 # teacher-assistant selection (homoexport.assistant's report.json)
 
 
-def tradeoff_markdown(selection: Mapping[str, Any]) -> str:
-    """Every assistant candidate's width, parameters, sparsity, held-out quality and λ-tradeoff score."""
+TRADEOFF_COLUMNS = ("hidden", "heads", "ffn", "params", "sparsity", "quality", "score", "")
+
+
+def tradeoff_rows(selection: Mapping[str, Any]) -> list[list[str]]:
+    """One row of cells (``TRADEOFF_COLUMNS``) per assistant candidate and the target, the choice marked."""
     chosen = selection["chosen"]["widths"]
-    lines = [f"Teacher-assistant candidates (metric {selection['metric']}, λ = {selection['lambda']}):", "",
-             "| hidden | heads | ffn | params | sparsity | quality | score | |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = []
     for row in selection["candidates"]:
         w = row["widths"]
         mark = "chosen" if w == chosen and row["role"] == "candidate" else ("target" if row["role"] == "target" else "")
-        lines.append(f"| {w['hidden']} | {w['heads']} | {w['ffn']} | {row['parameters'] / 1e6:.2f}M | {row['sparsity']:.3f} | "
-                     f"{row['quality']:.4f} | {row['score']:.4f} | {mark} |")
+        rows.append([str(w["hidden"]), str(w["heads"]), str(w["ffn"]), f"{row['parameters'] / 1e6:.2f}M", f"{row['sparsity']:.3f}",
+                     f"{row['quality']:.4f}", f"{row['score']:.4f}", mark])
+    return rows
+
+
+def tradeoff_markdown(selection: Mapping[str, Any]) -> str:
+    """Every assistant candidate's width, parameters, sparsity, held-out quality and λ-tradeoff score."""
+    lines = [f"Teacher-assistant candidates (metric {selection['metric']}, λ = {selection['lambda']}):", "",
+             "| " + " | ".join(TRADEOFF_COLUMNS) + " |", "|" + "---:|" * (len(TRADEOFF_COLUMNS) - 1) + "---|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in tradeoff_rows(selection)]
     return "\n".join(lines) + "\n"
 
 
