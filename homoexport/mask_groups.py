@@ -361,9 +361,12 @@ class MaskedModel:
             if not self._tensor_masks:
                 self._tensor_masks = tensor_masks(self.layout, self.masks)
             params = dict(self.model.named_parameters())
-            self._pruned = [(params[n], m.to(params[n].device, params[n].dtype))
-                            for n, m in self._tensor_masks.items() if n in params and not bool(m.all())]
-        for param, mask in self._pruned:
+            self._pruned = [(params[n], m) for n, m in self._tensor_masks.items() if n in params and not bool(m.all())]
+        for i, (param, mask) in enumerate(self._pruned):
+            if mask.device != param.device or mask.dtype != param.dtype:
+                # masks set before the model moved to the accelerator (resume, one-shot) follow it, once
+                mask = mask.to(param.device, param.dtype)
+                self._pruned[i] = (param, mask)
             param.data.mul_(mask)  # mask broadcasts: [1, in] / [out, 1] / [out]
 
     def pruned_weights_are_zero(self) -> bool:

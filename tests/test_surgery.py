@@ -32,6 +32,25 @@ def test_masked_equals_materialized(kind, shape, seed):
     assert (c.hidden_size, c.intermediate_size) == (SHAPES[shape].hidden, SHAPES[shape].ffn)
 
 
+def test_apply_rezeroes_pruned_weights_after_the_model_moves():
+    """Masks installed before a move (as on resume, before accelerate places the model) follow the
+    parameters; at full width nothing is touched."""
+    model = make_model("base")
+    full = prepare(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    full.apply()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    masked = prepare(model, random_masks(build_layout(model), SHAPES["all-together"], torch.Generator().manual_seed(0)))
+    model.double()  # a move to another dtype stands in for another device on a CPU-only machine
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # an optimizer step that moved pruned weights too
+    masked.apply()
+    assert masked.pruned_weights_are_zero()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(m.dtype == torch.float64 for _, m in masked._pruned)  # the cached masks moved with the weights, once
+
+
 def test_masked_model_zeroes_pruned_hidden_dims_in_outputs():
     model = make_model("base")
     masked = prepare(model, random_masks(build_layout(model), SHAPES["hidden-only"], torch.Generator().manual_seed(0)))
