@@ -425,7 +425,7 @@ def markdown(result: Mapping[str, Any]) -> str:
         f"Task cells: PyTorch / int8 ONNX dev score in points (SST-2 acc, MRPC mean of F1 and acc, CoLA MCC), "
         f"mean ± sample std over seeds (no ± with one seed). Avg: mean of the three task means. Latency (ms): batch-1, seq-{LATENCY_SEQ} "
         f"forward of the SST-2 classifier on {result['threads']} threads (PyTorch fp32; the deployed int8 ONNX file), the "
-        f"fastest of 3 interleaved rounds' medians, on a shared 2-core CPU under other jobs' load. Params: encoder without the task head.\n",
+        f"fastest of 3 interleaved rounds' medians{_load_note(result['rows'])}. Params: encoder without the task head.\n",
         f"Distillation: {s['steps']} steps x batch {s['batch_size']} x {result['block_size']} tokens = "
         f"{s['steps'] * s['batch_size'] * result['block_size']} tokens per distilled student; recipes/experiments/*.yaml "
         f"with overrides {', '.join(s['recipe_overrides']) or 'none'}. Fine-tuning: epochs {g['epochs']}, lr {g['learning_rate']}, "
@@ -444,6 +444,12 @@ def markdown(result: Mapping[str, Any]) -> str:
     text.append(f"\nCommand: `{result['command']}`. Wall time of this invocation: {result['wall_s']:.0f} s "
                 f"(skipped units not counted; per-unit wall times in headline.json).")
     return "\n".join(text) + "\n"
+
+
+def _load_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The 1-minute load average recorded when the latencies were taken (the machine may be shared)."""
+    loads = [r["latency"]["load_average_1m"] for r in rows if r.get("latency") and "load_average_1m" in r["latency"]]
+    return f", at load average {min(loads):.1f}-{max(loads):.1f} on this machine" if loads else ""
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:
