@@ -150,6 +150,8 @@ def quantization_config(mode: str, target: str, per_channel: bool, nodes_to_excl
 
 def fp32_nodes(path: Path, groups: Sequence[str]) -> list[str]:
     """Names of the MatMul nodes of ``path`` that belong to the ``FP32_GROUPS`` named in ``groups``."""
+    if not groups:
+        return []
     import onnx
 
     patterns = [FP32_GROUPS[g] for g in groups]
