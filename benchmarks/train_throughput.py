@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from homoexport.data import BlockBatcher
-from homoexport.importance import ImportanceTracker
+from homoexport.pruning.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
 from homoexport.machine import fingerprint
-from homoexport.mask_groups import Widths, full_widths, prepare, random_masks
+from homoexport.pruning.mask_groups import Widths, full_widths, prepare, random_masks
 from homoexport.models import load_model, load_tokenizer
 from homoexport.prune import synthetic_blocks
 from homoexport.recipe import LossSpec, OptimizerSpec

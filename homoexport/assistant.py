@@ -48,13 +48,13 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
-from homoexport.importance import ImportanceTracker
+from homoexport.pruning.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
-from homoexport.mask_groups import MaskedModel, Masks, UnitScores, Widths, config_widths, prepare, shrink, tensor_masks
+from homoexport.pruning.mask_groups import MaskedModel, Masks, UnitScores, Widths, config_widths, prepare, shrink, tensor_masks
 from homoexport.models import encode, load_model, load_tokenizer
 from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
-from homoexport.surgery import closed_form_parameters
+from homoexport.pruning.surgery import closed_form_parameters
 from homoexport.trainer import DistillModule, adamw, recipe_target, relation_layers, student_inputs, teacher_outputs
 
 SANDWICH_FILE = "sandwich.json"

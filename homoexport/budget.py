@@ -234,8 +234,8 @@ def parse_candidates(text: str, teacher: TeacherShape, multiple: int = 16, ffn_r
 
 def parameters(shape: Shape, teacher: TeacherShape) -> int:
     """Parameter count of the student (encoder with pooler, no task head), by closed form."""
-    from homoexport.mask_groups import Widths
-    from homoexport.surgery import closed_form_parameters
+    from homoexport.pruning.mask_groups import Widths
+    from homoexport.pruning.surgery import closed_form_parameters
 
     widths = Widths(shape.hidden, shape.heads, shape.head_dim, shape.ffn)
     return closed_form_parameters(widths, shape.layers, teacher.vocab, teacher.max_positions, teacher.type_vocab)["total"]

@@ -17,12 +17,12 @@ import torch
 
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
-from homoexport.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
-from homoexport.mask_groups import full_widths, prepare, shrink, target_widths
+from homoexport.pruning.mask_groups import config_widths, target_widths
+from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
 from homoexport.models import load_model, load_tokenizer
 from homoexport.recipe import LossSpec
-from homoexport.surgery import count_parameters, materialize, parameter_report, parity_max_abs_diff, save_student
+from homoexport.pruning.surgery import count_parameters, parameter_report, parity_max_abs_diff, save_student
 from homoexport.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
 
 
@@ -61,9 +61,9 @@ def prune_model(
     model, has_mlm = load_model(model_path, attention="eager")
     tokenizer = load_tokenizer(model_path)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    masked = prepare(model)
-    full = full_widths(masked.layout)
+    full = config_widths(model.config)
     target = target_widths(full, hidden, heads, ffn)
+    pruner = HomoDistilPruner(model, target, PrunerSettings(total_steps=1, schedule="one_shot", importance=importance))
 
     if data:
         blocks, _ = build_blocks(DataSpec(sources=data, block_size=block_size, eval_blocks=0, max_blocks=batches * batch_size), tokenizer)
@@ -75,18 +75,17 @@ def prune_model(
 
     loss = DistillationLoss(LossSpec(), full.hidden, full.hidden, model.config.num_hidden_layers, model.config.num_hidden_layers, has_mlm)
     module = DistillModule(model, loss, relation_layer=None).train()
-    tracker = ImportanceTracker(model, masked.layout, importance)
     for step in range(min(batches, batcher.steps_per_epoch)):
         batch = batcher.batch_at(step)
         total, _ = module(batch, teacher_outputs(teacher, batch, loss, None), None)
         total.backward()
-        tracker.update()
+        pruner.importance.update()
         module.zero_grad(set_to_none=True)
-    masked.set_masks(shrink(masked.masks, tracker.unit_scores(), target))
+    pruner.prune_to_target()
     model.eval()
-    student = materialize(masked)
+    student = pruner.materialize()
     probe = {k: v for k, v in batcher.batch_at(0).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    parity = parity_max_abs_diff(masked, student, probe)
+    parity = parity_max_abs_diff(pruner.masked, student, probe)
     if parity > PARITY_TOLERANCE:
         raise RuntimeError(f"masked and materialised models differ by {parity:.2e} > {PARITY_TOLERANCE}; nothing written")
     report = {

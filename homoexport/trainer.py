@@ -26,14 +26,13 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
-from homoexport.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
 from homoexport.machine import fingerprint
-from homoexport.mask_groups import MaskedModel, Masks, Widths, config_widths, full_widths, prepare, shrink, target_widths
+from homoexport.pruning.mask_groups import MaskedModel, Masks, Widths, config_widths, target_widths
+from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
 from homoexport.models import build_student, encode, load_model, load_tokenizer
 from homoexport.recipe import OptimizerSpec, Recipe, steps_of
-from homoexport.schedule import Schedule, one_shot
-from homoexport.surgery import materialize, parameter_report, parity_max_abs_diff, save_student
+from homoexport.pruning.surgery import materialize, parameter_report, parity_max_abs_diff, save_student
 
 PARITY_TOLERANCE = 1e-4
 NO_MLM_NOTE = "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)"
@@ -239,24 +238,17 @@ def distill(
     random_widths = {"hidden": t.hidden or c.hidden_size, "heads": t.heads or c.num_attention_heads, "ffn": t.ffn or c.intermediate_size}
     student = build_student(teacher, recipe.init, t.layers, recipe.truncate_layers,
                             widths=random_widths if recipe.init == "random" else None, seed=recipe.training.seed)
-    masked: MaskedModel | None = None
-    schedule: Schedule | None = None
+    pruner: HomoDistilPruner | None = None
     total = recipe.training.steps
     if recipe.pruning.schedule != "none" and recipe.init != "random":
-        masked = prepare(student)
-        full = full_widths(masked.layout)
-        target = recipe_target(recipe, full)
-        if recipe.pruning.schedule == "one_shot":
-            schedule = one_shot(full, target, total)
-        else:
-            schedule = Schedule(full, target, total, t_i=steps_of(recipe.pruning.t_i, total), t_f=steps_of(recipe.pruning.t_f, total),
-                                interval=recipe.pruning.interval, multiple=recipe.pruning.multiple)
+        pruner = HomoDistilPruner(student, recipe_target(recipe, config_widths(student.config)), pruner_settings(recipe, total),
+                                  verify=lambda masks: _check_same_on_all_ranks(accelerator, masks))
+    masked: MaskedModel | None = pruner.masked if pruner is not None else None
     student.requires_grad_(True).train()
     s_rel, t_rel = relation_layers(recipe, teacher.config.num_hidden_layers)
     loss_fn = DistillationLoss(recipe.losses, student.config.hidden_size, teacher.config.hidden_size,
                                student.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm)
     module = DistillModule(student, loss_fn, s_rel)
-    importance = ImportanceTracker(student, masked.layout, recipe.pruning.importance, recipe.pruning.beta1, recipe.pruning.beta2) if masked else None
 
     o = recipe.optimizer
     decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
@@ -277,17 +269,16 @@ def distill(
     ckpt = latest_checkpoint(out.checkpoints) if resume else None
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        _check_same_recipe(state["recipe"], recipe, ckpt)
+        check_same_recipe(state["recipe"], recipe, ckpt)
         unwrapped.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if masked is not None:
-            masked.set_masks(Masks.from_state_dict(state["masks"]))
-            importance.load_state_dict(state["importance"])
+        if pruner is not None:
+            pruner.load_state_dict({"masks": state["masks"], "importance": state["importance"]})
         _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
-    elif masked is not None and recipe.pruning.schedule == "one_shot":
-        _score_and_prune_once(module, unwrapped, teacher, batcher, importance, masked, schedule, recipe, n_micro, world, rank, accelerator, t_rel)
+    elif pruner is not None and recipe.pruning.schedule == "one_shot":
+        _score_and_prune_once(module, unwrapped, teacher, batcher, pruner, recipe, n_micro, world, rank, accelerator, t_rel)
     if is_main:
         out.out.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
@@ -295,7 +286,7 @@ def distill(
         elif out.log.exists():  # drop records of steps after the checkpoint: they are about to be redone
             kept = [line for line in out.log.read_text().splitlines() if line and json.loads(line)["step"] <= start]
             atomic_write_text(out.log, "".join(line + "\n" for line in kept))
-        atomic_write_text(out.out / "recipe.resolved.yaml", _resolved_header() + recipe.resolved_yaml())
+        atomic_write_text(out.out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
 
     def kept_heads() -> torch.Tensor | None:
         return masked.masks.heads if masked is not None else None
@@ -320,21 +311,15 @@ def distill(
                     accelerator.backward(loss / n_micro)
                 for k, v in terms.items():
                     terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
-            if importance is not None and step < schedule.end + 1:
-                importance.update()
-                if schedule.is_update_step(step):
-                    widths = schedule.widths_at(step)
-                    if widths != masked.masks.widths():
-                        new_masks = shrink(masked.masks, importance.unit_scores(), widths)
-                        _check_same_on_all_ranks(accelerator, new_masks)
-                        masked.set_masks(new_masks)
+            if pruner is not None:
+                pruner.after_backward(step)
             if o.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if masked is not None:
-                masked.apply()
+            if pruner is not None:
+                pruner.after_optimizer_step()
             done = step + 1
             last_terms = _all_reduce_mean(accelerator, terms_sum)
             record = {"step": done, "loss": sum(last_terms.get(k, 0) * w for k, w in unwrapped.loss.active_terms.items()),
@@ -353,7 +338,7 @@ def distill(
                 bar.update(done, record)
             ce = recipe.training.checkpoint_every
             if (ce and done % ce == 0) or done == total:
-                _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, masked, importance)
+                _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
             if stop_after is not None and done >= stop_after and done < total:
                 raise _Stopped(done)
     finally:
@@ -388,7 +373,7 @@ def _resumable_fields(recipe: Recipe) -> dict[str, Any]:
     return recipe.model_dump(mode="json", exclude={"output"})
 
 
-def _check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
+def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
     """Refuse to resume under a different recipe: the result would be neither run."""
     current = _resumable_fields(recipe)
     if saved != current:
@@ -412,7 +397,8 @@ def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped: DistillModule, optimizer, lr_scheduler, masked, importance) -> None:
+def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped: DistillModule, optimizer, lr_scheduler,
+                pruner: HomoDistilPruner | None) -> None:
     """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
     importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
     rngs = [_rng_state()]
@@ -423,28 +409,36 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped
     if accelerator.is_main_process:
         state = {"step": step, "recipe": _resumable_fields(recipe), "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
-                 "masks": masked.masks.state_dict() if masked is not None else None,
-                 "importance": importance.state_dict() if importance is not None else None}
+                 "masks": pruner.masks.state_dict() if pruner is not None else None,
+                 "importance": pruner.importance.state_dict() if pruner is not None else None}
         save_checkpoint(out.checkpoints / f"step-{step:08d}.pt", state)
         for old in sorted(out.checkpoints.glob("step-*.pt"))[:-2]:
             old.unlink()
     accelerator.wait_for_everyone()
 
 
-def _score_and_prune_once(module, unwrapped, teacher, batcher, importance, masked, schedule, recipe, n_micro, world, rank, accelerator, t_rel) -> None:
+def _score_and_prune_once(module, unwrapped, teacher, batcher, pruner: HomoDistilPruner, recipe, n_micro, world, rank, accelerator, t_rel) -> None:
     """One-shot pruning: score importance on ``score_batches`` batches (no update), prune to target."""
     for step in range(recipe.pruning.score_batches):
         for mb in batcher.micro_batches(step, n_micro, rank, world):
             mb = {k: v.to(accelerator.device) for k, v in mb.items()}
             t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
-            loss, _ = module(mb, t_out, masked.masks.heads)
+            loss, _ = module(mb, t_out, pruner.kept_heads())
             accelerator.backward(loss / n_micro)
-        importance.update()
+        pruner.importance.update()
         module.zero_grad(set_to_none=True)
-    masked.set_masks(shrink(masked.masks, importance.unit_scores(), schedule.target))
+    pruner.prune_to_target()
 
 
-def _resolved_header() -> str:
+def pruner_settings(recipe: Recipe, total: int) -> PrunerSettings:
+    """The recipe's pruning section as pruner settings over ``total`` steps."""
+    p = recipe.pruning
+    return PrunerSettings(total_steps=total, schedule="one_shot" if p.schedule == "one_shot" else "homotopic", importance=p.importance,
+                          beta1=p.beta1, beta2=p.beta2, t_i=steps_of(p.t_i, total), t_f=steps_of(p.t_f, total),
+                          interval=p.interval, multiple=p.multiple)
+
+
+def resolved_header() -> str:
     fp = fingerprint()
     versions = ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v)
     return (f"# Resolved by homoexport {__version__}; loadable as a recipe.\n# versions: {versions}\n"

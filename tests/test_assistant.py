@@ -16,9 +16,9 @@ from homoexport.assistant import (Candidate, EncodeModule, assistant_widths, aut
                                   masked_call, masked_overrides, nested_masks, run_sandwich, split_steps, width_key,
                                   with_assistant_option)
 from homoexport.cli import app
-from homoexport.mask_groups import Masks, UnitScores, Widths, prepare
+from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, prepare
 from homoexport.recipe import RecipeError, validate_recipe
-from homoexport.surgery import materialize
+from homoexport.pruning.surgery import materialize
 from tiny import make_model, random_batch, save_model_dir, synthetic_sentences
 
 FULL = Widths(64, 8, 8, 128)

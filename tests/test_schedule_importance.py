@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from homoexport.importance import ImportanceTracker, aggregate
-from homoexport.mask_groups import Masks, UnitScores, Widths, build_layout, full_widths, prepare, shrink
-from homoexport.schedule import Schedule, one_shot
+from homoexport.pruning.importance import ImportanceTracker, aggregate
+from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, build_layout, full_widths, prepare, shrink
+from homoexport.pruning.schedule import Schedule, one_shot
 from tiny import make_model, random_batch
 
 FULL = Widths(768, 12, 64, 3072)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, BertModel
 
-from homoexport.mask_groups import Masks, Widths, build_layout, prepare, random_masks
-from homoexport.surgery import closed_form_parameters, count_parameters, materialize, parity_max_abs_diff, save_student
+from homoexport.pruning.mask_groups import Masks, Widths, build_layout, prepare, random_masks
+from homoexport.pruning.surgery import closed_form_parameters, count_parameters, materialize, parity_max_abs_diff, save_student
 from tiny import make_model, random_batch
 
 SHAPES = {

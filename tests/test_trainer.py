@@ -14,7 +14,7 @@ from transformers import AutoModel
 from typer.testing import CliRunner
 
 from homoexport.cli import app
-from homoexport.mask_groups import MaskedModel
+from homoexport.pruning.mask_groups import MaskedModel
 from homoexport.recipe import validate_recipe
 from homoexport.trainer import _Stopped, distill
 from tiny import save_model_dir, synthetic_sentences

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from homoexport.mask_groups import ATTN, FFN, HIDDEN, Layout, UnitScores
+from homoexport.pruning.mask_groups import ATTN, FFN, HIDDEN, Layout, UnitScores
 
 Method = Literal["sensitivity", "ema", "platon"]
 METHODS: tuple[str, ...] = ("sensitivity", "ema", "platon")

@@ -12,7 +12,7 @@ A BERT-class encoder has three kinds of prunable width:
 
 The *masked student* is the unpruned model with pruned slices held at exactly zero and every LayerNorm
 over the hidden stream replaced by :class:`MaskedLayerNorm`, which normalises over the kept dims only.
-With that, the masked student and its materialised copy (``homoexport.surgery``) compute the same
+With that, the masked student and its materialised copy (``homoexport.pruning.surgery``) compute the same
 function. Architectures are described by a small table of name patterns (:data:`BERT_RULES`), so a
 RoBERTa/ELECTRA-style encoder is added by writing its table, not new pruning code.
 """

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from homoexport.mask_groups import Widths
+from homoexport.pruning.mask_groups import Widths
 
 
 @dataclass(frozen=True)

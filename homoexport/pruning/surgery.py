@@ -16,7 +16,7 @@ from torch import nn
 from transformers import BertModel, PretrainedConfig
 from transformers.modeling_utils import no_init_weights
 
-from homoexport.mask_groups import Layout, MaskedModel, Masks, Widths
+from homoexport.pruning.mask_groups import Layout, MaskedModel, Masks, Widths
 
 
 def kept_indices(masks: Masks, group: str, layer: int | None) -> torch.Tensor:
@@ -34,17 +34,26 @@ def sliced_state_dict(state: dict[str, torch.Tensor], layout: Layout, masks: Mas
     If head_dim shrinks from d0 to d, scores q·k/sqrt(d0) must equal q'·k/sqrt(d): scale the query
     weight and bias by sqrt(d/d0).
     """
-    widths = masks.widths()
-    q_scale = math.sqrt(widths.head_dim / layout.head_dim)
+    q_scale = query_scale(layout, masks)
     out = {}
     for name, tensor in state.items():
-        t = tensor.detach()
-        for s in layout.slices.get(name, []):
-            t = t.index_select(s.dim, kept_indices(masks, s.group, s.layer).to(t.device))
+        t = slice_tensor(name, tensor.detach(), layout, masks)
         if _is_query(name) and q_scale != 1.0:
             t = t * q_scale
         out[name] = t.clone().contiguous()
     return out
+
+
+def query_scale(layout: Layout, masks: Masks) -> float:
+    """Factor folded into W_q/b_q when head_dim shrinks from d0 to d: sqrt(d/d0) keeps the softmax input."""
+    return math.sqrt(masks.widths().head_dim / layout.head_dim)
+
+
+def slice_tensor(name: str, tensor: torch.Tensor, layout: Layout, masks: Masks) -> torch.Tensor:
+    """``tensor`` (a parameter of ``name``, or optimizer/importance state shaped like it) cut to the kept units."""
+    for s in layout.slices.get(name, []):
+        tensor = tensor.index_select(s.dim, kept_indices(masks, s.group, s.layer).to(tensor.device))
+    return tensor
 
 
 def student_config(config: PretrainedConfig, widths: Widths) -> PretrainedConfig:

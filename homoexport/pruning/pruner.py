@@ -1,0 +1,164 @@
+"""HomoDistil's pruning as an object any training loop can drive.
+
+The user owns the loop, in the manner of Torch-Pruning's ``MetaPruner.step()``::
+
+    pruner = HomoDistilPruner(student, target, PrunerSettings(total_steps=1000))
+    for step in range(1000):
+        loss(student(batch)).backward()
+        pruner.after_backward(step)        # importance from the final gradients; masks on schedule steps
+        optimizer.step(); optimizer.zero_grad()
+        pruner.after_optimizer_step()      # pruned weights back to exactly 0
+    dense = pruner.materialize()           # a stock, smaller model computing the same function
+
+Importance is the PLATON-smoothed sensitivity summed over each unit's mask group and the width follows
+the cubic schedule of Liang et al. (HomoDistil, ICLR 2023); masks are monotone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from homoexport.pruning.importance import METHODS, ImportanceTracker
+from homoexport.pruning.mask_groups import MaskedModel, Masks, Widths, full_widths, prepare, shrink
+from homoexport.pruning.schedule import Schedule, one_shot
+from homoexport.pruning.surgery import materialize
+
+ScheduleKind = Literal["homotopic", "one_shot"]
+
+
+@dataclass(frozen=True)
+class PrunerSettings:
+    """How fast and by which scores the student shrinks; validated on creation, recorded in reports."""
+
+    total_steps: int
+    schedule: ScheduleKind = "homotopic"
+    importance: str = "platon"
+    beta1: float = 0.85
+    beta2: float = 0.95
+    t_i: int = 0  # steps at full width before pruning starts
+    t_f: int = 0  # steps at the final width after pruning ends
+    interval: int = 10  # masks change every this many steps
+    multiple: int = 8  # intermediate widths rounded up to this multiple
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
+        if self.schedule not in ("homotopic", "one_shot"):
+            raise ValueError(f"schedule {self.schedule!r} is not one of homotopic, one_shot")
+        if self.importance not in METHODS:
+            raise ValueError(f"importance {self.importance!r} is not one of {', '.join(METHODS)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+
+
+class HomoDistilPruner:
+    """Importance tracker + width schedule + monotone masks over one model, materialised at the end.
+
+    ``model`` is prepared in place (hidden LayerNorms become masked ones); it computes what it did
+    before until a unit is pruned. ``verify`` (optional) sees every new set of masks before it is
+    installed: data-parallel trainers use it to check that every rank chose the same units.
+    """
+
+    def __init__(self, model: nn.Module, target: Widths, settings: PrunerSettings,
+                 verify: Callable[[Masks], None] | None = None):
+        self.settings = settings
+        self.masked: MaskedModel = prepare(model)
+        self.full = full_widths(self.masked.layout)
+        s = settings
+        if s.schedule == "one_shot":
+            self.schedule = one_shot(self.full, target, s.total_steps)
+        else:
+            self.schedule = Schedule(self.full, target, s.total_steps, t_i=s.t_i, t_f=s.t_f, interval=s.interval, multiple=s.multiple)
+        self.importance = ImportanceTracker(model, self.masked.layout, s.importance, s.beta1, s.beta2)  # type: ignore[arg-type]
+        self.verify = verify
+
+    @property
+    def model(self) -> nn.Module:
+        return self.masked.model
+
+    @property
+    def target(self) -> Widths:
+        return self.schedule.target
+
+    @property
+    def masks(self) -> Masks:
+        return self.masked.masks
+
+    def widths(self) -> Widths:
+        return self.masked.widths()
+
+    def kept_heads(self) -> torch.Tensor:
+        """[layers, heads] bool of the heads still in the student."""
+        return self.masked.masks.heads
+
+    def reached_target(self, step: int) -> bool:
+        """True once the masks after ``step`` are the target and can never change again."""
+        return step >= self.schedule.end and self.widths() == self.target
+
+    def after_backward(self, step: int) -> bool:
+        """Fold this step's gradients into the scores and, on a schedule step, shrink the masks.
+
+        Call after the gradients are final (accumulated, all-reduced), before the optimizer step.
+        Returns True when the masks changed.
+        """
+        if step > self.schedule.end:
+            return False
+        self.importance.update()
+        if not self.schedule.is_update_step(step):
+            return False
+        widths = self.schedule.widths_at(step)
+        if widths == self.widths():
+            return False
+        self._install(shrink(self.masks, self.importance.unit_scores(), widths))
+        return True
+
+    def prune_to_target(self) -> None:
+        """Shrink straight to the target from the scores seen so far (one-shot pruning)."""
+        self._install(shrink(self.masks, self.importance.unit_scores(), self.target))
+
+    def _install(self, masks: Masks) -> None:
+        if self.verify is not None:
+            self.verify(masks)
+        self.masked.set_masks(masks)
+
+    def after_optimizer_step(self) -> None:
+        """Zero every pruned slice again: the optimizer moved it."""
+        self.masked.apply()
+
+    def materialize(self) -> nn.Module:
+        """The dense, smaller model that computes what the masked one does (eval mode)."""
+        return materialize(self.masked)
+
+    def state_dict(self) -> dict:
+        return {"masks": self.masks.state_dict(), "importance": self.importance.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.masked.set_masks(Masks.from_state_dict(state["masks"]))
+        self.importance.load_state_dict(state["importance"])
+
+
+def slice_optimizer_state(pruner: HomoDistilPruner, name: str, state: dict) -> dict:
+    """One parameter's optimizer state (Adam moments, step) cut to the kept units, for training on after
+    :meth:`HomoDistilPruner.materialize`.
+
+    Where head_dim shrank, W_q' = c·W_q (c = sqrt(d/d0)), so gradients w.r.t. W_q' are those w.r.t.
+    W_q divided by c: first moments scale by 1/c and second moments by 1/c².
+    """
+    from homoexport.pruning.surgery import query_scale, slice_tensor
+
+    layout, masks = pruner.masked.layout, pruner.masks
+    c = query_scale(layout, masks) if ".attention.self.query." in name else 1.0
+    out = {}
+    for key, value in state.items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            out[key] = value
+            continue
+        value = slice_tensor(name, value, layout, masks).clone().contiguous()
+        if c != 1.0:
+            value = value / c ** (2 if key == "exp_avg_sq" else 1)
+        out[key] = value
+    return out

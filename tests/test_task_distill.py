@@ -1,0 +1,180 @@
+"""Task-specific HomoDistil on tiny classifiers: data loaders, losses, dense continuation, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import WORDS, save_model_dir, synthetic_sentences
+from transformers import AutoModelForSequenceClassification
+from typer.testing import CliRunner
+
+from homoexport.cli import app
+from homoexport.distillation.task import TaskLoss, distill_task
+from homoexport.distillation.task_data import TaskDataError, load_files
+from homoexport.recipe import LossSpec, validate_recipe
+
+
+def write_rows(path: Path, n: int, seed: int, labels=("neg", "pos"), pair: bool = False) -> Path:
+    rng = random.Random(seed)
+    sentences = synthetic_sentences(n, seed=seed, max_words=10)
+    rows = []
+    for s in sentences:
+        row = {"sentence": s, "label": labels[int("good" in s or "great" in s)]}
+        if pair:
+            row["other"] = " ".join(rng.choice(WORDS) for _ in range(5))
+        rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def task_files(tmp_path: Path) -> tuple[Path, Path]:
+    return write_rows(tmp_path / "train.jsonl", 48, 0), write_rows(tmp_path / "dev.jsonl", 16, 1)
+
+
+@pytest.fixture()
+def teacher_dir(tmp_path: Path) -> Path:
+    d = save_model_dir(tmp_path / "teacher", kind="cls", num_labels=2)
+    model = AutoModelForSequenceClassification.from_pretrained(d)
+    model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    model.save_pretrained(d)
+    return d
+
+
+def task_recipe(teacher: Path, files: tuple[Path, Path], out: Path, **overrides) -> dict:
+    recipe = {
+        "name": "tiny-task", "teacher": str(teacher), "student": {"hidden": 32, "heads": 2, "ffn": 64},
+        "task": {"train_file": str(files[0]), "dev_file": str(files[1]), "epochs": 4, "max_length": 24},
+        "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
+        "pruning": {"t_f": 0.5, "interval": 2, "multiple": 8},
+        "optimizer": {"lr": 1e-3, "warmup": 0.0},
+        "training": {"batch_size": 8, "log_every": 1, "checkpoint_every": 5},
+        "output": str(out),
+    }
+    for key, value in overrides.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return recipe
+
+
+def test_file_loader_maps_named_labels_and_rejects_bad_input(tmp_path: Path, task_files):
+    data = load_files(*task_files, "sentence", None, "label", ["neg", "pos"], regression=False)
+    assert len(data.train) == 48 and set(data.train["label"]) <= {0, 1} and data.task.metrics == ("accuracy",)
+    with pytest.raises(TaskDataError, match=r"train.jsonl: no column 'text'"):
+        load_files(task_files[0], task_files[1], "text", None, "label", None, regression=False)
+    bad = write_rows(tmp_path / "bad.jsonl", 40, 2, labels=("neg", "maybe"))
+    with pytest.raises(TaskDataError, match=r"bad.jsonl: column 'label', row \d+: unknown label 'maybe' \(allowed: neg, pos\)"):
+        load_files(bad, task_files[1], "sentence", None, "label", ["neg", "pos"], regression=False)
+    (tmp_path / "x.xlsx").write_text("")
+    with pytest.raises(TaskDataError, match="unknown file type '.xlsx'"):
+        load_files(tmp_path / "x.xlsx", task_files[1], "sentence", None, "label", None, regression=False)
+    csv = tmp_path / "reg.csv"
+    csv.write_text("sentence,score\nthe cat,1.5\na dog,oops\n")
+    with pytest.raises(TaskDataError, match=r"reg.csv: column 'score', row 2: 'oops' is not a number"):
+        load_files(csv, csv, "sentence", None, "score", None, regression=True)
+
+
+def _outputs(logits, hidden_dim=8, layers=2):
+    from types import SimpleNamespace
+
+    torch.manual_seed(len(logits))
+    hidden = tuple(torch.randn(2, 5, hidden_dim) for _ in range(layers + 1))
+    return SimpleNamespace(logits=logits, hidden_states=hidden, attentions=None)
+
+
+def test_task_loss_classification_and_regression():
+    spec = LossSpec(kl=1.0, temperature=2.0, hidden=0.0, attention=0.0, embedding=0.0)
+    mask = torch.ones(2, 5)
+    t = _outputs(torch.tensor([[2.0, -1.0], [0.0, 1.0]]))
+    same, terms = TaskLoss(spec, 0.0, False, 8, 8, 2)(t, t, mask, torch.tensor([0, 1]), None)
+    assert float(same) == pytest.approx(0.0, abs=1e-6) and set(terms) == {"prediction"}
+    s = _outputs(torch.tensor([[0.0, 0.0], [0.0, 0.0]]))
+    loss, terms = TaskLoss(spec, 0.5, False, 8, 8, 2)(s, t, mask, torch.tensor([0, 1]), None)
+    p_t = torch.softmax(t.logits / 2, -1)
+    kl = (p_t * (p_t.log() - torch.log(torch.tensor(0.5)))).sum(-1).mean() * 4
+    assert float(terms["prediction"]) == pytest.approx(float(kl), rel=1e-5)
+    assert float(terms["label"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)
+    assert float(loss) == pytest.approx(float(kl) + 0.5 * float(terms["label"]), rel=1e-5)
+    reg = TaskLoss(spec, 1.0, True, 8, 8, 2)
+    loss, terms = reg(_outputs(torch.tensor([[1.0], [2.0]])), _outputs(torch.tensor([[3.0], [2.0]])), mask, torch.tensor([1.0, 4.0]), None)
+    assert float(terms["prediction"]) == pytest.approx(2.0) and float(terms["label"]) == pytest.approx(2.0)
+
+
+def test_tiny_task_distillation_end_to_end(tmp_path: Path, teacher_dir: Path, task_files):
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run"))
+    records = []
+    report = distill_task(recipe, on_log=records.append)
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student")
+    assert type(student).__name__ == "BertForSequenceClassification"
+    assert (student.config.hidden_size, student.config.num_attention_heads, student.config.intermediate_size) == (32, 2, 64)
+    assert student.classifier.weight.shape == (2, 32) and student.config.id2label[1] == "pos"
+    assert report["schema"] == "homoexport.task_distill/1" and report["steps"] == 24
+    assert set(report["teacher"]["dev"]) == {"accuracy"} and report["curve"][-1]["step"] == 24
+    # The run switched to the dense student once the target was reached, and the dense phase's steps trained it.
+    dense_steps = [r["step"] for r in records if r["dense"]]
+    assert dense_steps and dense_steps[0] <= 13 and all(r["widths"]["hidden"] == 32 for r in records if r["dense"])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    # The saved student is what the loop scored.
+    from homoexport.distillation.task import evaluate, load_task_data
+    from homoexport.distillation.task_data import TaskBatcher
+    from homoexport.models import load_tokenizer
+
+    data = load_task_data(recipe, ["neg", "pos"], False)
+    dev = TaskBatcher(data.dev, load_tokenizer(teacher_dir), 64, 24, shuffle=False)
+    assert evaluate(student, dev, data.task) == pytest.approx(report["student"]["dev"])
+
+
+def test_task_distillation_masked_to_the_end_passes_parity(tmp_path: Path, teacher_dir: Path, task_files):
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.materialize": False, "task.epochs": 2}))
+    report = distill_task(recipe)
+    assert report["parity_max_abs_diff"] is not None and report["parity_max_abs_diff"] <= 1e-4
+
+
+class Killed(Exception):
+    pass
+
+
+def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
+    """Killed after a checkpoint taken in the dense phase: the resumed run ends where an uninterrupted one does."""
+    whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a")))
+
+    def kill_at_15(record):
+        if record["step"] == 15:
+            raise Killed
+
+    recipe_b = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b"))
+    with pytest.raises(Killed):
+        distill_task(recipe_b, on_log=kill_at_15)
+    assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("*.pt")] == ["step-00000015.pt"]
+    resumed = distill_task(recipe_b, resume=True)
+    assert resumed["resumed_from_step"] == 15
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a" / "student").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b" / "student").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["student"]["dev"] == whole["student"]["dev"]
+
+
+def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_files):
+    import yaml
+
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.epochs": 1})))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "dev accuracy" in result.output and (tmp_path / "run" / "student" / "config.json").is_file()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.label_column": "gold"})))
+    result = CliRunner().invoke(app, ["distill", str(bad), "--no-progress"])
+    assert result.exit_code == 2 and "no column 'gold'" in " ".join(result.output.split()) and "train.jsonl" in result.output
+    encoder = save_model_dir(tmp_path / "encoder", kind="base")
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump(task_recipe(encoder, task_files, tmp_path / "run3")))
+    result = CliRunner().invoke(app, ["distill", str(plain), "--no-progress"])
+    assert result.exit_code == 2 and "not a *ForSequenceClassification model" in " ".join(result.output.split())
