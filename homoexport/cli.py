@@ -77,6 +77,25 @@ def prune_command(
                   f"({report['parameter_ratio']:.1%}); parity max-abs-diff {report['parity_max_abs_diff']:.2e}; wrote {out}", highlight=False)
 
 
+def _distill_task(recipe, out: Optional[Path], resume: bool, overwrite: bool, progress: bool) -> dict:
+    """Task-specific HomoDistil with a progress display drawn from the run's log records."""
+    import logging
+
+    from homoexport.cli_progress import StepProgress
+    from homoexport.distillation.task import distill_task
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with StepProgress("distill", console, enabled=progress) as bar:
+        return distill_task(recipe, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update)
+
+
+def _print_task_report(report: dict) -> None:
+    s, t, metric = report["student"], report["teacher"], report["primary_metric"]
+    console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
+                  f"{report['wall_time_s']:.0f}s; dev {metric} {s['dev'][metric]:.2f} (teacher {t['dev'][metric]:.2f}, "
+                  f"drop {report['dev_drop']:.2f}); wrote {s['path']}", highlight=False)
+
+
 def _shape(r: dict) -> str:
     w = r["widths"]
     return f"{r['layers']}L hidden {w['hidden']} heads {w['heads']}x{w['head_dim']} ffn {w['ffn']}"
@@ -116,10 +135,16 @@ def distill_command(
                                   cache_path=default_cache_path(), progress=progress)
         if plan:
             console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
-        run = distill_with_assistant if r.assistant.mode != "off" else distill
-        report = run(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
+        if r.task is not None:
+            report = _distill_task(r, out, resume, overwrite, progress)
+        else:
+            run = distill_with_assistant if r.assistant.mode != "off" else distill
+            report = run(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
         fail(str(e))
+    if report and report.get("schema") == "homoexport.task_distill/1":
+        _print_task_report(report)
+        return
     if report:
         s, t = report["student"], report["teacher"]
         console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); "
@@ -260,6 +285,9 @@ _GLUE_QUANTIZE = typer.Option("dynamic", "--quantize", help="int8 quantization o
 _GLUE_KEEP_FP32 = typer.Option("", "--keep-fp32", help="Comma-separated layer groups left fp32 in the int8 export (see `homoexport export --help`), e.g. ffn-output.")
 _GLUE_THREADS = typer.Option(None, "--threads", min=1, help="Threads for the dev-set evaluation of every backend (default: all physical cores).")
 _GLUE_OVERWRITE = typer.Option(False, "--overwrite", help="Replace --out if it exists.")
+_GLUE_TRAIN = typer.Option(True, "--train/--no-train", help="--no-train scores MODEL_DIR as it is (a task-distilled student or a fine-tuned "
+                           "teacher, whose head is already for the task): PyTorch, ONNX fp32 and ONNX int8 on dev, no fine-tuning "
+                           "(the training options are then unused).")
 
 
 def _groups(value: str) -> tuple[str, ...]:
@@ -269,7 +297,7 @@ def _groups(value: str) -> tuple[str, ...]:
 
 def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: int, max_length: int, warmup_ratio: float, weight_decay: float,
                    seeds: str, eval_steps: Optional[int], max_train_samples: Optional[int], max_eval_samples: Optional[int], export: bool,
-                   quantize: str, keep_fp32: str, threads: Optional[int]):
+                   quantize: str, keep_fp32: str, threads: Optional[int], train: bool = True):
     from homoexport.glue import GlueSettings
 
     try:
@@ -279,7 +307,7 @@ def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: i
     return GlueSettings(
         epochs=epochs, learning_rate=lr, batch_size=batch_size, eval_batch_size=eval_batch_size, max_length=max_length, warmup_ratio=warmup_ratio,
         weight_decay=weight_decay, seeds=seed_list, eval_steps=eval_steps, max_train_samples=max_train_samples, max_eval_samples=max_eval_samples,
-        export=export, quantize=quantize, keep_fp32=_groups(keep_fp32), threads=threads,
+        export=export, quantize=quantize, keep_fp32=_groups(keep_fp32), threads=threads, train=train,
     )
 
 
@@ -306,15 +334,16 @@ def glue_command(
     keep_fp32: str = _GLUE_KEEP_FP32,
     threads: Optional[int] = _GLUE_THREADS,
     overwrite: bool = _GLUE_OVERWRITE,
+    train: bool = _GLUE_TRAIN,
 ) -> None:
-    """Fine-tune MODEL_DIR on one GLUE task, export it to ONNX fp32 + int8, and score PyTorch, ONNX fp32 and ONNX int8
-    on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
+    """Fine-tune MODEL_DIR on one GLUE task (or, with --no-train, take it as it is), export it to ONNX fp32 + int8, and
+    score PyTorch, ONNX fp32 and ONNX int8 on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
     from homoexport.export import ExportError
     from homoexport.glue import report_table, run_glue
 
     try:
         settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
-                                  max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
+                                  max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads, train)
         report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
         fail(str(e))

@@ -86,8 +86,11 @@ class GlueSettings:
     keep_fp32: tuple[str, ...] = ()  # export.FP32_GROUPS left fp32 in the int8 file
     optimize: str = "O2"
     threads: int | None = None  # inference threads for the dev-set evaluation; None: all physical cores
+    train: bool = True  # False: score the model as given (a finished classifier), no fine-tuning
 
     def __post_init__(self) -> None:
+        if not self.train and len(self.seeds) != 1:
+            raise ValueError("scoring a finished classifier (--no-train) takes one seed: there is no training to repeat")
         if self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"unknown quantize mode {self.quantize!r} (allowed: {', '.join(QUANTIZE_MODES)})")
         if not self.seeds:
@@ -165,6 +168,16 @@ def load_classifier(model_dir: str | os.PathLike, task: GlueTask):
     if fresh:
         console.print(f"[dim]new {task.name} head: initialised {', '.join(fresh)} (expected: fine-tuning trains them)[/]")
     return model
+
+
+def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
+    """A classifier that is already trained for ``task`` (its head has the task's outputs); no new weights."""
+    config = AutoConfig.from_pretrained(model_dir)
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != task.num_labels:
+        raise ValueError(f"{model_dir} is not a classifier for {task.name} ({task.num_labels} outputs; found {', '.join(archs) or 'no architecture'} "
+                         f"with {config.num_labels}): --no-train scores a finished classifier, drop it to fine-tune")
+    return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 
 
 class RichProgressCallback(TrainerCallback):
@@ -402,9 +415,12 @@ def _run_seed(model_dir: Path, task: GlueTask, data: DatasetDict, settings: Glue
     """Fine-tune, save, evaluate in PyTorch, export and evaluate the ONNX files, for one seed."""
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_classifier(model_dir, task)
     dev = DatasetDict({split: data[split] for split in task.dev_splits})
-    model, record = fine_tune(model, tokenizer, task, data["train"], dev[task.primary_split], settings, seed, seed_dir / "checkpoints")
+    if settings.train:
+        model = load_classifier(model_dir, task)
+        model, record = fine_tune(model, tokenizer, task, data["train"], dev[task.primary_split], settings, seed, seed_dir / "checkpoints")
+    else:
+        model, record = load_finished_classifier(model_dir, task), {"steps": 0, "train_s": 0.0, "scored_as_given": True}
     model.save_pretrained(seed_dir / "model")
     tokenizer.save_pretrained(seed_dir / "model")
     shutil.rmtree(seed_dir / "checkpoints", ignore_errors=True)

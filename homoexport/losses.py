@@ -77,8 +77,13 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.T
 
 
 def attention_mse(student: torch.Tensor, teacher: torch.Tensor, kept_heads: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """MSE of attention probabilities [B, heads, T, T] over kept heads and non-padding query rows."""
-    s, t = student[:, kept_heads], teacher[:, kept_heads]  # [B, h, T, T]
+    """MSE of attention probabilities [B, heads, T, T] over kept heads and non-padding query rows.
+
+    ``kept_heads`` [teacher heads] selects the teacher's heads; the student's are selected the same way
+    while it is masked (same head count), and taken whole once it is materialised (kept heads only).
+    """
+    t = teacher[:, kept_heads]  # [B, h, T, T]
+    s = student if student.shape[1] == t.shape[1] and student.shape[1] != teacher.shape[1] else student[:, kept_heads]
     err = (s - t).pow(2).mean(-1)  # [B, h, T]
     w = token_mask[:, None, :].to(err.dtype).expand_as(err)
     return (err * w).sum() / w.sum().clamp_min(1)
@@ -116,6 +121,13 @@ class DistillationLoss(nn.Module):
         self.hidden_proj = nn.ModuleList(_identity_projection(student_hidden, teacher_hidden) for _ in self.pairs)
         self.embedding_proj = _identity_projection(student_hidden, teacher_hidden)
 
+    @torch.no_grad()
+    def keep_student_dims(self, kept: torch.Tensor) -> None:
+        """Narrow every projection's input to the kept hidden dims (the student was materialised)."""
+        for proj in [*self.hidden_proj, self.embedding_proj]:
+            proj.weight = nn.Parameter(proj.weight[:, kept.to(proj.weight.device)].contiguous())
+            proj.in_features = int(kept.numel())
+
     @property
     def active_terms(self) -> dict[str, float]:
         """Terms with a non-zero weight that this teacher can provide (no MLM head: no MLM/KL)."""
@@ -150,9 +162,11 @@ class DistillationLoss(nn.Module):
         if "attention" in active:
             per_layer = []
             for k, targets in self.pairs:
-                if student.attentions[k - 1].shape[1] != teacher.attentions[targets[-1] - 1].shape[1]:
+                s_heads, t_heads = student.attentions[k - 1].shape[1], teacher.attentions[targets[-1] - 1].shape[1]
+                dense_kept = kept_heads is not None and int(kept_heads[k - 1].sum()) == s_heads
+                if s_heads != t_heads and not dense_kept:
                     raise ValueError("the attention term needs the same head count in student and teacher; use relation transfer instead")
-                heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(student.attentions[k - 1].shape[1], dtype=torch.bool)
+                heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(t_heads, dtype=torch.bool)
                 per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
             terms["attention"] = torch.stack(per_layer).mean()
         if "relation" in active:

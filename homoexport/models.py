@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from homoexport.losses import EncoderOutputs
 
@@ -41,6 +41,12 @@ def has_mlm_head(path: str | Path) -> bool:
     return any("MaskedLM" in a or "PreTraining" in a for a in archs)
 
 
+def is_sequence_classifier(path: str | Path) -> bool:
+    """True if the checkpoint is a ``*ForSequenceClassification`` model (a fine-tuned task teacher)."""
+    archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in archs)
+
+
 def _check_exists(path: str | Path) -> None:
     p = Path(path)
     looks_local = p.is_absolute() or str(path).startswith(".") or p.exists() or len(p.parts) > 2
@@ -54,8 +60,12 @@ def load_model(path: str | Path, attention: str = "sdpa", mlm: bool | None = Non
     ``attention="eager"`` is needed when attention probabilities are distilled.
     """
     _check_exists(path)
-    want_mlm = has_mlm_head(path) if mlm is None else mlm
-    cls = AutoModelForMaskedLM if want_mlm else AutoModel
+    if mlm is None and is_sequence_classifier(path):
+        # A fine-tuned classifier keeps its head: it reads the residual stream and is pruned with it.
+        cls, want_mlm = AutoModelForSequenceClassification, False
+    else:
+        want_mlm = has_mlm_head(path) if mlm is None else mlm
+        cls = AutoModelForMaskedLM if want_mlm else AutoModel
     try:
         model = cls.from_pretrained(str(path), attn_implementation=attention)
     except OSError as err:

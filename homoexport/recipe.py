@@ -124,6 +124,41 @@ class AssistantSpec(_Strict):
         return self
 
 
+class TaskSpec(_Strict):
+    """Task-specific HomoDistil: the teacher is a fine-tuned ``*ForSequenceClassification`` model and the
+    data its labelled training set. Give ``glue`` + ``data_dir`` (original TSV layout) or ``train_file`` +
+    ``dev_file`` (CSV / TSV / JSON lines) with their column names. Classification or regression follows
+    the teacher's head (one output: regression). The step count is ``epochs`` over the training rows
+    (``training.steps`` is not used); ``training.eval_every`` 0 scores the dev set once per epoch."""
+
+    glue: Optional[str] = Field(None, description="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli")
+    data_dir: Optional[str] = Field(None, description="GLUE data directory (DATA_DIR/SST-2/train.tsv, ...)")
+    train_file: Optional[str] = Field(None, description="labelled training file (.csv, .tsv, .jsonl)")
+    dev_file: Optional[str] = Field(None, description="labelled dev file, scored during and after training")
+    text_column: str = "sentence"
+    text_pair_column: Optional[str] = Field(None, description="second text of pair tasks")
+    label_column: str = "label"
+    epochs: float = Field(3.0, gt=0)
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per example (pairs truncated longest-first)")
+    hard_label: float = Field(0.0, ge=0, description="weight of the loss to the gold labels (cross-entropy / MSE)")
+    max_train_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the training rows")
+    max_dev_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the dev rows")
+    eval_batch_size: int = Field(64, gt=0)
+    materialize: bool = Field(True, description="continue on the dense student once the target width is reached "
+                              "(late steps cost what the small model costs)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskSpec":
+        if self.glue is not None:
+            if self.train_file or self.dev_file:
+                raise ValueError("give task.glue (with task.data_dir) or task.train_file + task.dev_file, not both")
+            if not self.data_dir:
+                raise ValueError("task.glue needs task.data_dir (the GLUE directory, e.g. ../shared/data/glue)")
+        elif not (self.train_file and self.dev_file):
+            raise ValueError("task needs glue + data_dir, or train_file + dev_file")
+        return self
+
+
 class TrainingSpec(_Strict):
     steps: int = Field(1000, gt=0)
     batch_size: int = Field(32, gt=0, description="global batch size (sequences per optimizer step)")
@@ -151,6 +186,7 @@ class Recipe(_Strict):
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     assistant: AssistantSpec = Field(default_factory=AssistantSpec)
+    task: Optional[TaskSpec] = Field(None, description="task-specific distillation from a fine-tuned classifier")
     output: str = Field("runs/{name}", description="output directory; {name} is replaced")
 
     @model_validator(mode="after")
@@ -159,6 +195,8 @@ class Recipe(_Strict):
             raise ValueError("init=copy keeps the teacher's depth: leave student.layers unset or use init=truncate|random")
         if self.init == "truncate" and self.truncate_layers and self.student.layers and len(self.truncate_layers) != self.student.layers:
             raise ValueError(f"truncate_layers has {len(self.truncate_layers)} entries but student.layers is {self.student.layers}")
+        if self.task is not None and (self.init != "copy" or self.assistant.mode != "off"):
+            raise ValueError("a task recipe starts from a copy of the fine-tuned teacher: init must be copy and assistant off")
         return self
 
     def output_dir(self) -> Path:

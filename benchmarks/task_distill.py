@@ -1,0 +1,263 @@
+"""Task-specific HomoDistil against its baselines, deployed as int8 ONNX, on GLUE dev sets.
+
+For each task the teacher is all-MiniLM-L6-v2 fine-tuned on the task (``run_glue``: full training set,
+lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same data and epochs:
+
+    (a)  homodistil   task HomoDistil: copy the fine-tuned teacher, prune iteratively while distilling
+    (b)  oneshot      copy, prune to the target at step 0 (importance on a few batches), then distill
+    (c)  prune_ft     one-shot prune of the fine-tuned classifier (head kept), then plain fine-tuning
+                      at the learning rate of ``PRUNE_FT_LRS`` that scores best on dev
+    (d)  agnostic     the task-agnostic quickstart student (recipes/quickstart.yaml) fine-tuned on the task
+    (a128)            (a) at hidden 128 / 4 heads / FFN 512
+
+(a), (b) and (a128) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
+(O2 fusion + dynamic int8) and scored in PyTorch, ONNX fp32 and ONNX int8 by ``run_glue`` (``--no-train``
+for the distilled ones). Every unit (teacher, distillation, scoring) lands atomically under ``--work`` and
+is skipped when there, and distillations resume from their checkpoints: rerun the same command after a
+kill. Results: ``--results``/task_distill.{json,md}, rebuilt from whatever has finished.
+
+    python benchmarks/task_distill.py --tasks mrpc,rte,cola,sst2 --arms a,b,c
+    python benchmarks/task_distill.py --tasks mrpc --arms a --seeds 1,2,3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from homoexport.atomic import atomic_write_json, atomic_write_text
+from homoexport.glue import TASK_TITLES, GlueSettings, run_glue
+from homoexport.machine import fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"192": {"hidden": 192, "heads": 6, "ffn": 768}, "128": {"hidden": 128, "heads": 4, "ffn": 512}}
+ARMS = {
+    "a": ("homodistil", "task HomoDistil (iterative)", "192"),
+    "b": ("oneshot", "one-shot prune + task distillation", "192"),
+    "c": ("prune_ft", "one-shot prune + fine-tuning (best lr)", "192"),
+    "d": ("agnostic", "task-agnostic quickstart student + fine-tuning", "192"),
+    "a128": ("homodistil", "task HomoDistil (iterative)", "128"),
+}
+# Epochs of the teacher's fine-tuning and of every student's training, per task.
+TEACHER_EPOCHS = {"mrpc": 5, "rte": 5, "cola": 5, "sst2": 2, "stsb": 5, "qnli": 2}
+STUDENT_EPOCHS = {"mrpc": 10, "rte": 10, "cola": 10, "sst2": 2, "stsb": 10, "qnli": 2}
+TEACHER_LR = 1e-4
+DISTILL_LR = 1e-4
+PRUNE_FT_LRS = (5e-5, 2e-4)
+
+
+def teacher_dir(work: Path, task: str) -> Path:
+    return work / f"teacher-{task}" / "seed-42" / "model"
+
+
+def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dict[str, Any]:
+    out = work / f"teacher-{task}"
+    if not (out / "glue_report.json").is_file():
+        settings = GlueSettings(epochs=TEACHER_EPOCHS[task], learning_rate=TEACHER_LR, seeds=(42,), export=False)
+        run_glue(encoder, task, out, settings, data_dir=glue_data)
+    return json.loads((out / "glue_report.json").read_text())
+
+
+def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path) -> dict[str, Any]:
+    """The recipe of arms (a), (b) and (a128): KL at T=2 on the logits plus hidden/attention/embedding terms."""
+    return {
+        "name": f"{task}-{schedule}-{shape}-s{seed}",
+        "teacher": str(teacher),
+        "student": SHAPES[shape],
+        "task": {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128},
+        "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
+        "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": 0.4, "interval": 10, "multiple": 16},
+        "optimizer": {"lr": DISTILL_LR, "warmup": 0.05},
+        "training": {"batch_size": 32, "seed": seed, "log_every": 20, "checkpoint_every": 100},
+        "output": str(out),
+    }
+
+
+def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> Path:
+    from homoexport.distillation.task import distill_task
+    from homoexport.recipe import validate_recipe
+
+    run = work / task / f"{arm}-s{seed}"
+    if not (run / "report.json").is_file():
+        schedule = "one_shot" if arm == "b" else "homotopic"
+        recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill"))
+        report = distill_task(recipe, resume=(run / "distill").exists())
+        atomic_write_json(run / "report.json", report)
+    return run / "distill" / "student"
+
+
+def pruned_classifier(task: str, work: Path, glue_data: Path) -> Path:
+    """The fine-tuned teacher pruned once to 192/6/768 (head kept), importance scored on its task's sentences."""
+    from homoexport.prune import prune_model
+
+    out = work / task / "pruned-192"
+    if not (out / "prune_report.json").is_file():
+        text = work / task / "train_sentences.txt"
+        if not text.is_file():
+            from homoexport.glue_data import get_task, read_tsv
+
+            spec = get_task(task)
+            rows = read_tsv(spec, glue_data / spec.directory / "train.tsv")
+            lines = [" ".join(r[c] for c in ("text_a", "text_b") if c in r) for r in rows.select(range(min(2000, len(rows))))]
+            atomic_write_text(text, "\n".join(lines) + "\n")
+        prune_model(teacher_dir(work, task), out, **SHAPES["192"], data=[str(text)], batches=16, batch_size=16, overwrite=False)
+    return out
+
+
+def quickstart_student(work: Path) -> Path:
+    from homoexport.recipe import load_recipe
+    from homoexport.trainer import distill
+
+    out = work / "quickstart"
+    if not (out / "report.json").is_file():
+        distill(load_recipe(REPO / "recipes" / "quickstart.yaml"), out_dir=out, resume=out.exists(), progress=False)
+    return out / "student"
+
+
+def score(task: str, model: Path, out: Path, glue_data: Path, train: bool, lr: float = 5e-5, seed: int = 42) -> dict[str, Any]:
+    if not (out / "glue_report.json").is_file():
+        settings = GlueSettings(epochs=STUDENT_EPOCHS[task], learning_rate=lr, seeds=(seed,), train=train)
+        run_glue(model, task, out, settings, data_dir=glue_data, overwrite=out.exists())
+    return json.loads((out / "glue_report.json").read_text())
+
+
+def primary(report: dict[str, Any], backend: str) -> float | None:
+    row = next(r for r in report["results"] if r["primary"])
+    return row[backend]
+
+
+def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
+    run = work / task / f"{arm}-s{seed}"
+    started = time.time()
+    if arm in ("a", "b", "a128"):
+        score(task, distill_student(task, arm, seed, work, glue_data), run / "glue", glue_data, train=False)
+    elif arm == "c":
+        pruned = pruned_classifier(task, work, glue_data)
+        for lr in PRUNE_FT_LRS:
+            score(task, pruned, run / f"glue-lr{lr:g}", glue_data, train=True, lr=lr, seed=seed)
+    elif arm == "d":
+        score(task, quickstart_student(work), run / "glue", glue_data, train=True, lr=2e-4, seed=seed)
+    marker = run / "wall.json"
+    if not marker.is_file():
+        atomic_write_json(marker, {"wall_s_this_invocation": time.time() - started})
+
+
+def _glue_dirs(run: Path) -> list[Path]:
+    return sorted(p.parent for p in run.glob("glue*/glue_report.json"))
+
+
+def collect(work: Path, tasks: Sequence[str], arms: Sequence[str]) -> dict[str, Any]:
+    """Every finished (task, arm, seed) as a row; for (c) the learning rate with the best PyTorch dev score."""
+    rows = []
+    for task in tasks:
+        teacher = work / f"teacher-{task}" / "glue_report.json"
+        if teacher.is_file():
+            t = json.loads(teacher.read_text())
+            rows.append({"task": task, "arm": "teacher", "seed": 42, "pytorch": primary(t, "pytorch"), "onnx_int8": None, "onnx_fp32": None,
+                         "metric": next(r for r in t["results"] if r["primary"])["metric"], "train_s": t["runs"][0]["wall_s"]["train_s"]})
+        for arm in arms:
+            for run in sorted((work / task).glob(f"{arm}-s*")):
+                reports = [json.loads((d / "glue_report.json").read_text()) for d in _glue_dirs(run)]
+                if not reports:
+                    continue
+                best = max(reports, key=lambda r: primary(r, "pytorch"))
+                distill = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
+                res = next(r for r in best["results"] if r["primary"])
+                rows.append({
+                    "task": task, "arm": arm, "seed": int(run.name.rsplit("-s", 1)[1]), "metric": res["metric"],
+                    "pytorch": res["pytorch"], "onnx_fp32": res["onnx_fp32"], "onnx_int8": res["onnx_int8"],
+                    "lr": best["settings"]["learning_rate"] if best["settings"].get("train", True) else None,
+                    "distill_s": distill["wall_time_s"] if distill else None,
+                    "train_s": best["runs"][0]["wall_s"].get("train_s"),
+                    "int8_latency_ms": (best.get("latency", {}).get("onnx_int8") or {}).get("ms_per_batch"),
+                    "widths": distill["student"]["widths"] if distill else None,
+                })
+    return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
+            "settings": {"teacher_epochs": TEACHER_EPOCHS, "student_epochs": STUDENT_EPOCHS, "teacher_lr": TEACHER_LR,
+                         "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES},
+            "machine": fingerprint()}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
+    if not values:
+        return None, None, 0
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
+
+
+def summarize(rows: list[dict[str, Any]], tasks: Sequence[str], arms: Sequence[str]) -> list[dict[str, Any]]:
+    out = []
+    for arm in ("teacher", *arms):
+        backend = "pytorch" if arm == "teacher" else "onnx_int8"
+        cells = {}
+        for task in tasks:
+            mean, std, n = _mean_std([r[backend] for r in rows if r["task"] == task and r["arm"] == arm and r[backend] is not None])
+            torch_mean, _, _ = _mean_std([r["pytorch"] for r in rows if r["task"] == task and r["arm"] == arm and r["pytorch"] is not None])
+            cells[task] = {"mean": mean, "std": std, "n": n, "pytorch": torch_mean}
+        done = [c["mean"] for c in cells.values() if c["mean"] is not None]
+        out.append({"arm": arm, "backend": backend, "tasks": cells, "average": statistics.mean(done) if len(done) == len(tasks) else None})
+    return out
+
+
+def markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
+    title = {"teacher": "fine-tuned teacher (PyTorch)", **{k: f"({k}) {v[1]} {v[2]}" for k, v in ARMS.items()}}
+    head = "| model | " + " | ".join(TASK_TITLES.get(t, t) for t in tasks) + " | average |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for s in result["summary"]:
+        cells = []
+        for t in tasks:
+            c = s["tasks"][t]
+            if c["mean"] is None:
+                cells.append("—")
+            else:
+                cells.append(f"{c['mean']:.1f}" + (f" ± {c['std']:.1f}" if c["std"] is not None else "") + (f" (n={c['n']})" if c["n"] > 1 else ""))
+        avg = f"{s['average']:.1f}" if s["average"] is not None else "—"
+        lines.append(f"| {title.get(s['arm'], s['arm'])} | " + " | ".join(cells) + f" | {avg} |")
+    metrics = ", ".join(f"{TASK_TITLES.get(t, t)} {next((r['metric'] for r in result['rows'] if r['task'] == t), '?')}" for t in tasks)
+    return ("Dev scores in points, students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where "
+            f"n > 1. Metrics: {metrics}.\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", default="mrpc,rte,cola,sst2")
+    ap.add_argument("--arms", default="a,b,c", help=f"comma-separated: {', '.join(ARMS)}")
+    ap.add_argument("--seeds", default="42")
+    ap.add_argument("--encoder", type=Path, default=Path("../shared/models/all-MiniLM-L6-v2"))
+    ap.add_argument("--glue-data", type=Path, default=Path("../shared/data/glue"))
+    ap.add_argument("--work", type=Path, default=Path("runs/task_bench"))
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--table-only", action="store_true", help="rebuild the table from finished runs")
+    args = ap.parse_args(argv)
+    tasks, arms = args.tasks.split(","), args.arms.split(",")
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        ap.error(f"unknown arm(s) {unknown}; allowed: {', '.join(ARMS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    all_tasks = sorted({*tasks, *[p.name.split("-", 1)[1] for p in args.work.glob("teacher-*") if (p / "glue_report.json").is_file()]},
+                       key=lambda t: list(TEACHER_EPOCHS).index(t) if t in TEACHER_EPOCHS else 99)
+    if not args.table_only:
+        for task in tasks:
+            ensure_teacher(args.work, task, args.encoder, args.glue_data)
+            for arm in arms:
+                for seed in seeds:
+                    run_arm(task, arm, seed, args.work, args.glue_data)
+                    write(args, all_tasks)
+    write(args, all_tasks)
+    return 0
+
+
+def write(args, tasks: Sequence[str]) -> None:
+    result = collect(args.work, tasks, list(ARMS))
+    md = markdown(result, tasks)
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / "task_distill.json", result)
+    atomic_write_text(args.results / "task_distill.md", md)
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

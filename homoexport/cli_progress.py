@@ -1,0 +1,69 @@
+"""Progress display for long runs: step / total / elapsed / ETA first, at any terminal width.
+
+On a terminal a rich bar; otherwise (CI logs, ``| tee``) one plain line per logged record, so a log
+shows progress while the run is going rather than one line at the end.
+"""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def describe(record: dict) -> str:
+    """Loss, widths and dev metrics of one log record, for the text after the counters."""
+    parts = [f"loss {record['loss']:.4g}"]
+    w = record.get("widths")
+    if w:
+        parts.append(f"h{w['hidden']} a{w['heads']}x{w['head_dim']} f{w['ffn']}")
+    if record.get("dev"):
+        parts.append("dev " + " ".join(f"{k} {v:.2f}" for k, v in record["dev"].items()))
+    return " | ".join(parts)
+
+
+class StepProgress:
+    """Context manager fed with log records that carry ``step`` and ``total``."""
+
+    def __init__(self, label: str, console: Console, enabled: bool = True):
+        self.label, self.console, self.enabled = label, console, enabled
+        self.started = time.time()
+        self.first_step: int | None = None
+        self.progress = None
+        self.task = None
+
+    def __enter__(self) -> "StepProgress":
+        if self.enabled and self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn(f"[bold]{self.label}"), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+                                     TimeRemainingColumn(), BarColumn(bar_width=20), TextColumn("{task.fields[info]}"),
+                                     console=self.console, transient=False)
+            self.progress.start()
+        return self
+
+    def update(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        step, total = record["step"], record["total"]
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task(self.label, total=total, completed=step, info="")
+            self.progress.update(self.task, completed=step, info=describe(record))
+            return
+        if self.first_step is None:
+            self.first_step, self.started = step - 1, time.time()
+        elapsed = time.time() - self.started
+        done = step - self.first_step
+        eta = elapsed / done * (total - step) if done > 0 else 0.0
+        self.console.print(f"{self.label} {step}/{total} elapsed {_clock(elapsed)} ETA {_clock(eta)} | {describe(record)}",
+                           highlight=False, soft_wrap=True)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,1 @@
+"""Distillation loops: task-agnostic HomoDistil on text, and task-specific HomoDistil on labelled data."""

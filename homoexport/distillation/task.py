@@ -1,0 +1,405 @@
+"""Task-specific HomoDistil: compress a fine-tuned classifier (or regressor) on its own labelled data.
+
+The student starts as an exact copy of the fine-tuned teacher, classifier included, and is width-pruned
+on the cubic schedule while it learns from the teacher's predictions (KL at temperature T, scaled by T²,
+for classes; MSE for a regression head), optionally the gold labels, and the hidden / attention /
+embedding terms of HomoDistil (Liang et al., ICLR 2023), as in TinyBERT's task stage and CoFi. Once the
+target width is reached for good, training continues on the materialised dense student, with optimizer
+state and loss projections sliced the same way, so late steps cost what the small model costs.
+
+Single process; checkpoints are atomic and resume is exact (batches are a function of the step).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from homoexport import __version__
+from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
+from homoexport.distillation.task_data import TaskBatcher, TaskData, load_files, load_glue, limit
+from homoexport.glue_data import GlueTask, predictions, score
+from homoexport.losses import DistillationLoss, EncoderOutputs
+from homoexport.machine import fingerprint
+from homoexport.models import ModelLoadError, is_sequence_classifier, load_tokenizer
+from homoexport.pruning.mask_groups import config_widths
+from homoexport.pruning.pruner import HomoDistilPruner, slice_optimizer_state
+from homoexport.pruning.surgery import parameter_report, parity_max_abs_diff, save_student
+from homoexport.recipe import LossSpec, Recipe, steps_of
+
+logger = logging.getLogger(__name__)
+
+REPORT_SCHEMA = "homoexport.task_distill/1"
+PARITY_TOLERANCE = 1e-4
+
+
+class TaskLoss(nn.Module):
+    """Prediction distillation + optional gold-label loss + HomoDistil's hidden/attention/embedding terms.
+
+    ``losses.kl`` weighs the prediction term and ``losses.temperature`` is its T; the MLM term has no
+    meaning on task data and is ignored.
+    """
+
+    def __init__(self, spec: LossSpec, hard_label: float, regression: bool, student_hidden: int, teacher_hidden: int, layers: int):
+        super().__init__()
+        self.spec, self.hard_label, self.regression = spec, hard_label, regression
+        self.inner = DistillationLoss(spec, student_hidden, teacher_hidden, layers, layers, has_mlm=False)
+
+    @property
+    def active_terms(self) -> dict[str, float]:
+        terms = dict(self.inner.active_terms)
+        if self.spec.kl > 0:
+            terms["prediction"] = self.spec.kl
+        if self.hard_label > 0:
+            terms["label"] = self.hard_label
+        return terms
+
+    def forward(self, student, teacher, token_mask: torch.Tensor, labels: torch.Tensor, kept_heads: torch.Tensor | None):
+        s = EncoderOutputs(hidden=student.hidden_states, attentions=student.attentions)
+        t = EncoderOutputs(hidden=teacher.hidden_states, attentions=teacher.attentions)
+        total, terms = self.inner(s, t, token_mask, None, kept_heads)
+        s_logits, t_logits = student.logits.float(), teacher.logits.float()
+        if self.spec.kl > 0:
+            if self.regression:
+                terms["prediction"] = F.mse_loss(s_logits, t_logits)
+            else:
+                T = self.spec.temperature
+                terms["prediction"] = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
+                                               log_target=True, reduction="batchmean") * T * T
+            total = total + self.spec.kl * terms["prediction"]
+        if self.hard_label > 0:
+            terms["label"] = F.mse_loss(s_logits.squeeze(-1), labels.float()) if self.regression else F.cross_entropy(s_logits, labels)
+            total = total + self.hard_label * terms["label"]
+        return total, terms
+
+
+def forward(model: nn.Module, batch: dict[str, torch.Tensor], attentions: bool):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids"),
+                 output_hidden_states=True, output_attentions=attentions, return_dict=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batcher: TaskBatcher, task: GlueTask) -> dict[str, float]:
+    """Every metric of ``task`` on ``batcher``'s rows, in points (metric x 100)."""
+    was_training = model.training
+    model.eval()
+    logits = []
+    for step in range(batcher.steps_per_epoch):
+        batch = batcher.batch_at(step)
+        logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            token_type_ids=batch.get("token_type_ids")).logits.float().numpy())
+    model.train(was_training)
+    order = batcher.order(0)
+    values = score(task, predictions(task, np.concatenate(logits)), batcher.labels[order])
+    return {k: 100 * v for k, v in values.items()}
+
+
+def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bool) -> TaskData:
+    t = recipe.task
+    assert t is not None
+    if t.glue:
+        data = load_glue(t.glue, t.data_dir)
+        if data.task.is_regression != regression:
+            kind = "a regression" if regression else "a classification"
+            raise ModelLoadError(f"teacher {recipe.teacher} has {kind} head but GLUE {data.task.name} is not {kind} task")
+    else:
+        data = load_files(t.train_file, t.dev_file, t.text_column, t.text_pair_column, t.label_column, label_names, regression)
+    return limit(data, t.max_train_samples, t.max_dev_samples, recipe.training.seed)
+
+
+def _label_names(config) -> list[str] | None:
+    """The teacher's class names when it declares real ones (not transformers' LABEL_0 placeholders)."""
+    names = [config.id2label[i] for i in range(config.num_labels)] if getattr(config, "id2label", None) else []
+    return None if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
+def load_teacher(path: str, attention: bool) -> nn.Module:
+    """The fine-tuned ``*ForSequenceClassification`` teacher (eager attention when attention maps are distilled)."""
+    from transformers import AutoModelForSequenceClassification
+
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"teacher directory not found or has no config.json: {path}")
+    if not is_sequence_classifier(path):
+        raise ModelLoadError(f"{path} is not a *ForSequenceClassification model: a task recipe needs a fine-tuned teacher "
+                             "(`homoexport glue MODEL --task T` fine-tunes one and saves it under OUT/seed-S/model)")
+    model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager" if attention else "sdpa")
+    return model.eval().requires_grad_(False)
+
+
+@dataclass
+class TaskRun:
+    """Everything the loop changes: the student (masked, then dense), its loss, optimizer and schedule."""
+
+    student: nn.Module
+    loss: TaskLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    pruner: HomoDistilPruner | None
+    dense: bool = False
+    step: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        return {**{f"student.{n}": p for n, p in self.student.named_parameters()}, **{f"loss.{n}": p for n, p in self.loss.named_parameters()}}
+
+    def kept_heads(self) -> torch.Tensor | None:
+        return self.pruner.kept_heads() if self.pruner is not None else None
+
+
+def _optimizer(params: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
+    o = recipe.optimizer
+    decay = [p for n, p in params.items() if p.ndim >= 2 and "embeddings" not in n]
+    rest = [p for n, p in params.items() if not (p.ndim >= 2 and "embeddings" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
+
+
+def _scheduler(optimizer, recipe: Recipe, total: int):
+    from transformers import get_scheduler
+
+    o = recipe.optimizer
+    return get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
+
+
+def to_dense(run: TaskRun, recipe: Recipe, total: int) -> None:
+    """Continue on the materialised student: slice weights, loss projections and Adam state to the kept units."""
+    assert run.pruner is not None and not run.dense
+    old = run.named_parameters()
+    old_state = {n: run.optimizer.state.get(p, {}) for n, p in old.items()}
+    old_lrs = [g["lr"] for g in run.optimizer.param_groups]
+    sched_state = run.scheduler.state_dict()
+    kept_hidden = run.pruner.masks.hidden.nonzero().flatten()
+    run.student = run.pruner.materialize().train().requires_grad_(True)
+    run.loss.inner.keep_student_dims(kept_hidden)
+    new = run.named_parameters()
+    run.optimizer = _optimizer(new, recipe)
+    for name, param in new.items():
+        state = old_state.get(name)
+        if not state:
+            continue
+        if name.startswith("student."):
+            run.optimizer.state[param] = slice_optimizer_state(run.pruner, name[len("student."):], state)
+        else:  # loss projections: their input columns follow the kept hidden dims
+            run.optimizer.state[param] = {k: v[:, kept_hidden].clone() if torch.is_tensor(v) and v.dim() == 2 else v for k, v in state.items()}
+    run.scheduler = _scheduler(run.optimizer, recipe, total)
+    run.scheduler.load_state_dict(sched_state)
+    for group, lr in zip(run.optimizer.param_groups, old_lrs):
+        group["lr"] = lr
+    run.dense = True
+    logger.info("continuing on the dense student %s from step %d", run.pruner.widths(), run.step)
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
+    from homoexport.trainer import save_checkpoint
+
+    state = {"step": run.step, "recipe": recipe.model_dump(mode="json", exclude={"output"}), "dense": run.dense,
+             "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
+             "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
+             "curve": run.curve, "rng": _rng_state()}
+    save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
+    for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
+        stale.unlink()
+
+
+def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> None:
+    from homoexport.trainer import check_same_recipe
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_recipe(state["recipe"], recipe, path)
+    if run.pruner is not None:
+        run.pruner.load_state_dict(state["pruner"])
+    if state["dense"]:
+        to_dense(run, recipe, total)
+    run.student.load_state_dict(state["student"])
+    run.loss.load_state_dict(state["loss"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.step, run.curve = state["step"], state["curve"]
+    _set_rng_state(state["rng"])
+
+
+def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = False, overwrite: bool = False,
+                 on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run a task recipe end to end; returns the report (also ``out_dir/report.json``).
+
+    ``on_log`` receives every logged record (``step``, ``total``, loss terms, widths, and the dev
+    metrics at evaluation steps): the CLI draws its progress from it.
+    """
+    if recipe.task is None:
+        raise ValueError("not a task recipe: it has no task section")
+    out = Path(out_dir) if out_dir else recipe.output_dir()
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: give one")
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    torch.manual_seed(recipe.training.seed)
+    random.seed(recipe.training.seed)
+    np.random.seed(recipe.training.seed)
+
+    ts = recipe.task
+    need_attn = recipe.losses.attention > 0
+    teacher = load_teacher(recipe.teacher, need_attn)
+    tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
+    regression = teacher.config.num_labels == 1
+    data = load_task_data(recipe, _label_names(teacher.config), regression)
+    train = TaskBatcher(data.train, tokenizer, recipe.training.batch_size, ts.max_length, seed=recipe.training.seed)
+    dev = TaskBatcher(data.dev, tokenizer, ts.eval_batch_size, ts.max_length, shuffle=False)
+    total = max(1, round(ts.epochs * train.steps_per_epoch))
+
+    import copy
+
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    pruner = None
+    if recipe.pruning.schedule != "none":
+        from homoexport.pruning.mask_groups import target_widths
+        from homoexport.trainer import pruner_settings
+
+        target = target_widths(config_widths(teacher.config), recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
+        pruner = HomoDistilPruner(student, target, pruner_settings(recipe, total))
+    hidden = teacher.config.hidden_size
+    loss = TaskLoss(recipe.losses, ts.hard_label, regression, hidden, hidden, teacher.config.num_hidden_layers)
+    params = {**{f"student.{n}": p for n, p in student.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
+    optimizer = _optimizer(params, recipe)
+    run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner)
+
+    checkpoints = out / "checkpoints"
+    found = sorted(checkpoints.glob("step-*.pt")) if resume else []
+    if found:
+        _load_checkpoint(found[-1], run, recipe, total)
+        logger.info("resumed from %s (step %d of %d)", found[-1], run.step, total)
+    elif pruner is not None and recipe.pruning.schedule == "one_shot":
+        _score_once(run, teacher, train, recipe, need_attn)
+    resumed_from = run.step
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "train_log.jsonl"
+    if not found:
+        log_path.unlink(missing_ok=True)
+    else:  # records after the checkpoint are about to be redone
+        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= run.step] if log_path.exists() else []
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    from homoexport.trainer import resolved_header
+
+    atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
+
+    teacher_dev = evaluate(teacher, dev, data.task)
+    logger.info("teacher dev %s", teacher_dev)
+    eval_every = recipe.training.eval_every or train.steps_per_epoch
+    started = time.time()
+    while run.step < total:
+        step = run.step
+        t0 = time.time()
+        batch = train.batch_at(step)
+        with torch.no_grad():
+            t_out = forward(teacher, batch, need_attn)
+        s_out = forward(run.student, batch, need_attn)
+        value, terms = run.loss(s_out, t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
+        value.backward()
+        if run.pruner is not None and not run.dense:
+            run.pruner.after_backward(step)
+        if recipe.optimizer.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(list(run.named_parameters().values()), recipe.optimizer.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.pruner is not None and not run.dense:
+            run.pruner.after_optimizer_step()
+            if ts.materialize and run.pruner.reached_target(step):
+                run.step = step + 1
+                to_dense(run, recipe, total)
+        run.step = done = step + 1
+        record: dict[str, Any] = {"step": done, "total": total, "loss": float(value.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},
+                                  "lr": run.scheduler.get_last_lr()[0], "step_s": time.time() - t0, "dense": run.dense}
+        if run.pruner is not None:
+            record["widths"] = run.pruner.widths().as_dict()
+        if done % eval_every == 0 or done == total:
+            metrics = evaluate(run.student, dev, data.task)
+            record["dev"] = metrics
+            run.curve.append({"step": done, "widths": record.get("widths"), "dev": metrics})
+        ce = recipe.training.checkpoint_every
+        if (ce and done % ce == 0) or done == total:
+            _save_checkpoint(checkpoints, run, recipe)
+        if done % recipe.training.log_every == 0 or done == total or "dev" in record:
+            with open(log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if on_log is not None:
+                on_log(record)
+    wall = time.time() - started
+    return _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall)
+
+
+def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool) -> None:
+    """One-shot pruning: importance from ``score_batches`` batches of the objective, then the target at once."""
+    assert run.pruner is not None
+    for step in range(recipe.pruning.score_batches):
+        batch = train.batch_at(step)
+        with torch.no_grad():
+            t_out = forward(teacher, batch, need_attn)
+        value, _ = run.loss(forward(run.student, batch, need_attn), t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
+        value.backward()
+        run.pruner.importance.update()
+        run.student.zero_grad(set_to_none=True)
+        run.loss.zero_grad(set_to_none=True)
+    run.pruner.prune_to_target()
+
+
+def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: TaskData, dev: TaskBatcher, teacher_dev: dict[str, float],
+            total: int, resumed_from: int, wall: float) -> dict[str, Any]:
+    """Materialise (if still masked), check parity, score, save the student and the report."""
+    parity = None
+    if run.pruner is not None and not run.dense:
+        dense = run.pruner.materialize()
+        probe = {k: v for k, v in dev.batch_at(0).items() if k != "labels"}
+        parity = parity_max_abs_diff(run.pruner.masked, dense, probe)
+        if parity > PARITY_TOLERANCE:
+            raise RuntimeError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
+    else:
+        dense = run.student
+    dense = dense.eval()
+    student_dev = evaluate(dense, dev, data.task)
+    with staging_dir(out / "student", overwrite=True) as tmp:
+        save_student(dense, tmp, tokenizer)
+    primary = data.task.primary_metric
+    report = {
+        "schema": REPORT_SCHEMA,
+        "homoexport_version": __version__,
+        "recipe": recipe.name,
+        "task": data.task.name if data.task.name != "custom" else "custom",
+        "data": {"source": data.source, "train_rows": len(data.train), "dev_rows": len(data.dev)},
+        "teacher": {"path": recipe.teacher, "dev": teacher_dev, **parameter_report(teacher, config_widths(teacher.config))},
+        "student": {"path": str(out / "student"), "dev": student_dev, **parameter_report(dense, config_widths(dense.config))},
+        "primary_metric": primary,
+        "dev_drop": teacher_dev[primary] - student_dev[primary],
+        "curve": run.curve,
+        "steps": total,
+        "epochs": recipe.task.epochs,
+        "resumed_from_step": resumed_from or None,
+        "wall_time_s": round(wall, 2),
+        "active_loss_terms": run.loss.active_terms,
+        "parity_max_abs_diff": parity,
+        "machine": fingerprint(),
+    }
+    atomic_write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,142 @@
+"""Labelled task data for task-specific distillation: GLUE TSVs or a user's CSV / TSV / JSON-lines file.
+
+Every source is normalised to the columns of :mod:`homoexport.glue_data` (``text_a``, optional
+``text_b``, ``label``) and described by a :class:`~homoexport.glue_data.GlueTask` (labels, metrics),
+so GLUE and user data are scored by the same code. Batches are a function of the step (a per-epoch
+permutation from the seed), which makes resume exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from homoexport.glue_data import GlueDataError, GlueTask, get_task, load_tsv, subsample
+
+_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+class TaskDataError(GlueDataError):
+    """A task data file that cannot be used; the message names the file and the column."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train and dev rows of one task and how they are scored."""
+
+    task: GlueTask
+    train: Dataset
+    dev: Dataset
+    source: str
+
+
+def load_glue(name: str, data_dir: str | Path) -> TaskData:
+    """A GLUE task from the original TSV layout (its first dev split is the dev set)."""
+    task = get_task(name)
+    splits = load_tsv(task, data_dir)
+    return TaskData(task, splits["train"], splits[task.primary_split], f"GLUE {task.name} from {Path(data_dir) / task.directory}")
+
+
+def _read(path: Path) -> Dataset:
+    from datasets import load_dataset
+
+    if not path.is_file():
+        raise TaskDataError(f"{path}: file not found")
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise TaskDataError(f"{path}: unknown file type {path.suffix!r} (allowed: {', '.join(_FORMATS)})")
+    kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}  # TSVs: no quoting (GLUE convention)
+    try:
+        return load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+    except Exception as err:  # datasets wraps parser errors in several types; the cause is what the user needs
+        raise TaskDataError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, text_pair_column: str | None,
+               label_column: str, label_names: list[str] | None, regression: bool) -> TaskData:
+    """A user's task from two files with named columns.
+
+    Classification labels are the class names in ``label_names`` (the teacher's ``id2label``) or class
+    ids 0..n-1; regression labels are numbers. A missing column or an unknown label fails naming the file,
+    the column and (for labels) the row.
+    """
+    splits = {}
+    for split, path in (("train", Path(train_file)), ("dev", Path(dev_file))):
+        ds = _read(path)
+        for column in (text_column, text_pair_column, label_column):
+            if column is not None and column not in ds.column_names:
+                raise TaskDataError(f"{path}: no column {column!r} (found: {', '.join(ds.column_names)})")
+        texts = {"text_a": [str(x) for x in ds[text_column]]}
+        if text_pair_column:
+            texts["text_b"] = [str(x) for x in ds[text_pair_column]]
+        labels = [_label(raw, label_names, regression, path, label_column, row) for row, raw in enumerate(ds[label_column], start=1)]
+        splits[split] = Dataset.from_dict(texts | {"label": labels})
+    names = tuple(label_names or ())
+    if regression:
+        task = GlueTask("custom", "", ("text_a",), "label", None, ("score",), ("pearson", "spearman"), {"dev": ""}, ())
+    else:
+        n = len(names) or int(max(splits["train"]["label"])) + 1
+        names = names or tuple(str(i) for i in range(n))
+        task = GlueTask("custom", "", ("text_a",), "label", names, names, ("accuracy",), {"dev": ""}, ())
+    return TaskData(task, splits["train"], splits["dev"], f"{train_file} / {dev_file}")
+
+
+def _label(raw, names: list[str] | None, regression: bool, path: Path, column: str, row: int) -> int | float:
+    if regression:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            value = math.nan
+        if not math.isfinite(value):
+            raise TaskDataError(f"{path}: column {column!r}, row {row}: {raw!r} is not a number")
+        return value
+    if names and str(raw) in names:
+        return names.index(str(raw))
+    try:
+        value = int(str(raw))
+    except ValueError:
+        value = -1
+    if not 0 <= value < (len(names) if names else 1 << 30):
+        allowed = ", ".join(names) if names else "class ids 0, 1, ..."
+        raise TaskDataError(f"{path}: column {column!r}, row {row}: unknown label {raw!r} (allowed: {allowed})")
+    return value
+
+
+def limit(data: TaskData, max_train: int | None, max_dev: int | None, seed: int = 0) -> TaskData:
+    """A fixed subset of the rows (for quick runs and tests)."""
+    return TaskData(data.task, subsample(data.train, max_train, seed), subsample(data.dev, max_dev, seed), data.source)
+
+
+class TaskBatcher:
+    """Tokenised rows, padded per batch; batch ``step`` is the same whenever it is asked for."""
+
+    def __init__(self, rows: Dataset, tokenizer, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True):
+        pair = list(rows["text_b"]) if "text_b" in rows.column_names else None
+        encoded = tokenizer(list(rows["text_a"]), pair, truncation=True, max_length=max_length)
+        self.features = [{k: encoded[k][i] for k in encoded} for i in range(len(rows))]
+        self.labels = np.asarray(rows["label"])
+        self.tokenizer, self.batch_size, self.seed, self.shuffle = tokenizer, batch_size, seed, shuffle
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.features) / self.batch_size)
+
+    def order(self, epoch: int) -> np.ndarray:
+        n = len(self.features)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def batch_at(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, index = divmod(step, self.steps_per_epoch)
+        rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        batch = self.tokenizer.pad([self.features[i] for i in rows], return_tensors="pt")
+        label = torch.as_tensor(self.labels[rows])
+        batch["labels"] = label.float() if label.is_floating_point() else label.long()
+        return dict(batch)
