@@ -48,14 +48,31 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
-from homoexport.pruning.importance import ImportanceTracker
+from homoexport.errors import OutputExistsError, UsageError
 from homoexport.losses import DistillationLoss
-from homoexport.pruning.mask_groups import MaskedModel, Masks, UnitScores, Widths, config_widths, prepare, shrink, tensor_masks
 from homoexport.models import encode, load_model, load_tokenizer
+from homoexport.pruning.importance import ImportanceTracker
+from homoexport.pruning.mask_groups import (
+    MaskedModel,
+    Masks,
+    UnitScores,
+    Widths,
+    config_widths,
+    prepare,
+    shrink,
+    tensor_masks,
+)
+from homoexport.pruning.surgery import closed_form_parameters
 from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
-from homoexport.pruning.surgery import closed_form_parameters
-from homoexport.trainer import DistillModule, adamw, recipe_target, relation_layers, student_inputs, teacher_outputs
+from homoexport.trainer import (
+    DistillModule,
+    adamw,
+    recipe_target,
+    relation_layers,
+    student_inputs,
+    teacher_outputs,
+)
 
 SANDWICH_FILE = "sandwich.json"
 STAGE1_DIR, STAGE2_DIR = "stage1-assistant", "stage2-student"
@@ -79,13 +96,13 @@ def check_assistant(widths: Widths, full: Widths, target: Widths) -> None:
     """An assistant must be a stock shape between target and teacher in every group (stage 2 prunes
     the assistant down to the target, and masks only ever shrink)."""
     if not widths.is_stock:
-        raise ValueError(f"assistant {widths}: heads x head_dim must equal hidden")
+        raise UsageError(f"assistant {widths}: heads x head_dim must equal hidden")
     for name in ("hidden", "heads", "head_dim", "ffn"):
         w, lo, hi = getattr(widths, name), getattr(target, name), getattr(full, name)
         if not lo <= w <= hi:
-            raise ValueError(f"assistant {name}={w} must lie between the target's {lo} and the teacher's {hi}")
+            raise UsageError(f"assistant {name}={w} must lie between the target's {lo} and the teacher's {hi}")
     if widths == target or widths == full:
-        raise ValueError(f"assistant {widths} equals the {'target' if widths == target else 'teacher'}: it must lie strictly between")
+        raise UsageError(f"assistant {widths} equals the {'target' if widths == target else 'teacher'}: it must lie strictly between")
 
 
 def assistant_widths(hidden: int, full: Widths, target: Widths, heads: int | None = None, ffn: int | None = None,
@@ -94,10 +111,10 @@ def assistant_widths(hidden: int, full: Widths, target: Widths, heads: int | Non
     ffn to the same relative position between target and teacher as ``hidden``."""
     if heads is None:
         if hidden % target.head_dim:
-            raise ValueError(f"assistant hidden {hidden} is not a multiple of the target head_dim {target.head_dim}: give heads explicitly")
+            raise UsageError(f"assistant hidden {hidden} is not a multiple of the target head_dim {target.head_dim}: give heads explicitly")
         heads = hidden // target.head_dim
     if hidden % heads:
-        raise ValueError(f"assistant hidden ({hidden}) must be divisible by its heads ({heads})")
+        raise UsageError(f"assistant hidden ({hidden}) must be divisible by its heads ({heads})")
     widths = Widths(hidden, heads, hidden // heads, ffn if ffn is not None else _ffn_between(full, target, hidden, multiple))
     check_assistant(widths, full, target)
     return widths
@@ -107,7 +124,7 @@ def auto_candidates(full: Widths, target: Widths, count: int, multiple: int = 8)
     """``count`` shapes evenly spaced in head count between target and teacher (head_dim of the
     target, ffn interpolated alongside), widest first; duplicates and the endpoints are dropped."""
     if target.head_dim > full.head_dim:
-        raise ValueError(f"target head_dim {target.head_dim} exceeds the teacher's {full.head_dim}")
+        raise UsageError(f"target head_dim {target.head_dim} exceeds the teacher's {full.head_dim}")
     found: list[Widths] = []
     for i in range(count, 0, -1):
         heads = target.heads + round((full.heads - target.heads) * i / (count + 1))
@@ -116,7 +133,7 @@ def auto_candidates(full: Widths, target: Widths, count: int, multiple: int = 8)
         if w not in found and w != target and w != full and w.hidden > target.hidden:
             found.append(w)
     if not found:
-        raise ValueError(f"no intermediate width between target ({target}) and teacher ({full}); list assistant.candidates explicitly")
+        raise UsageError(f"no intermediate width between target ({target}) and teacher ({full}); list assistant.candidates explicitly")
     return found
 
 
@@ -211,7 +228,7 @@ def choose(candidates: Sequence[Candidate], lam: float) -> int:
         if c.role == "candidate" and (best is None or c.score > candidates[best].score):
             best = i
     if best is None:
-        raise ValueError("no eligible candidate to choose from")
+        raise UsageError("no eligible candidate to choose from")
     return best
 
 
@@ -257,21 +274,21 @@ def run_sandwich(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """
     spec = recipe.assistant
     if spec.metric == "mlm" and recipe.losses.mlm == 0 and recipe.losses.kl == 0:
-        raise ValueError("assistant.metric=mlm needs the MLM head, which this recipe does not train (losses.mlm and losses.kl are 0)")
+        raise UsageError("assistant.metric=mlm needs the MLM head, which this recipe does not train (losses.mlm and losses.kl are 0)")
     started = time.time()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed = recipe.training.seed
     torch.manual_seed(seed)
     teacher, has_mlm = load_model(recipe.teacher, attention="eager" if recipe.losses.attention > 0 else "sdpa")
     if spec.metric == "mlm" and not has_mlm:
-        raise ValueError(f"assistant.metric=mlm needs a teacher with an MLM head; {recipe.teacher} has none (use metric=representation)")
+        raise UsageError(f"assistant.metric=mlm needs a teacher with an MLM head; {recipe.teacher} has none (use metric=representation)")
     teacher.requires_grad_(False).eval().to(device)
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
     data = DataSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
                     eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
     train_blocks, eval_blocks = build_blocks(data, tokenizer)
     if not len(eval_blocks):
-        raise ValueError("the assistant choice needs held-out blocks: set data.eval or data.eval_blocks > 0")
+        raise UsageError("the assistant choice needs held-out blocks: set data.eval or data.eval_blocks > 0")
     use_mlm = has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=0.15 if use_mlm else None)
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, len(eval_blocks))
@@ -365,7 +382,14 @@ class _Bar:
     """A rich progress bar for the sandwich steps."""
 
     def __init__(self, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn("[bold]sandwich"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
@@ -392,14 +416,14 @@ def with_assistant_option(recipe: Recipe, option: str | None) -> Recipe:
     elif option.isdigit() and int(option) > 0:
         data["assistant"].update(mode="fixed", hidden=int(option), heads=None, ffn=None)
     else:
-        raise ValueError(f"--assistant {option!r}: expected auto, off or a hidden size such as 192")
+        raise UsageError(f"--assistant {option!r}: expected auto, off or a hidden size such as 192")
     return validate_recipe(data)
 
 
 def split_steps(total: int, stage1_fraction: float) -> tuple[int, int]:
     """Steps of (teacher -> assistant, assistant -> student); both at least 1."""
     if total < 2:
-        raise ValueError(f"a two-stage run needs training.steps >= 2, got {total}")
+        raise UsageError(f"a two-stage run needs training.steps >= 2, got {total}")
     first = min(total - 1, max(1, round(total * stage1_fraction)))
     return first, total - first
 
@@ -437,7 +461,7 @@ def _selection(recipe: Recipe, out: Path, full: Widths, target: Widths, resume: 
     if resume and path.is_file():
         saved = json.loads(path.read_text())
         if saved["spec"] != spec.model_dump(mode="json", by_alias=True) or saved["target"] != target.as_dict():
-            raise ValueError(f"{path} was made with other assistant settings or target; start over with --overwrite")
+            raise UsageError(f"{path} was made with other assistant settings or target; start over with --overwrite")
         return saved
     # Under data parallelism the main process alone runs the sandwich, so every rank uses the same choice.
     state = PartialState()
@@ -460,10 +484,10 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
     from transformers import AutoConfig
 
     if recipe.assistant.mode == "off":
-        raise ValueError("assistant.mode is off: use homoexport.trainer.distill, or set assistant.mode to auto or fixed")
+        raise UsageError("assistant.mode is off: use homoexport.trainer.distill, or set assistant.mode to auto or fixed")
     out = Path(out_dir) if out_dir else recipe.output_dir()
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+        raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     started = time.time()
     config = AutoConfig.from_pretrained(recipe.teacher)
     full = config_widths(config)

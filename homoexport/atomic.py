@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from homoexport.errors import OutputError, OutputExistsError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -45,6 +47,49 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def ensure_writable(path: str | os.PathLike) -> Path:
+    """Fail now, not after minutes of work, if an output cannot be created at ``path``.
+
+    Creates the parent directories and a probe file beside ``path``; raises :class:`OutputError`
+    (exit code 5) naming the path and the operating system's reason.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".homoexport-probe.", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OutputError(f"cannot write {path}: {reason} ({err.filename or path.parent})") from None
+    return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(final: Path) -> list[Path]:
+    """Remove staging directories of ``final`` left by processes that died (kill -9, power loss).
+
+    Staging names carry the writer's pid (``.NAME.PID.RANDOM.partial``); one whose pid is alive is
+    never touched, and neither is one of an older, pid-less name.
+    """
+    removed = []
+    for stale in final.parent.glob(f".{final.name}.*.partial"):
+        pid = stale.name[len(final.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+            removed.append(stale)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh sibling directory to fill; rename it to ``final`` only if the block succeeds.
@@ -54,9 +99,10 @@ def staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """
     final = Path(final)
     if final.exists() and not overwrite:
-        raise FileExistsError(f"output directory already exists: {final} (pass --overwrite to replace it)")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+        raise OutputExistsError(f"output directory already exists: {final} (pass --overwrite to replace it)")
+    ensure_writable(final)
+    remove_stale_staging(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the renamed output should be readable by others
     try:
         yield tmp

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from homoexport.errors import EXIT_MACHINE, EXIT_MISSING, EXIT_REGRESSION, InputNotFoundError, UsageError
 from homoexport.machine import physical_cores
 
 # Token ids drawn for random inputs stay in [LOW_ID, vocab): below ~1000 sit the special and unused
@@ -94,7 +95,7 @@ def load_session(model_path: str | os.PathLike, threads: int | None = None) -> "
 
     path = Path(model_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
+        raise InputNotFoundError(f"ONNX model not found: {path}")
     return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
 
 
@@ -125,10 +126,10 @@ def feeds_for(session: Any, input_ids: np.ndarray, attention_mask: np.ndarray | 
     feeds = {}
     for inp in session.get_inputs():
         if inp.name not in by_name:
-            raise ValueError(f"unsupported model input {inp.name!r}: expected a subset of {sorted(by_name)}")
+            raise UsageError(f"unsupported model input {inp.name!r}: expected a subset of {sorted(by_name)}")
         dtype = _ORT_INT_TYPES.get(inp.type)
         if dtype is None:
-            raise ValueError(f"unsupported type {inp.type} for input {inp.name!r}: expected one of {sorted(_ORT_INT_TYPES)}")
+            raise UsageError(f"unsupported type {inp.type} for input {inp.name!r}: expected one of {sorted(_ORT_INT_TYPES)}")
         feeds[inp.name] = by_name[inp.name].astype(dtype, copy=False)
     return feeds
 
@@ -154,9 +155,9 @@ def measure_latency(
     already-loaded session (its thread setting then wins over ``threads``).
     """
     if batch < 1 or seq < 1:
-        raise ValueError(f"batch and seq must be >= 1, got batch={batch} seq={seq}")
+        raise UsageError(f"batch and seq must be >= 1, got batch={batch} seq={seq}")
     if duration_s is None and repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+        raise UsageError(f"repeats must be >= 1, got {repeats}")
     threads = threads or physical_cores()
     sess = session if session is not None else load_session(model_path, threads)
     if inputs is None:
@@ -262,7 +263,7 @@ def measure_footprint(model_path: str | os.PathLike, batch: int = 1, seq: int = 
     """
     path = Path(model_path)
     if not path.is_file():
-        raise FileNotFoundError(f"ONNX model not found: {path}")
+        raise InputNotFoundError(f"ONNX model not found: {path}")
     code = "from homoexport.bench import _footprint_main; _footprint_main()"
     args = [sys.executable, "-c", code, str(path), str(batch), str(seq), str(threads or physical_cores())]
     proc = subprocess.run(args, capture_output=True, text=True)
@@ -318,11 +319,11 @@ def load_token_source(tokenizer_json: str | os.PathLike, text_path: str | os.Pat
         text = Path(text_path)
         lines = [ln.strip() for ln in text.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
-            raise ValueError(f"text file has no non-empty lines: {text}")
+            raise UsageError(f"text file has no non-empty lines: {text}")
         encoded = [e.ids for e in tok.encode_batch(lines, add_special_tokens=False)]
         encoded = [ids for ids in encoded if ids]
         if not encoded:
-            raise ValueError(f"text file {text} gives no tokens with {tokenizer_json}")
+            raise UsageError(f"text file {text} gives no tokens with {tokenizer_json}")
         stream = np.asarray([i for ids in encoded for i in ids], dtype=np.int64)
         return TokenSource(prefix, suffix, pad or 0, stream, encoded, origin=f"{Path(tokenizer_json).name} + {text.name}")
     vocab = tok.get_vocab()
@@ -339,10 +340,10 @@ def _sequence_lengths(batch: int, seq: int, seq_dist: str, n_special: int, rng: 
         return rng.integers(min(seq, n_special + 1), seq + 1, size=batch)
     if seq_dist == "text":
         if source is None or not source.lines:
-            raise ValueError("seq_dist='text' needs a tokenizer.json next to the model and a text file (--text)")
+            raise UsageError("seq_dist='text' needs a tokenizer.json next to the model and a text file (--text)")
         picks = rng.integers(0, len(source.lines), size=batch)
         return np.minimum([len(source.lines[i]) + n_special for i in picks], seq)
-    raise ValueError(f"unknown seq_dist {seq_dist!r}: expected one of {SEQ_DISTS}")
+    raise UsageError(f"unknown seq_dist {seq_dist!r}: expected one of {SEQ_DISTS}")
 
 
 def make_batches(
@@ -364,7 +365,7 @@ def make_batches(
     prefix, suffix = (source.prefix, source.suffix) if source else ([], [])
     n_special = len(prefix) + len(suffix)
     if seq <= n_special:
-        raise ValueError(f"seq={seq} leaves no room for content after {n_special} special tokens")
+        raise UsageError(f"seq={seq} leaves no room for content after {n_special} special tokens")
     feeds = []
     for _ in range(n):
         lengths = _sequence_lengths(batch, seq, seq_dist, n_special, rng, source)
@@ -419,17 +420,17 @@ class BenchSettings:
 
     def __post_init__(self) -> None:
         if not self.batches or not self.seqs or min(self.batches) < 1 or min(self.seqs) < 1:
-            raise ValueError(f"batches and seqs must be non-empty lists of positive integers, got {self.batches} and {self.seqs}")
+            raise UsageError(f"batches and seqs must be non-empty lists of positive integers, got {self.batches} and {self.seqs}")
         if self.threads and min(self.threads) < 1:
-            raise ValueError(f"threads must be positive, got {self.threads}")
+            raise UsageError(f"threads must be positive, got {self.threads}")
         if self.seq_dist not in SEQ_DISTS:
-            raise ValueError(f"unknown --seq-dist {self.seq_dist!r}: expected one of {', '.join(SEQ_DISTS)}")
+            raise UsageError(f"unknown --seq-dist {self.seq_dist!r}: expected one of {', '.join(SEQ_DISTS)}")
         if self.seq_dist == "text" and self.text is None:
-            raise ValueError("--seq-dist text needs --text FILE (one sentence per line)")
+            raise UsageError("--seq-dist text needs --text FILE (one sentence per line)")
         if self.text is not None and not Path(self.text).is_file():
-            raise FileNotFoundError(f"text file not found: {self.text}")
+            raise InputNotFoundError(f"text file not found: {self.text}")
         if self.warmup < 0 or (self.duration_s is None and self.repeats < 1) or (self.duration_s is not None and self.duration_s <= 0):
-            raise ValueError(f"need warmup >= 0 and repeats >= 1 (or duration > 0), got warmup={self.warmup} repeats={self.repeats} duration={self.duration_s}")
+            raise UsageError(f"need warmup >= 0 and repeats >= 1 (or duration > 0), got warmup={self.warmup} repeats={self.repeats} duration={self.duration_s}")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
@@ -451,16 +452,16 @@ def resolve_targets(specs: Sequence[str]) -> list[BenchTarget]:
         if path.is_dir():
             files = sorted(path.glob("*.onnx"))
             if not files:
-                raise FileNotFoundError(f"no *.onnx file in directory {path}")
+                raise InputNotFoundError(f"no *.onnx file in directory {path}")
             targets += [BenchTarget(f"{name or path.resolve().name}/{f.stem}", f) for f in files]
         elif path.is_file() and path.suffix == ".onnx":
             targets.append(BenchTarget(name or f"{path.resolve().parent.name}/{path.stem}", path))
         else:
-            raise FileNotFoundError(f"not an .onnx file or a directory containing one: {raw}")
+            raise InputNotFoundError(f"not an .onnx file or a directory containing one: {raw}")
     seen: dict[str, Path] = {}
     for t in targets:
         if t.name in seen:
-            raise ValueError(f"two models named {t.name!r} ({seen[t.name]} and {t.path}): name them with NAME=PATH")
+            raise UsageError(f"two models named {t.name!r} ({seen[t.name]} and {t.path}): name them with NAME=PATH")
         seen[t.name] = t.path
     return targets
 
@@ -496,7 +497,7 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
             bar.update(task, description=f"{target.name}: memory")
             source = _token_source_for(target.path, settings.text)
             if settings.seq_dist == "text" and source is None:
-                raise FileNotFoundError(f"--seq-dist text needs a tokenizer.json next to {target.path} (and the `tokenizers` package)")
+                raise InputNotFoundError(f"--seq-dist text needs a tokenizer.json next to {target.path} (and the `tokenizers` package)")
             fp = measure_footprint(target.path, max(settings.batches), max(settings.seqs), max(threads_list))
             size = file_size_bytes(target.path)
             vocab = vocab_size_near(target.path)
@@ -534,7 +535,13 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
 
 def _progress(enabled: bool) -> Any:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -547,10 +554,6 @@ def _progress(enabled: bool) -> Any:
 # task/metric/variant) and turn the result into an exit code for CI.
 
 EXIT_OK = 0
-EXIT_REGRESSION = 1  # a latency or accuracy regression beyond the allowed limit
-EXIT_USAGE = 2  # bad arguments or unreadable inputs (also Typer's code for usage errors)
-EXIT_MISSING = 3  # an entry of the baseline has no counterpart in the current run
-EXIT_MACHINE = 4  # the baseline was measured on another machine: latencies not compared
 
 GATE_METRICS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms")
 # Fields of the fingerprint that make latencies incomparable when they differ (its "id" hashes these).
@@ -686,9 +689,9 @@ def compare_reports(
     (source, task, metric, variant) may lose at most that many points.
     """
     if metric not in GATE_METRICS:
-        raise ValueError(f"unknown metric {metric!r}: expected one of {', '.join(GATE_METRICS)}")
+        raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(GATE_METRICS)}")
     if max_regression < 0 or (max_accuracy_drop is not None and max_accuracy_drop < 0):
-        raise ValueError("max_regression and max_accuracy_drop must be >= 0")
+        raise UsageError("max_regression and max_accuracy_drop must be >= 0")
     differences = machine_differences(current.get("machine", {}), baseline.get("machine", {}))
     latency_compared = not differences or allow_machine_mismatch
     diffs: list[Diff] = []
@@ -725,11 +728,11 @@ def load_report(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"baseline not found: {path}") from None
+        raise InputNotFoundError(f"baseline not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise UsageError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ValueError(f"{path} is not a homoexport bench report (expected \"schema\": \"{SCHEMA}\")")
+        raise UsageError(f"{path} is not a homoexport bench report (expected \"schema\": \"{SCHEMA}\")")
     return data
 
 
@@ -742,9 +745,9 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"{what} must be a comma-separated list of positive integers, got {text!r}") from None
+        raise UsageError(f"{what} must be a comma-separated list of positive integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise ValueError(f"{what} must be a comma-separated list of positive integers, got {text!r}")
+        raise UsageError(f"{what} must be a comma-separated list of positive integers, got {text!r}")
     return values
 
 
@@ -760,9 +763,9 @@ def parse_fraction(text: str) -> float:
     try:
         value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
     except ValueError:
-        raise ValueError(f"--max-regression must look like 10% or 0.1, got {text!r}") from None
+        raise UsageError(f"--max-regression must look like 10% or 0.1, got {text!r}") from None
     if value < 0 or (not raw.endswith("%") and value > 1):
-        raise ValueError(f"--max-regression must look like 10% or 0.1 (a fraction in [0, 1]), got {text!r}")
+        raise UsageError(f"--max-regression must look like 10% or 0.1 (a fraction in [0, 1]), got {text!r}")
     return value
 
 
@@ -807,10 +810,10 @@ def run_bench(
     targets = resolve_targets(paths)
     base = load_report(baseline) if baseline is not None else None
     if max_accuracy_drop is not None and base is not None and not base.get("accuracy"):
-        raise ValueError(f"--max-accuracy-drop given but the baseline {baseline} has no accuracy entries (bench it with --glue)")
+        raise UsageError(f"--max-accuracy-drop given but the baseline {baseline} has no accuracy entries (bench it with --glue)")
     glue_reports = find_glue_reports(glue, dict.fromkeys(t.path.parent for t in targets))
     if max_accuracy_drop is not None and not glue_reports:
-        raise ValueError("--max-accuracy-drop given but no glue_report.json found: pass --glue PATH")
+        raise UsageError("--max-accuracy-drop given but no glue_report.json found: pass --glue PATH")
     report = bench(targets, settings, glue_reports, progress)
     comparison = None
     if base is not None:

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.errors import EXIT_BUDGET, UsageError
 from homoexport.machine import fingerprint, package_versions, physical_cores
 
 SCHEMA = "homoexport.plan/1"
@@ -66,12 +67,14 @@ PLAN_TASKS = ("feature-extraction", "text-classification", "fill-mask")
 MB = 2**20
 
 
-class BudgetError(ValueError):
+class BudgetError(UsageError):
     """A budget, candidate list or plan input that cannot be used; the message says what is accepted."""
 
 
 class NoFitError(BudgetError):
     """No candidate fits the budget; the message names the smallest achievable figure."""
+
+    exit_code = EXIT_BUDGET
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,7 +384,11 @@ class CandidateExporter:
     def build(self, shape: Shape, model_dir: Path) -> Path:
         """Save a random-weight student of ``shape`` with the teacher's tokenizer to ``model_dir``."""
         import torch
-        from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+        from transformers import (
+            AutoModel,
+            AutoModelForMaskedLM,
+            AutoModelForSequenceClassification,
+        )
 
         config = self.config.__class__.from_dict({**self.config.to_dict(), "hidden_size": shape.hidden, "num_attention_heads": shape.heads,
                                                   "intermediate_size": shape.ffn, "num_hidden_layers": shape.layers})
@@ -415,7 +422,12 @@ def measure_file(path: Path, settings: PlanSettings, with_rss: bool) -> Measurem
     """
     import numpy as np
 
-    from homoexport.bench import file_size_bytes, load_session, measure_footprint, measure_latency
+    from homoexport.bench import (
+        file_size_bytes,
+        load_session,
+        measure_footprint,
+        measure_latency,
+    )
 
     threads = settings.resolved_threads()
     session = load_session(path, threads)

@@ -6,6 +6,7 @@ No work is done here that a Python user could not do by calling the same functio
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Optional
 
@@ -13,8 +14,32 @@ import typer
 from rich.console import Console
 
 from homoexport import __version__
+from homoexport.errors import HomoexportError
 
-app = typer.Typer(
+
+class _App(typer.Typer):
+    """Typer whose commands turn a :class:`HomoexportError` into one line and its exit code.
+
+    Only that hierarchy is caught: any other exception is a bug and keeps its traceback.
+    """
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+
+        def decorator(fn):
+            @functools.wraps(fn)
+            def wrapper(*a, **kw):
+                try:
+                    return fn(*a, **kw)
+                except HomoexportError as e:
+                    fail(str(e), e.exit_code)
+
+            return register(wrapper)
+
+        return decorator
+
+
+app = _App(
     name="homoexport",
     help="Compress BERT-class encoders with HomoDistil to a budget measured on this machine, export them to "
     "quantized ONNX, and validate accuracy and latency.",
@@ -36,6 +61,17 @@ def main(
     version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """homoexport: HomoDistil -> ONNX int8 -> GLUE and latency reports."""
+
+
+def _check_out(out: Optional[Path]) -> None:
+    """Fail with exit code 5 before any work when ``--out`` cannot be written."""
+    if out is not None:
+        from homoexport.atomic import ensure_writable
+
+        try:
+            ensure_writable(out)
+        except HomoexportError as e:
+            fail(str(e), e.exit_code)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -63,15 +99,13 @@ def prune_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ) -> None:
     """One-shot importance prune of a model to a target shape (no training); writes a loadable stock BERT."""
+    _check_out(out)
     from homoexport.models import quiet_transformers
     from homoexport.prune import prune_model
 
     quiet_transformers()
-    try:
-        report = prune_model(model, out, hidden=hidden, heads=heads, ffn=ffn, data=data or None, batches=batches,
-                             batch_size=batch_size, block_size=seq, importance=importance, seed=seed, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        fail(str(e))
+    report = prune_model(model, out, hidden=hidden, heads=heads, ffn=ffn, data=data or None, batches=batches,
+                         batch_size=batch_size, block_size=seq, importance=importance, seed=seed, overwrite=overwrite)
     b, a = report["before"], report["after"]
     console.print(f"pruned {model}: {_shape(b)} -> {_shape(a)}; parameters {b['parameters']:,} -> {a['parameters']:,} "
                   f"({report['parameter_ratio']:.1%}); parity max-abs-diff {report['parity_max_abs_diff']:.2e}; wrote {out}", highlight=False)
@@ -123,25 +157,27 @@ def distill_command(
 
     Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
     Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
-    from homoexport.assistant import distill_with_assistant, tradeoff_table, with_assistant_option
+    _check_out(out)
+    from homoexport.assistant import (
+        distill_with_assistant,
+        tradeoff_table,
+        with_assistant_option,
+    )
     from homoexport.budget import default_cache_path, plan_for_recipe
     from homoexport.models import quiet_transformers
-    from homoexport.recipe import RecipeError, load_recipe
+    from homoexport.recipe import load_recipe
     from homoexport.trainer import distill
 
     quiet_transformers()
-    try:
-        r, plan = plan_for_recipe(with_assistant_option(load_recipe(recipe, set_), assistant), budget=budget, plan_file=plan_file,
-                                  cache_path=default_cache_path(), progress=progress)
-        if plan:
-            console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
-        if r.task is not None:
-            report = _distill_task(r, out, resume, overwrite, progress)
-        else:
-            run = distill_with_assistant if r.assistant.mode != "off" else distill
-            report = run(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
-    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        fail(str(e))
+    r, plan = plan_for_recipe(with_assistant_option(load_recipe(recipe, set_), assistant), budget=budget, plan_file=plan_file,
+                              cache_path=default_cache_path(), progress=progress)
+    if plan:
+        console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
+    if r.task is not None:
+        report = _distill_task(r, out, resume, overwrite, progress)
+    else:
+        run = distill_with_assistant if r.assistant.mode != "off" else distill
+        report = run(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
     if report and report.get("schema") == "homoexport.task_distill/1":
         _print_task_report(report)
         return
@@ -211,28 +247,32 @@ def bench_command(
     """Measure ONNX models with onnxruntime: latency (mean, p50/p90/p99, stdev), throughput, file size, load time and
     peak RSS of the session, on this machine (fingerprint recorded). Prints a markdown table; with --compare, gates
     against a baseline for CI. Needs only onnxruntime + numpy (no torch)."""
-    from homoexport.bench import BenchSettings, parse_fraction, parse_int_list, parse_threads, run_bench
+    _check_out(out)
+    from homoexport.bench import (
+        BenchSettings,
+        parse_fraction,
+        parse_int_list,
+        parse_threads,
+        run_bench,
+    )
 
     if repeats is not None and duration is not None:
         fail("--repeats and --duration are exclusive: give one")
-    try:
-        settings = BenchSettings(
-            batches=parse_int_list(batch, "--batch"),
-            seqs=parse_int_list(seq, "--seq"),
-            threads=parse_threads(threads),
-            warmup=warmup,
-            repeats=repeats or 50,
-            duration_s=duration,
-            seq_dist=seq_dist,
-            text=text,
-            seed=seed,
-        )
-        outcome = run_bench(
-            paths, settings, out=out, plot_dir=plot, glue=glue, baseline=compare, max_regression=parse_fraction(max_regression),
-            metric=metric, max_accuracy_drop=max_accuracy_drop, allow_machine_mismatch=allow_machine_mismatch,
-        )
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        fail(str(e))
+    settings = BenchSettings(
+        batches=parse_int_list(batch, "--batch"),
+        seqs=parse_int_list(seq, "--seq"),
+        threads=parse_threads(threads),
+        warmup=warmup,
+        repeats=repeats or 50,
+        duration_s=duration,
+        seq_dist=seq_dist,
+        text=text,
+        seed=seed,
+    )
+    outcome = run_bench(
+        paths, settings, out=out, plot_dir=plot, glue=glue, baseline=compare, max_regression=parse_fraction(max_regression),
+        metric=metric, max_accuracy_drop=max_accuracy_drop, allow_machine_mismatch=allow_machine_mismatch,
+    )
     print(outcome.markdown)
     for path in ([out] if out else []) + outcome.plots:
         console.print(f"wrote {path}", highlight=False)
@@ -250,12 +290,10 @@ def report_command(
 ) -> None:
     """Gather the distill, export, GLUE and bench reports of runs into one report.md (+ accuracy-vs-latency Pareto
     and width-schedule plots), readable in a browser or a PR comment. Missing reports are skipped and said so."""
+    _check_out(out)
     from homoexport.report import SECTIONS, write_report
 
-    try:
-        path, gathered = write_report(run_dirs, out, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        fail(str(e))
+    path, gathered = write_report(run_dirs, out, overwrite=overwrite)
     for section in SECTIONS:
         n = len(gathered.found.get(section.key, []))
         console.print(f"{section.title}: {n} {section.filename}" if n else f"{section.title}: none found, skipped", highlight=False)
@@ -338,15 +376,12 @@ def glue_command(
 ) -> None:
     """Fine-tune MODEL_DIR on one GLUE task (or, with --no-train, take it as it is), export it to ONNX fp32 + int8, and
     score PyTorch, ONNX fp32 and ONNX int8 on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
-    from homoexport.export import ExportError
+    _check_out(out)
     from homoexport.glue import report_table, run_glue
 
-    try:
-        settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
-                                  max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads, train)
-        report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
-        fail(str(e))
+    settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
+                              max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads, train)
+    report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
     Console().print(report_table(report))
     console.print(f"wrote {out / 'glue_report.json'}", highlight=False)
 
@@ -377,15 +412,12 @@ def glue_suite_command(
 ) -> None:
     """Run `homoexport glue` on several tasks with the same settings and write one table (markdown + JSON) in the GLUE
     paper's column order (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE) with the average, for each backend."""
-    from homoexport.export import ExportError
+    _check_out(out)
     from homoexport.glue import run_glue_suite, suite_table
 
-    try:
-        settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
-                                  max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
-        suite = run_glue_suite(model_dir, [t.strip() for t in tasks.split(",") if t.strip()], out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError, ExportError) as e:  # GlueDataError is a ValueError
-        fail(str(e))
+    settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
+                              max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
+    suite = run_glue_suite(model_dir, [t.strip() for t in tasks.split(",") if t.strip()], out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
     Console().print(suite_table(suite))
     console.print(f"wrote {out / 'glue_suite.json'} and {out / 'glue_suite.md'}", highlight=False)
 
@@ -419,20 +451,18 @@ def export_command(
     """Export MODEL_DIR to ONNX through optimum, fuse it (ORTOptimizer), quantize it to int8 (ORTQuantizer), and validate
     every file: fp32 vs PyTorch, int8 vs fp32, fused Attention count; latency at batch 1 / seq 128. Any failed check stops
     the export and leaves EXPORT_DIR untouched."""
-    from homoexport.export import ExportError, export_model, report_table
+    _check_out(out)
+    from homoexport.export import export_model, report_table
     from homoexport.models import quiet_transformers
 
     quiet_transformers()
     if not onnx:
         fail("nothing to export: pass --onnx (the only export format)")
-    try:
-        report = export_model(
-            model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
-            keep_fp32=_groups(keep_fp32), calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
-            int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads, progress=progress,
-        )
-    except (ExportError, FileExistsError) as e:
-        fail(str(e))
+    report = export_model(
+        model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
+        keep_fp32=_groups(keep_fp32), calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
+        int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads, progress=progress,
+    )
     Console().print(report_table(report))
     console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)
 
@@ -473,25 +503,31 @@ def plan_command(
     """Choose the largest student shape of TEACHER whose cost, measured on this machine through onnxruntime on random-weight
     candidates exported exactly as `homoexport export` does, fits the budget. Bisects the candidates by size, caches every
     measurement, never returns a shape over budget, and fails naming the smallest achievable figure when none fits."""
-    from homoexport.budget import BudgetError, PlanSettings, default_cache_path, export_candidates, parse_candidates, plan, plan_table, teacher_shape
-    from homoexport.export import ExportError
+    _check_out(out)
+    from homoexport.budget import (
+        BudgetError,
+        PlanSettings,
+        default_cache_path,
+        export_candidates,
+        parse_candidates,
+        plan,
+        plan_table,
+        teacher_shape,
+    )
     from homoexport.models import quiet_transformers
 
     quiet_transformers()
-    try:
-        settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
-        shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, layers) if candidates else None
-        if export_candidates_dir is not None:
-            manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, layers, overwrite=overwrite, progress=progress)
-            console.print(f"wrote {len(manifest['candidates'])} candidates to {export_candidates_dir}; on the target run "
-                          f"`homoexport measure {export_candidates_dir}`, then `homoexport plan --measurements .../measurements.json`", highlight=False)
-            return
-        if budget is None:
-            raise BudgetError("--budget is required (or --export-candidates DIR)")
-        report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
-                      cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot, progress=progress)
-    except (BudgetError, ExportError, FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
-        fail(str(e))
+    settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
+    shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, layers) if candidates else None
+    if export_candidates_dir is not None:
+        manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, layers, overwrite=overwrite, progress=progress)
+        console.print(f"wrote {len(manifest['candidates'])} candidates to {export_candidates_dir}; on the target run "
+                      f"`homoexport measure {export_candidates_dir}`, then `homoexport plan --measurements .../measurements.json`", highlight=False)
+        return
+    if budget is None:
+        raise BudgetError("--budget is required (or --export-candidates DIR)")
+    report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
+                  cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot, progress=progress)
     Console().print(plan_table(report))
     c = report["chosen"]
     predicted = f"; predicted p50 {c['predicted']['p50_ms']:.2f} ms, file {c['predicted']['file_bytes'] / 2**20:.1f} MB" if c["predicted"] else ""
@@ -511,12 +547,10 @@ def measure_command(
 ) -> None:
     """Time exported plan candidates on this machine (latency p50/p90, file size, session RSS). Needs only onnxruntime + numpy,
     so it runs on the edge device; feed the result to `homoexport plan --measurements`."""
-    from homoexport.budget import BudgetError, measure_candidates
+    _check_out(out)
+    from homoexport.budget import measure_candidates
 
-    try:
-        data = measure_candidates(directory, threads=threads, rss=rss, out=out, progress=progress)
-    except (BudgetError, FileNotFoundError, RuntimeError) as e:
-        fail(str(e))
+    data = measure_candidates(directory, threads=threads, rss=rss, out=out, progress=progress)
     for row in data["candidates"]:
         m = row["measurement"]
         rss_text = f", rss {m['rss_mb']:.1f} MB" if m["rss_mb"] is not None else ""

@@ -39,6 +39,7 @@ import torch
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.errors import UsageError
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HUB_PREFIX = "hub:"
@@ -50,7 +51,7 @@ _TOKENIZE_BATCH = 1000  # documents per tokenizer call: large enough to amortise
 _SHUFFLE, _MASKING = 1, 2
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """A data source is missing, unreadable, of an unknown format, or yields too little text."""
 
 
@@ -272,7 +273,13 @@ def _pack_inputs(inputs: list[Source], tokenizer: PreTrainedTokenizerFast, block
                  max_blocks: int | None, out: IO[bytes], label: str) -> dict:
     """Stream every input through tokenization and packing into ``out``; return counts."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     n_blocks = n_docs = n_tokens = 0
     start = time.perf_counter()
@@ -419,7 +426,7 @@ class BlockBatcher:
     def global_ids(self, step: int) -> torch.Tensor:
         """[batch_size, block_size] int64 clean token ids of the global batch at ``step``."""
         if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+            raise UsageError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         rows = self.order(epoch)[within * self.batch_size:(within + 1) * self.batch_size]
         return torch.from_numpy(np.asarray(self.blocks[rows], dtype=np.int64))
@@ -432,9 +439,9 @@ class BlockBatcher:
         not masked).
         """
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise UsageError(f"rank must be in [0, {world_size}), got {rank}")
         if n_micro < 1 or self.batch_size % (world_size * n_micro):
-            raise ValueError(
+            raise UsageError(
                 f"global batch {self.batch_size} does not split into {world_size} ranks x {n_micro} micro-batches"
             )
         ids = self.global_ids(step)

@@ -34,6 +34,12 @@ import numpy as np
 
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.bench import load_session, measure_latency
+from homoexport.errors import (
+    EXIT_USAGE,
+    CheckError,
+    InputNotFoundError,
+    UsageError,
+)
 from homoexport.machine import cpu_info, fingerprint
 
 TASKS = ("feature-extraction", "fill-mask", "text-classification")
@@ -91,8 +97,14 @@ VALIDATION_TEXTS = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(CheckError):
     """An export that cannot produce a correct model; the message names the input and what to change."""
+
+
+class ExportInputError(ExportError, UsageError):
+    """An export asked for with inputs or options that cannot work (a usage error, exit code 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -106,19 +118,19 @@ class Candidate:
 
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
-        raise ExportError(f"invalid {name} {value!r}: expected one of {', '.join(allowed)}")
+        raise ExportInputError(f"invalid {name} {value!r}: expected one of {', '.join(allowed)}")
 
 
 def infer_task(architectures: Sequence[str] | None) -> str:
     """Export task from ``config.architectures``: *Model -> feature-extraction, *ForMaskedLM -> fill-mask,
     *ForSequenceClassification -> text-classification."""
     if not architectures:
-        raise ExportError(f"config.json has no 'architectures': pass --task explicitly ({', '.join(TASKS)})")
+        raise ExportInputError(f"config.json has no 'architectures': pass --task explicitly ({', '.join(TASKS)})")
     arch = architectures[0]
     for suffix, task in _TASK_BY_ARCH_SUFFIX:
         if arch.endswith(suffix):
             return task
-    raise ExportError(f"cannot infer the export task from architecture {arch!r}: pass --task ({', '.join(TASKS)})")
+    raise ExportInputError(f"cannot infer the export task from architecture {arch!r}: pass --task ({', '.join(TASKS)})")
 
 
 def detect_target(cpu: dict[str, Any]) -> str:
@@ -132,7 +144,7 @@ def detect_target(cpu: dict[str, Any]) -> str:
         return "avx512"
     if "avx2" in isa:
         return "avx2"
-    raise ExportError(
+    raise ExportInputError(
         f"no int8 kernel family for this CPU ({cpu['cpu_model']}, {cpu['arch']}, ISA {sorted(isa)}): "
         f"pass --target {'|'.join(TARGETS[1:])} or --quantize none"
     )
@@ -163,7 +175,7 @@ def read_texts(path: Path, limit: int) -> list[str | tuple[str, str]]:
     """Up to ``limit`` texts from ``path``: a .txt/.txt.gz file (one text per line) or a GLUE-style .tsv
     whose header names the text column(s) (sentence, sentence1/sentence2, question/sentence, ...)."""
     if not path.is_file():
-        raise ExportError(f"calibration data not found: {path}")
+        raise ExportInputError(f"calibration data not found: {path}")
     if path.suffix == ".tsv":
         return _read_tsv_texts(path, limit)
     opener = gzip.open if path.suffix == ".gz" else open
@@ -175,7 +187,7 @@ def read_texts(path: Path, limit: int) -> list[str | tuple[str, str]]:
             if len(texts) >= limit:
                 break
     if not texts:
-        raise ExportError(f"no text lines in {path}")
+        raise ExportInputError(f"no text lines in {path}")
     return texts
 
 
@@ -188,7 +200,7 @@ def _read_tsv_texts(path: Path, limit: int) -> list[str | tuple[str, str]]:
         header = next(rows, [])
         columns = next((cols for cols in _TSV_TEXT_COLUMNS if all(c in header for c in cols)), None)
         if columns is None:
-            raise ExportError(
+            raise ExportInputError(
                 f"{path}: no text column in the header {header}; expected one of {[list(c) for c in _TSV_TEXT_COLUMNS]} "
                 "(or give a .txt file with one text per line)"
             )
@@ -201,7 +213,7 @@ def _read_tsv_texts(path: Path, limit: int) -> list[str | tuple[str, str]]:
             if len(texts) >= limit:
                 break
     if not texts:
-        raise ExportError(f"no rows with text in {path}")
+        raise ExportInputError(f"no rows with text in {path}")
     return texts
 
 
@@ -222,7 +234,11 @@ def validation_batches(tokenizer: Any, texts: Sequence[str], max_length: int) ->
 
 
 def _load_model_class(task: str) -> Any:
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModel,
+        AutoModelForMaskedLM,
+        AutoModelForSequenceClassification,
+    )
 
     return {"feature-extraction": AutoModel, "fill-mask": AutoModelForMaskedLM, "text-classification": AutoModelForSequenceClassification}[task]
 
@@ -233,12 +249,12 @@ def load_model(model_dir: Path, task: str) -> Any:
     try:
         model, info = _load_model_class(task).from_pretrained(model_dir, output_loading_info=True)
     except Exception as e:  # transformers/safetensors raise many types for unreadable checkpoints
-        raise ExportError(f"cannot load a {task} model from {model_dir}: {type(e).__name__}: {e}") from e
+        raise ExportInputError(f"cannot load a {task} model from {model_dir}: {type(e).__name__}: {e}") from e
     allowed = _OPTIONAL_MISSING_PREFIXES.get(task, ())
     missing = [k for k in info["missing_keys"] if not k.startswith(allowed)]
     if missing or info.get("mismatched_keys"):
         shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ExportError(
+        raise ExportInputError(
             f"{model_dir} lacks weights for task {task!r} (missing: {shown or '-'}; "
             f"shape-mismatched: {len(info.get('mismatched_keys') or [])}): they would be random in the export; "
             f"check --task (config.architectures = {model.config.architectures})"
@@ -253,11 +269,11 @@ def load_tokenizer(model_dir: Path, vocab_size: int) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:  # missing/corrupt tokenizer files surface as OSError, ValueError, TypeError...
-        raise ExportError(f"cannot load the tokenizer from {model_dir} (the export ships it for ORTModel users): {type(e).__name__}: {e}") from e
+        raise ExportInputError(f"cannot load the tokenizer from {model_dir} (the export ships it for ORTModel users): {type(e).__name__}: {e}") from e
     # The largest id, not len(): a vocab file with duplicate entries has holes, so ids reach past len().
     needed = max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
     if needed > vocab_size:
-        raise ExportError(
+        raise ExportInputError(
             f"tokenizer in {model_dir} produces ids up to {needed - 1} but the model's vocab_size is {vocab_size}: "
             "ids past the embedding matrix would fail or read garbage; save the tokenizer the model was trained with"
         )
@@ -424,10 +440,9 @@ def _quantize(src: Path, work: Path, qconfig: Any, model_config: Any, ranges: di
 
 def _calibrate(src: Path, work: Path, model_config: Any, tokenizer: Any, texts: Sequence[str | tuple[str, str]], max_length: int) -> dict:
     """Activation ranges (min-max) of ``src`` over the calibration texts, one text per ORT run."""
+    import onnx
     from datasets import Dataset
     from optimum.onnxruntime import AutoCalibrationConfig, ORTQuantizer
-
-    import onnx
 
     input_names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
     rows = [encode(tokenizer, [t], max_length) for t in texts]
@@ -460,7 +475,7 @@ def deployed_model_path(export_dir: str | Path) -> Path:
     for name in (QUANTIZED_FILE, OPTIMIZED_FILE, FP32_FILE):
         if (export_dir / name).is_file():
             return export_dir / name
-    raise FileNotFoundError(f"no {FP32_FILE}, {OPTIMIZED_FILE} or {QUANTIZED_FILE} in {export_dir}")
+    raise InputNotFoundError(f"no {FP32_FILE}, {OPTIMIZED_FILE} or {QUANTIZED_FILE} in {export_dir}")
 
 
 class _Steps:
@@ -523,27 +538,27 @@ def export_model(
     for group in keep_fp32:
         _check_choice("keep-fp32 group", group, tuple(FP32_GROUPS))
     if keep_fp32 and quantize == "none":
-        raise ExportError("--keep-fp32 only applies to an int8 export (got --quantize none)")
+        raise ExportInputError("--keep-fp32 only applies to an int8 export (got --quantize none)")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
-        raise ExportError(f"not a model directory (no config.json): {model_dir}")
+        raise ExportInputError(f"not a model directory (no config.json): {model_dir}")
     if quantize == "static" and calibration_data is None:
-        raise ExportError("--quantize static needs --calibration-data (a .txt file, one text per line, or a GLUE .tsv)")
+        raise ExportInputError("--quantize static needs --calibration-data (a .txt file, one text per line, or a GLUE .tsv)")
     if quantize != "static" and calibration_data is not None:
-        raise ExportError(f"--calibration-data is only used by --quantize static (got --quantize {quantize})")
+        raise ExportInputError(f"--calibration-data is only used by --quantize static (got --quantize {quantize})")
     if order == "fuse-first" and optimize == "none":
-        raise ExportError("--order fuse-first needs an --optimize level other than none")
+        raise ExportInputError("--order fuse-first needs an --optimize level other than none")
     if out_dir.exists() and not overwrite:
-        raise ExportError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
+        raise ExportInputError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
     if len(validation_texts) < 2:
-        raise ExportError(f"validation needs at least 2 texts (got {len(validation_texts)}): they are also paired to check token types")
+        raise ExportInputError(f"validation needs at least 2 texts (got {len(validation_texts)}): they are also paired to check token types")
 
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as e:  # a malformed config.json surfaces as OSError/ValueError/JSONDecodeError
-        raise ExportError(f"cannot read {model_dir / 'config.json'}: {type(e).__name__}: {e}") from e
+        raise ExportInputError(f"cannot read {model_dir / 'config.json'}: {type(e).__name__}: {e}") from e
     task_source = "given"
     if task == "auto":
         task, task_source = infer_task(config.architectures), f"config.architectures[0] = {config.architectures[0]}"
@@ -561,7 +576,7 @@ def export_model(
         masks = [b["attention_mask"] for b in batches]
         reference = [torch_outputs(model, b) for b in batches]
         if not all(np.isfinite(r).all() for r in reference):
-            raise ExportError(f"the PyTorch model in {model_dir} gives NaN/inf outputs: its weights are corrupted")
+            raise ExportInputError(f"the PyTorch model in {model_dir} gives NaN/inf outputs: its weights are corrupted")
         steps.done()
 
         steps.start("exporting fp32 ONNX (optimum)")
@@ -589,7 +604,7 @@ def export_model(
             steps.start(f"quantizing ({quantize}, {resolved_target})")
             excluded = fp32_nodes(stage / FP32_FILE, keep_fp32)
             if keep_fp32 and not excluded:
-                raise ExportError(f"--keep-fp32 {','.join(keep_fp32)} matched no MatMul node of the exported graph")
+                raise ExportInputError(f"--keep-fp32 {','.join(keep_fp32)} matched no MatMul node of the exported graph")
             qconfig = quantization_config(quantize, resolved_target, per_channel, excluded)
             calib_texts = read_texts(Path(calibration_data), calibration_samples) if calibration_data is not None else None
             candidates = _build_candidates(stage, work, optimize, order, qconfig, config, tokenizer, calib_texts, max_length)

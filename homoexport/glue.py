@@ -30,7 +30,14 @@ import onnxruntime as ort
 import torch
 from datasets import Dataset, DatasetDict
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from transformers import (
     AutoConfig,
@@ -46,9 +53,20 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
+from homoexport.errors import InputNotFoundError, UsageError
 from homoexport.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
 from homoexport.export import REPORT_FILE as EXPORT_REPORT_FILE
-from homoexport.glue_data import GLUE_ORDER, HUB_DATASET, GlueTask, get_task, load_hub, load_tsv, predictions, score, subsample
+from homoexport.glue_data import (
+    GLUE_ORDER,
+    HUB_DATASET,
+    GlueTask,
+    get_task,
+    load_hub,
+    load_tsv,
+    predictions,
+    score,
+    subsample,
+)
 from homoexport.machine import fingerprint, physical_cores
 
 console = Console(stderr=True)
@@ -90,24 +108,24 @@ class GlueSettings:
 
     def __post_init__(self) -> None:
         if not self.train and len(self.seeds) != 1:
-            raise ValueError("scoring a finished classifier (--no-train) takes one seed: there is no training to repeat")
+            raise UsageError("scoring a finished classifier (--no-train) takes one seed: there is no training to repeat")
         if self.quantize not in QUANTIZE_MODES:
-            raise ValueError(f"unknown quantize mode {self.quantize!r} (allowed: {', '.join(QUANTIZE_MODES)})")
+            raise UsageError(f"unknown quantize mode {self.quantize!r} (allowed: {', '.join(QUANTIZE_MODES)})")
         if not self.seeds:
-            raise ValueError("at least one seed is needed")
+            raise UsageError("at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds repeat: {', '.join(map(str, self.seeds))}")
+            raise UsageError(f"seeds repeat: {', '.join(map(str, self.seeds))}")
         for name in ("batch_size", "eval_batch_size", "max_length", "eval_steps", "max_train_samples", "max_eval_samples", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+                raise UsageError(f"{name} must be positive, got {value}")
         if self.epochs <= 0 or self.learning_rate <= 0:
-            raise ValueError(f"epochs and learning_rate must be positive, got {self.epochs} and {self.learning_rate}")
+            raise UsageError(f"epochs and learning_rate must be positive, got {self.epochs} and {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise UsageError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         unknown = [g for g in self.keep_fp32 if g not in FP32_GROUPS]
         if unknown:
-            raise ValueError(f"unknown keep-fp32 group {', '.join(map(repr, unknown))} (allowed: {', '.join(FP32_GROUPS)})")
+            raise UsageError(f"unknown keep-fp32 group {', '.join(map(repr, unknown))} (allowed: {', '.join(FP32_GROUPS)})")
 
     @property
     def inference_threads(self) -> int:
@@ -128,7 +146,7 @@ class EvalResult:
 def load_data(task: GlueTask, data_dir: str | os.PathLike | None = None, hub: bool = False) -> DatasetDict:
     """Train + dev splits from the original TSV layout under ``data_dir`` or, with ``hub``, from nyu-mll/glue."""
     if (data_dir is None) == (not hub):
-        raise ValueError("give exactly one data source: a GLUE data directory or the hub")
+        raise UsageError("give exactly one data source: a GLUE data directory or the hub")
     return load_hub(task) if hub else load_tsv(task, data_dir)
 
 
@@ -175,7 +193,7 @@ def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
     config = AutoConfig.from_pretrained(model_dir)
     archs = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != task.num_labels:
-        raise ValueError(f"{model_dir} is not a classifier for {task.name} ({task.num_labels} outputs; found {', '.join(archs) or 'no architecture'} "
+        raise UsageError(f"{model_dir} is not a classifier for {task.name} ({task.num_labels} outputs; found {', '.join(archs) or 'no architecture'} "
                          f"with {config.num_labels}): --no-train scores a finished classifier, drop it to fine-tune")
     return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 
@@ -368,7 +386,7 @@ def evaluate_onnx(onnx_path: str | os.PathLike, task: GlueTask, dev: DatasetDict
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
-        raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
+        raise InputNotFoundError(f"ONNX file not found: {onnx_path}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or onnx_path.parent)
     threads = threads or physical_cores()
     options = ort.SessionOptions()
@@ -535,7 +553,7 @@ def run_glue(
     spec = get_task(task)
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"not a model directory (no config.json): {model_dir}")
+        raise InputNotFoundError(f"not a model directory (no config.json): {model_dir}")
     _check_max_length(model_dir, settings.max_length)
     start, load_at_start = time.perf_counter(), os.getloadavg()[0]
     data = load_data(spec, data_dir, hub)
@@ -570,7 +588,7 @@ def run_glue(
 def _check_max_length(model_dir: Path, max_length: int) -> None:
     limit = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings", None)
     if limit is not None and max_length > limit:
-        raise ValueError(f"max_length {max_length} exceeds the model's max_position_embeddings {limit} ({model_dir})")
+        raise UsageError(f"max_length {max_length} exceeds the model's max_position_embeddings {limit} ({model_dir})")
 
 
 def _cell(value: float | None, std: float | None) -> str:
@@ -675,7 +693,7 @@ def run_glue_suite(
     """
     specs = sorted({get_task(t).name: get_task(t) for t in tasks}.values(), key=lambda t: GLUE_ORDER.index(t.name))
     if not specs:
-        raise ValueError(f"no tasks given (allowed: {', '.join(GLUE_ORDER)})")
+        raise UsageError(f"no tasks given (allowed: {', '.join(GLUE_ORDER)})")
     start = time.perf_counter()
     with staging_dir(out_dir, overwrite=overwrite) as stage:
         reports = {}

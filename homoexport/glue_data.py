@@ -16,10 +16,12 @@ from typing import Mapping, Sequence
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
 
+from homoexport.errors import UsageError
+
 HUB_DATASET = "nyu-mll/glue"
 
 
-class GlueDataError(ValueError):
+class GlueDataError(UsageError):
     """A GLUE file is missing or malformed; the message names the file (and line)."""
 
 
@@ -94,7 +96,7 @@ def get_task(name: str) -> GlueTask:
     """The task called ``name`` (case-insensitive; "sst-2"/"sts-b" accepted)."""
     key = name.lower().replace("-", "")
     if key not in TASKS:
-        raise ValueError(f"unknown GLUE task {name!r} (allowed: {', '.join(GLUE_ORDER)})")
+        raise UsageError(f"unknown GLUE task {name!r} (allowed: {', '.join(GLUE_ORDER)})")
     return TASKS[key]
 
 
@@ -192,7 +194,7 @@ def subsample(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
     if n is None or n >= len(ds):
         return ds
     if n <= 0:
-        raise ValueError(f"sample count must be positive, got {n}")
+        raise UsageError(f"sample count must be positive, got {n}")
     return ds.shuffle(seed=seed).select(range(n))
 
 

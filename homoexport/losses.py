@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from homoexport.errors import UsageError
 from homoexport.recipe import LossSpec
 
 
@@ -41,7 +42,7 @@ def layer_map(strategy: str, student_layers: int, teacher_layers: int) -> list[t
     Ls, Lt = student_layers, teacher_layers
     if strategy == "one_to_one":
         if Ls != Lt:
-            raise ValueError(f"layer_mapping one_to_one needs equal depths (student {Ls}, teacher {Lt}); use uniform, last or last_k")
+            raise UsageError(f"layer_mapping one_to_one needs equal depths (student {Ls}, teacher {Lt}); use uniform, last or last_k")
         return [(k, [k]) for k in range(1, Ls + 1)]
     if strategy == "last":
         return [(Ls, [Lt])]
@@ -55,7 +56,7 @@ def layer_map(strategy: str, student_layers: int, teacher_layers: int) -> list[t
     if strategy == "uniform_consecutive":
         bounds = [round(i * Lt / Ls) for i in range(Ls + 1)]
         return [(k, list(range(bounds[k - 1] + 1, bounds[k] + 1))) for k in range(1, Ls + 1)]
-    raise ValueError(f"unknown layer_mapping {strategy!r}")
+    raise UsageError(f"unknown layer_mapping {strategy!r}")
 
 
 def _identity_projection(student_width: int, teacher_width: int) -> nn.Linear:
@@ -98,7 +99,7 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, token_
     def relations(x: torch.Tensor) -> torch.Tensor:  # [B, T, A] -> log-probs [B, R, T, T]
         B, T, A = x.shape
         if A % heads:
-            raise ValueError(f"relation_heads={heads} must divide the projection width {A}")
+            raise UsageError(f"relation_heads={heads} must divide the projection width {A}")
         x = x.view(B, T, heads, A // heads).transpose(1, 2)
         scores = x @ x.transpose(-1, -2) / (A // heads) ** 0.5
         scores = scores.masked_fill(token_mask[:, None, None, :] == 0, torch.finfo(scores.dtype).min)
@@ -165,7 +166,7 @@ class DistillationLoss(nn.Module):
                 s_heads, t_heads = student.attentions[k - 1].shape[1], teacher.attentions[targets[-1] - 1].shape[1]
                 dense_kept = kept_heads is not None and int(kept_heads[k - 1].sum()) == s_heads
                 if s_heads != t_heads and not dense_kept:
-                    raise ValueError("the attention term needs the same head count in student and teacher; use relation transfer instead")
+                    raise UsageError("the attention term needs the same head count in student and teacher; use relation transfer instead")
                 heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(t_heads, dtype=torch.bool)
                 per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
             terms["attention"] = torch.stack(per_layer).mean()

@@ -9,12 +9,21 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from homoexport.errors import UsageError
 from homoexport.losses import EncoderOutputs
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UsageError):
     """A model or tokenizer that cannot be loaded, with the path and the reason."""
 
 
@@ -142,7 +151,7 @@ def build_student(teacher: PreTrainedModel, init: str, layers: int | None = None
         keep = truncate_layers or evenly_spaced_layers(n_teacher, layers or max(1, n_teacher // 2))
         bad = [i for i in keep if not 0 <= i < n_teacher]
         if bad:
-            raise ValueError(f"truncate_layers {bad} out of range for a {n_teacher}-layer teacher")
+            raise UsageError(f"truncate_layers {bad} out of range for a {n_teacher}-layer teacher")
         student = copy.deepcopy(teacher)
         base, _ = base_and_head(student)
         base.encoder.layer = nn.ModuleList(base.encoder.layer[i] for i in keep)
@@ -157,7 +166,7 @@ def build_student(teacher: PreTrainedModel, init: str, layers: int | None = None
             config.hidden_size, config.num_attention_heads, config.intermediate_size = widths["hidden"], widths["heads"], widths["ffn"]
         torch.manual_seed(seed)
         return type(teacher)(config)
-    raise ValueError(f"init must be copy, truncate or random, not {init!r}")
+    raise UsageError(f"init must be copy, truncate or random, not {init!r}")
 
 
 def quiet_transformers() -> None:

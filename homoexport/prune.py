@@ -17,12 +17,18 @@ import torch
 
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.errors import OutputExistsError, ParityError
 from homoexport.losses import DistillationLoss
+from homoexport.models import load_model, load_tokenizer
 from homoexport.pruning.mask_groups import config_widths, target_widths
 from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
-from homoexport.models import load_model, load_tokenizer
+from homoexport.pruning.surgery import (
+    count_parameters,
+    parameter_report,
+    parity_max_abs_diff,
+    save_student,
+)
 from homoexport.recipe import LossSpec
-from homoexport.pruning.surgery import count_parameters, parameter_report, parity_max_abs_diff, save_student
 from homoexport.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
 
 
@@ -56,7 +62,7 @@ def prune_model(
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
+        raise OutputExistsError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
     torch.manual_seed(seed)
     model, has_mlm = load_model(model_path, attention="eager")
     tokenizer = load_tokenizer(model_path)
@@ -87,7 +93,7 @@ def prune_model(
     probe = {k: v for k, v in batcher.batch_at(0).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     parity = parity_max_abs_diff(pruner.masked, student, probe)
     if parity > PARITY_TOLERANCE:
-        raise RuntimeError(f"masked and materialised models differ by {parity:.2e} > {PARITY_TOLERANCE}; nothing written")
+        raise ParityError(f"masked and materialised models differ by {parity:.2e} > {PARITY_TOLERANCE}; nothing written")
     report = {
         "model": str(model_path),
         "before": parameter_report(teacher, full),

@@ -15,6 +15,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from homoexport.errors import UsageError
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -31,7 +33,7 @@ class StudentSpec(_Strict):
     @model_validator(mode="after")
     def _divisible(self) -> "StudentSpec":
         if self.hidden is not None and self.heads is not None and self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+            raise UsageError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
         return self
 
 
@@ -118,9 +120,9 @@ class AssistantSpec(_Strict):
     @model_validator(mode="after")
     def _complete(self) -> "AssistantSpec":
         if self.mode == "fixed" and self.hidden is None:
-            raise ValueError("assistant.mode=fixed needs assistant.hidden")
+            raise UsageError("assistant.mode=fixed needs assistant.hidden")
         if isinstance(self.candidates, int) and self.candidates < 1:
-            raise ValueError("assistant.candidates must be at least 1 (or a list of widths)")
+            raise UsageError("assistant.candidates must be at least 1 (or a list of widths)")
         return self
 
 
@@ -151,11 +153,11 @@ class TaskSpec(_Strict):
     def _one_source(self) -> "TaskSpec":
         if self.glue is not None:
             if self.train_file or self.dev_file:
-                raise ValueError("give task.glue (with task.data_dir) or task.train_file + task.dev_file, not both")
+                raise UsageError("give task.glue (with task.data_dir) or task.train_file + task.dev_file, not both")
             if not self.data_dir:
-                raise ValueError("task.glue needs task.data_dir (the GLUE directory, e.g. ../shared/data/glue)")
+                raise UsageError("task.glue needs task.data_dir (the GLUE directory, e.g. ../shared/data/glue)")
         elif not (self.train_file and self.dev_file):
-            raise ValueError("task needs glue + data_dir, or train_file + dev_file")
+            raise UsageError("task needs glue + data_dir, or train_file + dev_file")
         return self
 
 
@@ -192,11 +194,11 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if self.init == "copy" and self.student.layers is not None:
-            raise ValueError("init=copy keeps the teacher's depth: leave student.layers unset or use init=truncate|random")
+            raise UsageError("init=copy keeps the teacher's depth: leave student.layers unset or use init=truncate|random")
         if self.init == "truncate" and self.truncate_layers and self.student.layers and len(self.truncate_layers) != self.student.layers:
-            raise ValueError(f"truncate_layers has {len(self.truncate_layers)} entries but student.layers is {self.student.layers}")
+            raise UsageError(f"truncate_layers has {len(self.truncate_layers)} entries but student.layers is {self.student.layers}")
         if self.task is not None and (self.init != "copy" or self.assistant.mode != "off"):
-            raise ValueError("a task recipe starts from a copy of the fine-tuned teacher: init must be copy and assistant off")
+            raise UsageError("a task recipe starts from a copy of the fine-tuned teacher: init must be copy and assistant off")
         return self
 
     def output_dir(self) -> Path:
@@ -206,7 +208,7 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A recipe that cannot be used, with messages that name the key path and what is allowed."""
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from homoexport.errors import InputNotFoundError
+
 GLUE_VARIANTS = ("pytorch", "onnx_fp32", "onnx_int8")  # the model variants a glue_report.json evaluates
 WIDTH_FIELDS = ("hidden", "heads", "head_dim", "ffn", "attention", "ratio", "remaining")
 
@@ -80,7 +82,7 @@ def find_glue_reports(specs: Sequence[str], search_dirs: Iterable[Path] = ()) ->
         path = Path(raw)
         path = path / "glue_report.json" if path.is_dir() else path
         if not path.is_file():
-            raise FileNotFoundError(f"glue report not found: {path} (pass a glue_report.json or a directory holding one)")
+            raise InputNotFoundError(f"glue report not found: {path} (pass a glue_report.json or a directory holding one)")
         found.append((name or path.resolve().parent.name, path))
     for d in search_dirs:
         path = Path(d) / "glue_report.json"
@@ -148,7 +150,9 @@ def _slug(name: str) -> str:
 
 
 def _figure(ncols: int = 1) -> tuple[Any, Any]:
-    from matplotlib.figure import Figure  # lazy: only plotting needs matplotlib; no pyplot, no GUI backend
+    from matplotlib.figure import (
+        Figure,  # lazy: only plotting needs matplotlib; no pyplot, no GUI backend
+    )
 
     fig = Figure(figsize=(6 * ncols, 4.2), layout="constrained")
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
@@ -291,7 +295,7 @@ def gather(run_dirs: Sequence[str | os.PathLike]) -> Gathered:
     runs = [Path(r) for r in run_dirs]
     for r in runs:
         if not r.is_dir():
-            raise FileNotFoundError(f"run directory not found: {r}")
+            raise InputNotFoundError(f"run directory not found: {r}")
     g = Gathered(runs)
     names = [r.resolve().name for r in runs]
     labels = names if len(set(names)) == len(names) else [r.as_posix() for r in runs]
@@ -542,7 +546,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     g = gather(run_dirs)
     if not g.found:
         names = ", ".join(s.filename for s in SECTIONS)
-        raise FileNotFoundError(f"no reports ({names}) found under {', '.join(map(str, run_dirs))}")
+        raise InputNotFoundError(f"no reports ({names}) found under {', '.join(map(str, run_dirs))}")
     final = Path(out_dir)
     with staging_dir(final, overwrite=overwrite) as tmp:
         markdown, _ = render_report(g, tmp)

@@ -26,13 +26,25 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.losses import DistillationLoss
 from homoexport.machine import fingerprint
-from homoexport.pruning.mask_groups import MaskedModel, Masks, Widths, config_widths, target_widths
-from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
 from homoexport.models import build_student, encode, load_model, load_tokenizer
+from homoexport.pruning.mask_groups import (
+    MaskedModel,
+    Masks,
+    Widths,
+    config_widths,
+    target_widths,
+)
+from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
+from homoexport.pruning.surgery import (
+    materialize,
+    parameter_report,
+    parity_max_abs_diff,
+    save_student,
+)
 from homoexport.recipe import OptimizerSpec, Recipe, steps_of
-from homoexport.pruning.surgery import materialize, parameter_report, parity_max_abs_diff, save_student
 
 PARITY_TOLERANCE = 1e-4
 NO_MLM_NOTE = "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)"
@@ -196,9 +208,9 @@ def distill(
 
     out = RunPaths(Path(out_dir) if out_dir else recipe.output_dir())
     if out.out.exists() and any(out.out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"output directory {out.out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+        raise OutputExistsError(f"output directory {out.out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: give one")
+        raise UsageError("--resume and --overwrite contradict each other: give one")
     precision = recipe.training.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
@@ -261,7 +273,7 @@ def distill(
 
     micro = recipe.training.micro_batch_size or recipe.training.batch_size // world
     if recipe.training.batch_size % (world * micro):
-        raise ValueError(f"training.batch_size {recipe.training.batch_size} is not a multiple of {world} processes x micro_batch_size {micro}")
+        raise UsageError(f"training.batch_size {recipe.training.batch_size} is not a multiple of {world} processes x micro_batch_size {micro}")
     n_micro = recipe.training.batch_size // (world * micro)
 
     # Resume.
@@ -378,7 +390,7 @@ def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None
     current = _resumable_fields(recipe)
     if saved != current:
         diff = sorted(_differing_keys(saved, current))
-        raise ValueError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
+        raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
                          "restore those values or start over with --overwrite")
 
 
@@ -460,7 +472,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
             probe_inputs = {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")}
             parity = parity_max_abs_diff(masked, dense, probe_inputs)
             if parity > PARITY_TOLERANCE:
-                raise RuntimeError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
+                raise ParityError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
             widths = masked.masks.widths()
         else:
             dense, parity = student, None
@@ -500,7 +512,14 @@ class _Progress:
     """A rich progress bar with loss terms, current widths, throughput and ETA."""
 
     def __init__(self, total: int, start: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                                  TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)

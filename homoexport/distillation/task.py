@@ -28,14 +28,25 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
-from homoexport.distillation.task_data import TaskBatcher, TaskData, load_files, load_glue, limit
+from homoexport.distillation.task_data import (
+    TaskBatcher,
+    TaskData,
+    limit,
+    load_files,
+    load_glue,
+)
+from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.glue_data import GlueTask, predictions, score
 from homoexport.losses import DistillationLoss, EncoderOutputs
 from homoexport.machine import fingerprint
 from homoexport.models import ModelLoadError, is_sequence_classifier, load_tokenizer
 from homoexport.pruning.mask_groups import config_widths
 from homoexport.pruning.pruner import HomoDistilPruner, slice_optimizer_state
-from homoexport.pruning.surgery import parameter_report, parity_max_abs_diff, save_student
+from homoexport.pruning.surgery import (
+    parameter_report,
+    parity_max_abs_diff,
+    save_student,
+)
 from homoexport.recipe import LossSpec, Recipe, steps_of
 
 logger = logging.getLogger(__name__)
@@ -247,12 +258,12 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     metrics at evaluation steps): the CLI draws its progress from it.
     """
     if recipe.task is None:
-        raise ValueError("not a task recipe: it has no task section")
+        raise UsageError("not a task recipe: it has no task section")
     out = Path(out_dir) if out_dir else recipe.output_dir()
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: give one")
+        raise UsageError("--resume and --overwrite contradict each other: give one")
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+        raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     if overwrite and out.exists():
         shutil.rmtree(out)
     torch.manual_seed(recipe.training.seed)
@@ -374,7 +385,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         probe = {k: v for k, v in dev.batch_at(0).items() if k != "labels"}
         parity = parity_max_abs_diff(run.pruner.masked, dense, probe)
         if parity > PARITY_TOLERANCE:
-            raise RuntimeError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
+            raise ParityError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
     else:
         dense = run.student
     dense = dense.eval()

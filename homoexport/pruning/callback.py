@@ -15,6 +15,7 @@ from dataclasses import replace
 from torch import nn
 from transformers import TrainerCallback
 
+from homoexport.errors import UsageError
 from homoexport.pruning.mask_groups import Widths
 from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
 
@@ -32,7 +33,7 @@ class HomoDistilCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs):
         if model is None:
-            raise ValueError("HomoDistilCallback needs the Trainer's model at on_train_begin")
+            raise UsageError("HomoDistilCallback needs the Trainer's model at on_train_begin")
         if self.pruner is None:  # a resumed Trainer calls this again on the same callback
             self.pruner = HomoDistilPruner(model, self.target, replace(self.settings, total_steps=max(1, state.max_steps)))
         return control

@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from homoexport.errors import UsageError
 from homoexport.pruning.mask_groups import ATTN, FFN, HIDDEN, Layout, UnitScores
 
 Method = Literal["sensitivity", "ema", "platon"]
@@ -33,7 +34,7 @@ class ImportanceTracker:
 
     def __init__(self, model: nn.Module, layout: Layout, method: Method = "platon", beta1: float = 0.85, beta2: float = 0.95):
         if method not in METHODS:
-            raise ValueError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
+            raise UsageError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
         self.model, self.layout, self.method = model, layout, method
         self.beta1, self.beta2 = beta1, beta2
         self.params = {n: p for n, p in model.named_parameters() if n in layout.slices and layout.slices[n]}
@@ -89,7 +90,7 @@ class ImportanceTracker:
 
     def load_state_dict(self, state: dict) -> None:
         if state["method"] != self.method:
-            raise ValueError(f"checkpoint importance method {state['method']!r} differs from the recipe's {self.method!r}")
+            raise UsageError(f"checkpoint importance method {state['method']!r} differs from the recipe's {self.method!r}")
         self.steps = state["steps"]
         self.mean = {k: v.clone() for k, v in state["mean"].items()}
         self.uncertainty = {k: v.clone() for k, v in state["uncertainty"].items()}

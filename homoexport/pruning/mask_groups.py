@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from homoexport.errors import UsageError
+
 HIDDEN, ATTN, FFN = "hidden", "attn", "ffn"
 
 
@@ -110,7 +112,7 @@ def build_layout(model: nn.Module) -> Layout:
     """
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise UsageError(f"model_type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     prefix = getattr(model, "base_model_prefix", "bert")
     rules = _compile_rules(prefix)
     slices: dict[str, list[TensorSlice]] = {}
@@ -127,7 +129,7 @@ def build_layout(model: nn.Module) -> Layout:
             if name in param_names:
                 unknown.append(name)
     if unknown:
-        raise ValueError(f"do not know how to prune these parameters of {type(model).__name__}: {unknown[:5]}")
+        raise UsageError(f"do not know how to prune these parameters of {type(model).__name__}: {unknown[:5]}")
 
     modules = dict(model.named_modules())
     ln_patterns = [re.compile(rf"^(?:{re.escape(prefix)}\.)?{p}$") for p in BERT_HIDDEN_LAYER_NORMS]
@@ -183,11 +185,11 @@ def target_widths(full: Widths, hidden: int | None = None, heads: int | None = N
     """
     hidden, heads = hidden or full.hidden, heads or full.heads
     if hidden % heads:
-        raise ValueError(f"hidden ({hidden}) must be divisible by heads ({heads})")
+        raise UsageError(f"hidden ({hidden}) must be divisible by heads ({heads})")
     target = Widths(hidden=hidden, heads=heads, head_dim=hidden // heads, ffn=ffn or full.ffn)
     for name in ("hidden", "heads", "head_dim", "ffn"):
         if not 0 < getattr(target, name) <= getattr(full, name):
-            raise ValueError(f"target {name}={getattr(target, name)} must be in [1, {getattr(full, name)}] (the teacher's {name})")
+            raise UsageError(f"target {name}={getattr(target, name)} must be in [1, {getattr(full, name)}] (the teacher's {name})")
     return target
 
 

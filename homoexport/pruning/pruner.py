@@ -22,8 +22,16 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from homoexport.errors import UsageError
 from homoexport.pruning.importance import METHODS, ImportanceTracker
-from homoexport.pruning.mask_groups import MaskedModel, Masks, Widths, full_widths, prepare, shrink
+from homoexport.pruning.mask_groups import (
+    MaskedModel,
+    Masks,
+    Widths,
+    full_widths,
+    prepare,
+    shrink,
+)
 from homoexport.pruning.schedule import Schedule, one_shot
 from homoexport.pruning.surgery import materialize
 
@@ -46,13 +54,13 @@ class PrunerSettings:
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
-            raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
+            raise UsageError(f"total_steps must be at least 1, got {self.total_steps}")
         if self.schedule not in ("homotopic", "one_shot"):
-            raise ValueError(f"schedule {self.schedule!r} is not one of homotopic, one_shot")
+            raise UsageError(f"schedule {self.schedule!r} is not one of homotopic, one_shot")
         if self.importance not in METHODS:
-            raise ValueError(f"importance {self.importance!r} is not one of {', '.join(METHODS)}")
+            raise UsageError(f"importance {self.importance!r} is not one of {', '.join(METHODS)}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+            raise UsageError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
 
 
 class HomoDistilPruner:

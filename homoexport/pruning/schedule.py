@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from homoexport.errors import UsageError
 from homoexport.pruning.mask_groups import Widths
 
 
@@ -31,11 +32,11 @@ class Schedule:
         for field in ("hidden", "heads", "head_dim", "ffn"):
             t, f = getattr(self.target, field), getattr(self.full, field)
             if not 0 < t <= f:
-                raise ValueError(f"target {field}={t} must be in [1, {f}] (the teacher's {field})")
+                raise UsageError(f"target {field}={t} must be in [1, {f}] (the teacher's {field})")
         if self.t_i < 0 or self.t_f < 0 or self.interval < 1:
-            raise ValueError("t_i and t_f must be >= 0 and interval >= 1")
+            raise UsageError("t_i and t_f must be >= 0 and interval >= 1")
         if self.t_i + self.t_f > self.total_steps:
-            raise ValueError(f"t_i ({self.t_i}) + t_f ({self.t_f}) exceeds total_steps ({self.total_steps})")
+            raise UsageError(f"t_i ({self.t_i}) + t_f ({self.t_f}) exceeds total_steps ({self.total_steps})")
 
     @property
     def end(self) -> int:

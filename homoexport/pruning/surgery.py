@@ -16,6 +16,7 @@ from torch import nn
 from transformers import BertModel, PretrainedConfig
 from transformers.modeling_utils import no_init_weights
 
+from homoexport.errors import UsageError
 from homoexport.pruning.mask_groups import Layout, MaskedModel, Masks, Widths
 
 
@@ -121,7 +122,7 @@ def save_student(student: nn.Module, out_dir: Path, tokenizer=None) -> Path:
     """Write a materialised student with ``save_pretrained`` (plus its tokenizer) to ``out_dir``."""
     cfg = student.config
     if cfg.hidden_size % cfg.num_attention_heads or student.get_submodule(_first_attention(student)).all_head_size != cfg.hidden_size:
-        raise ValueError("only stock shapes (heads * head_dim == hidden) can be saved as a BertConfig model")
+        raise UsageError("only stock shapes (heads * head_dim == hidden) can be saved as a BertConfig model")
     out_dir = Path(out_dir)
     student.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:

@@ -1,0 +1,110 @@
+"""The error contract: bad input is one line with its exit code, a bug keeps its traceback, outputs are
+checked before work, and staging directories of dead processes are cleaned up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiny import save_model_dir
+from typer.testing import CliRunner
+
+from homoexport import errors
+from homoexport.atomic import remove_stale_staging, staging_dir
+from homoexport.cli import app
+
+
+def test_every_error_class_has_its_documented_exit_code():
+    assert errors.UsageError("x").exit_code == errors.EXIT_USAGE == 2
+    assert errors.OutputError("x").exit_code == errors.EXIT_OUTPUT == 5
+    assert errors.ParityError("x").exit_code == errors.EXIT_CHECK == 6
+    from homoexport.budget import NoFitError
+    from homoexport.export import ExportError, ExportInputError
+
+    assert NoFitError("x").exit_code == errors.EXIT_BUDGET == 7
+    assert ExportError("x").exit_code == 6 and ExportInputError("x").exit_code == 2
+    assert isinstance(errors.InputNotFoundError("x"), FileNotFoundError) and isinstance(errors.UsageError("x"), ValueError)
+
+
+def test_bad_input_is_one_line_with_exit_code(tmp_path: Path):
+    model = save_model_dir(tmp_path / "m", kind="base")
+    result = CliRunner().invoke(app, ["prune", str(model), "--hidden", "30", "--heads", "4", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and result.output.startswith("error:") and "Traceback" not in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch):
+    """An exception outside the HomoexportError hierarchy (here a RuntimeError from inside torch) is not
+    turned into a one-line 'bad input' message."""
+    import homoexport.prune as prune
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated torch kernel failure")
+
+    monkeypatch.setattr(prune, "prune_model", broken)
+    model = save_model_dir(tmp_path / "m", kind="base")
+    result = CliRunner().invoke(app, ["prune", str(model), "--hidden", "32", "--out", str(tmp_path / "p")])
+    assert isinstance(result.exception, RuntimeError) and "simulated torch kernel failure" in str(result.exception)
+    assert result.exit_code == 1 and "error:" not in result.output
+
+
+def test_a_bug_prints_a_traceback_from_the_real_entry_point(tmp_path: Path):
+    code = ("import sys, homoexport.prune as p\n"
+            "def broken(*a, **k): raise RuntimeError('simulated torch kernel failure')\n"
+            "p.prune_model = broken\n"
+            "from homoexport.cli import app\n"
+            f"sys.argv = ['homoexport', 'prune', {str(tmp_path / 'm')!r}, '--hidden', '32', '--out', {str(tmp_path / 'p')!r}]\n"
+            "app()\n")
+    save_model_dir(tmp_path / "m", kind="base")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "simulated torch kernel failure" in proc.stderr
+
+
+def test_unwritable_out_fails_before_work_with_exit_5(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    model = save_model_dir(tmp_path / "m", kind="base")
+    for argv in (["prune", str(model), "--hidden", "32", "--out", str(blocker / "p")],
+                 ["export", str(model), "--onnx", "--out", str(blocker / "e")],
+                 ["report", str(tmp_path), "--out", str(blocker / "r")]):
+        result = CliRunner().invoke(app, argv)
+        assert result.exit_code == 5, (argv, result.output)
+        assert "cannot write" in result.output and "Traceback" not in result.output
+
+
+def test_stale_staging_of_dead_processes_is_removed_and_live_ones_kept(tmp_path: Path):
+    final = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".out.{dead}.abc123.partial"
+    live = tmp_path / f".out.{os.getppid()}.def456.partial"
+    legacy = tmp_path / ".out.xyz.partial"
+    for d in (stale, live, legacy):
+        (d / "sub").mkdir(parents=True)
+    assert remove_stale_staging(final) == [stale]
+    assert live.exists() and legacy.exists() and not stale.exists()
+    with staging_dir(final) as tmp:
+        assert tmp.name.startswith(f".out.{os.getpid()}.")
+        (tmp / "f").write_text("x")
+    assert (final / "f").read_text() == "x"
+
+
+def test_killed_writer_leaves_staging_that_the_next_run_removes(tmp_path: Path):
+    code = ("import os, time\nfrom homoexport.atomic import staging_dir\n"
+            f"with staging_dir({str(tmp_path / 'out')!r}) as t:\n    open(os.path.join(t, 'x'), 'w').write('1'); print(t, flush=True); time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    staged = Path(proc.stdout.readline().strip())
+    assert staged.exists()
+    proc.kill()
+    proc.wait()
+    with staging_dir(tmp_path / "out"):
+        pass
+    assert not staged.exists() and (tmp_path / "out").is_dir()
+
+
+@pytest.mark.parametrize("code", [errors.EXIT_USAGE, errors.EXIT_OUTPUT, errors.EXIT_CHECK, errors.EXIT_BUDGET])
+def test_exit_codes_are_in_the_readme(code):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f"| {code} |" in readme
