@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tiny import WORDS, save_model_dir, synthetic_sentences
@@ -178,3 +179,21 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     plain.write_text(yaml.safe_dump(task_recipe(encoder, task_files, tmp_path / "run3")))
     result = CliRunner().invoke(app, ["distill", str(plain), "--no-progress"])
     assert result.exit_code == 2 and "not a *ForSequenceClassification model" in " ".join(result.output.split())
+
+
+def test_batches_cover_every_row_once_group_lengths_and_repeat(tmp_path: Path, task_files, teacher_dir: Path):
+    from homoexport.distillation.task_data import TaskBatcher
+    from homoexport.models import load_tokenizer
+
+    rows = load_files(*task_files, "sentence", None, "label", ["neg", "pos"], regression=False).train
+    batcher = TaskBatcher(rows, load_tokenizer(teacher_dir), 4, 32, seed=3)
+    batcher.BUCKET_BATCHES = 3
+    for epoch in (0, 1):
+        batches = batcher.batches(epoch)
+        assert sorted(np.concatenate(batches).tolist()) == list(range(len(rows)))
+    assert [b.tolist() for b in batcher.batches(0)] != [b.tolist() for b in batcher.batches(1)]
+    fresh = TaskBatcher(rows, load_tokenizer(teacher_dir), 4, 32, seed=3)
+    fresh.BUCKET_BATCHES = 3
+    assert all(torch.equal(fresh.batch_at(s)["input_ids"], batcher.batch_at(s)["input_ids"]) for s in (0, 5, 13, 20))
+    padded = sum(batcher.batch_at(s)["input_ids"].numel() for s in range(batcher.steps_per_epoch))
+    assert padded < 1.2 * batcher.lengths.sum()  # length grouping: little padding

@@ -111,7 +111,7 @@ def evaluate(model: nn.Module, batcher: TaskBatcher, task: GlueTask) -> dict[str
         logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             token_type_ids=batch.get("token_type_ids")).logits.float().numpy())
     model.train(was_training)
-    order = batcher.order(0)
+    order = np.concatenate(batcher.batches(0))
     values = score(task, predictions(task, np.concatenate(logits)), batcher.labels[order])
     return {k: 100 * v for k, v in values.items()}
 

