@@ -2,8 +2,9 @@
 
 floor = FLOPs(teacher forward + student forward + backward) / measured matmul GFLOP/s of this machine.
 The step is timed whole (median over steps) and in parts (shares of the summed time) (teacher, student forward + losses, backward, importance update,
-optimizer + re-masking) at the quickstart shapes: the student at full width (start of HomoDistil) and
-at the target width (end). Prints a table and writes JSON.
+optimizer + re-masking) at the quickstart shapes: the student at full width (start of HomoDistil), masked at the target width, and
+dense at the target width (materialised, as a task run continues once the target is reached; its floor
+counts the small student's FLOPs). Prints a table and writes JSON.
 
     python benchmarks/train_throughput.py --teacher ../shared/models/all-MiniLM-L6-v2 --out benchmarks/results/train_throughput.json
 """
@@ -24,6 +25,7 @@ from homoexport.pruning.importance import ImportanceTracker
 from homoexport.losses import DistillationLoss
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import Widths, full_widths, prepare, random_masks
+from homoexport.pruning.surgery import materialize
 from homoexport.models import load_model, load_tokenizer
 from homoexport.prune import synthetic_blocks
 from homoexport.recipe import LossSpec, OptimizerSpec
@@ -71,8 +73,12 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
     if widths != full:
         masked.set_masks(random_masks(masked.layout, widths, torch.Generator().manual_seed(0)))
     loss = DistillationLoss(LossSpec(), full.hidden, full.hidden, teacher.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm)
+    dense = widths_name == "dense"
+    if dense:  # the materialised student a task run continues on once the target width is reached for good
+        student = materialize(masked).train().requires_grad_(True)
+        loss.keep_student_dims(masked.masks.hidden.nonzero().flatten())
     module = DistillModule(student, loss, None)
-    tracker = ImportanceTracker(student, masked.layout, "platon")
+    tracker = ImportanceTracker(student, masked.layout, "platon") if not dense else None
     optimizer = adamw(module.parameters(), OptimizerSpec(), torch.device("cpu"))  # as the trainer builds it
     batcher = BlockBatcher(synthetic_blocks(tokenizer, batch * (steps + 2), seq), tokenizer, batch, mlm_probability=0.15 if has_mlm else None)
     parts = {"teacher": 0.0, "student_forward_and_losses": 0.0, "backward": 0.0, "importance": 0.0, "optimizer_and_masking": 0.0}
@@ -83,12 +89,13 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
         t_out, dt_t = timed(lambda: teacher_outputs(teacher, batch_, loss, None))
         (value, _), dt_s = timed(lambda: module(batch_, t_out, masked.masks.heads))
         _, dt_b = timed(lambda: value.backward())
-        _, dt_i = timed(tracker.update)
+        _, dt_i = timed(tracker.update if tracker is not None else lambda: None)
 
         def opt():
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            masked.apply()
+            if not dense:
+                masked.apply()
 
         _, dt_o = timed(opt)
         if step == 0:
@@ -100,7 +107,7 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
     c = teacher.config
     teacher_flops = forward_flops(full, c.num_hidden_layers, batch, seq)
     # A masked student computes at full width (zeros are multiplied too): its FLOPs are the teacher's.
-    student_flops = 3 * forward_flops(full, c.num_hidden_layers, batch, seq)
+    student_flops = 3 * forward_flops(widths if dense else full, c.num_hidden_layers, batch, seq)
     step_s = statistics.median(step_times)  # robust to a step slowed by another process on a shared machine
     return {"widths": widths.as_dict(), "batch": batch, "seq": seq, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
             "teacher_gflop": teacher_flops / 1e9, "student_fwd_bwd_gflop": student_flops / 1e9,
@@ -122,7 +129,7 @@ def main() -> None:
     gflops = matmul_gflops()
     target = Widths(args.hidden, args.heads, args.hidden // args.heads, args.ffn)
     rows = []
-    for name in ("full", "target"):
+    for name in ("full", "target", "dense"):
         r = measure(args.teacher, name, target, args.batch, args.seq, args.steps)
         floor_s = (r["teacher_gflop"] + r["student_fwd_bwd_gflop"]) / gflops
         r.update(stage=name, floor_step_s=floor_s, floor_tokens_per_s=args.batch * args.seq / floor_s, ratio_to_floor=r["step_s"] / floor_s)

@@ -29,6 +29,7 @@ that only have onnxruntime and numpy.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -42,6 +43,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.errors import EXIT_BUDGET, UsageError
 from homoexport.machine import fingerprint, package_versions, physical_cores
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = "homoexport.plan/1"
 MANIFEST_SCHEMA = "homoexport.plan-candidates/1"
@@ -662,12 +665,23 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
     budget, the recipe unchanged and None."""
     if plan_file is not None and budget is not None:
         raise BudgetError("give --budget or --plan, not both")
+    from_command_line = budget is not None or plan_file is not None
     budget = budget or recipe.budget
     if plan_file is None and budget is None:
         return recipe, None
+    if budget is not None:
+        parse_budget(budget)  # a malformed budget is named before anything else is said about it
     s = recipe.student
     if s.hidden or s.heads or s.ffn:
-        raise BudgetError("the recipe sets student widths and a budget: give one (remove student.hidden/heads/ffn or the budget)")
+        if not from_command_line:
+            raise BudgetError("the recipe sets student widths and a budget: give one (remove student.hidden/heads/ffn or the budget)")
+        logger.info("the command line's budget replaces the recipe's student widths (hidden %s, heads %s, ffn %s)", s.hidden, s.heads, s.ffn)
+        data = recipe.model_dump(mode="json", by_alias=True)
+        data["student"] = {**data["student"], "hidden": None, "heads": None, "ffn": None}
+        from homoexport.recipe import validate_recipe
+
+        recipe = validate_recipe(data)
+        s = recipe.student
     if plan_file is not None:
         try:
             report = json.loads(Path(plan_file).read_text(encoding="utf-8"))
@@ -676,7 +690,9 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
         if report.get("schema") != SCHEMA:
             raise BudgetError(f"{plan_file} is not a `homoexport plan` output (expected \"schema\": \"{SCHEMA}\")")
     else:
-        report = plan(recipe.teacher, budget, layers=s.layers, cache_path=cache_path, progress=progress)
+        # A task recipe deploys a classifier: time candidates with its head, as `homoexport export` will export it.
+        settings = PlanSettings(task="text-classification" if getattr(recipe, "task", None) is not None else "feature-extraction")
+        report = plan(recipe.teacher, budget, settings=settings, layers=s.layers, cache_path=cache_path, progress=progress)
     return apply_plan(recipe, report), report
 
 

@@ -239,6 +239,12 @@ def test_apply_plan_and_plan_for_recipe(minilm_dir, tmp_path):
     fixed = validate_recipe({"teacher": str(minilm_dir), "student": {"hidden": 32}, "budget": "latency=8ms"})
     with pytest.raises(BudgetError, match="widths and a budget"):
         plan_for_recipe(fixed)
+    # A plan or budget given on the command line wins over the recipe's widths.
+    widths = validate_recipe({"teacher": str(minilm_dir), "student": {"hidden": 32, "heads": 2, "ffn": 64}})
+    planned, _ = plan_for_recipe(widths, plan_file=tmp_path / "plan.json")
+    assert (planned.student.hidden, planned.student.ffn) == (report["chosen"]["hidden"], report["chosen"]["ffn"])
+    with pytest.raises(BudgetError, match="abc"):
+        plan_for_recipe(widths, budget="latency=abc")
 
 
 # --- real export, edge round trip (one tiny export per candidate) ---------------------------------------
