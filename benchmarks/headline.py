@@ -217,7 +217,7 @@ def make_student(entry: Entry, out: Path, scale: Scale, teacher: Path, prune_dat
 
         recipe = load_recipe(RECIPES / arm.recipe, recipe_overrides(entry, scale))
         resume = (run_dir / "checkpoints").is_dir()
-        distill(recipe, out_dir=run_dir, resume=resume, overwrite=not resume, progress=True)
+        distill(recipe, out_dir=run_dir, resume=resume, overwrite=not resume)
     console.print(f"{entry.run}: student in {time.perf_counter() - start:.0f} s")
 
 

@@ -114,7 +114,7 @@ def quickstart_student(work: Path) -> Path:
 
     out = work / "quickstart"
     if not (out / "report.json").is_file():
-        distill(load_recipe(REPO / "recipes" / "quickstart.yaml"), out_dir=out, resume=out.exists(), progress=False)
+        distill(load_recipe(REPO / "recipes" / "quickstart.yaml"), out_dir=out, resume=out.exists())
     return out / "student"
 
 

@@ -39,7 +39,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -266,7 +266,7 @@ def _quality(metric: str, encoder: EncodeModule, overrides: dict[str, torch.Tens
     return float(torch.nn.functional.cosine_similarity(s_pool.float(), t_pool.float(), dim=-1).mean())
 
 
-def run_sandwich(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Order units, train the weight-shared student at all candidate widths, score and choose.
 
     Returns the selection record written to ``OUT/sandwich.json``: the candidates table (width,
@@ -321,27 +321,22 @@ def run_sandwich(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     o = recipe.optimizer
     optimizer = adamw(module.parameters(), o, device)
     largest, middle = candidates[0], candidates[1:]
-    bar = _Bar(spec.sandwich_steps) if progress else None
     last_loss = float("nan")
-    try:
-        for step in range(spec.sandwich_steps):
-            batch = {k: v.to(device) for k, v in batcher.batch_at(spec.score_batches + step).items()}
-            t_out = teacher_outputs(teacher, batch, loss_fn, t_rel)
-            total = 0.0
-            for w in [largest, target, *_sampled(middle, spec.sampled_widths, seed, step)]:
-                loss, _ = masked_call(module, masked_overrides(masked, masks[width_key(w)], "student."), batch, t_out, masks[width_key(w)].heads)
-                loss.backward()
-                total += float(loss.detach())
-            if o.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(module.parameters(), o.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            last_loss = total
-            if bar is not None:
-                bar.update(step + 1, total)
-    finally:
-        if bar is not None:
-            bar.close()
+    for step in range(spec.sandwich_steps):
+        batch = {k: v.to(device) for k, v in batcher.batch_at(spec.score_batches + step).items()}
+        t_out = teacher_outputs(teacher, batch, loss_fn, t_rel)
+        total = 0.0
+        for w in [largest, target, *_sampled(middle, spec.sampled_widths, seed, step)]:
+            loss, _ = masked_call(module, masked_overrides(masked, masks[width_key(w)], "student."), batch, t_out, masks[width_key(w)].heads)
+            loss.backward()
+            total += float(loss.detach())
+        if o.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(module.parameters(), o.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        last_loss = total
+        if on_log is not None:
+            on_log({"stage": "sandwich", "step": step + 1, "total": spec.sandwich_steps, "loss": total})
 
     # 3. Held-out quality and the λ-tradeoff.
     pooler = getattr(getattr(teacher, "base_model", teacher), "pooler", None) is not None
@@ -376,31 +371,6 @@ def run_sandwich(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         "sandwich": {"steps": spec.sandwich_steps, "score_batches": spec.score_batches, "eval_batches": n_eval,
                      "final_loss_sum": last_loss, "wall_time_s": round(time.time() - started, 2), "device": str(device)},
     }
-
-
-class _Bar:
-    """A rich progress bar for the sandwich steps."""
-
-    def __init__(self, total: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(TextColumn("[bold]sandwich"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-        self.task = self.progress.add_task("sandwich", total=total, info="")
-        self.progress.start()
-
-    def update(self, done: int, loss: float) -> None:
-        self.progress.update(self.task, completed=done, info=f"summed loss={loss:.3g}")
-
-    def close(self) -> None:
-        self.progress.stop()
 
 
 # --- two-stage orchestration ------------------------------------------------------------------------
@@ -438,17 +408,18 @@ def stage_recipe(recipe: Recipe, name: str, teacher: str, widths: Widths, steps:
     return validate_recipe(data)
 
 
-def _run_stage(recipe: Recipe, out: Path, resume: bool, overwrite: bool, progress: bool, plan: dict | None) -> dict[str, Any]:
+def _run_stage(recipe: Recipe, out: Path, resume: bool, overwrite: bool, on_log: Callable[[dict], None] | None, plan: dict | None) -> dict[str, Any]:
     """A finished stage (report.json present) is reused on resume; otherwise distill, resuming if asked."""
     from homoexport import trainer
 
     done = out / "report.json"
     if resume and done.is_file():
         return json.loads(done.read_text())
-    return trainer.distill(recipe, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
+    return trainer.distill(recipe, out_dir=out, resume=resume, overwrite=overwrite, plan=plan,
+                           on_log=None if on_log is None else (lambda r: on_log({**r, "stage": out.name})))
 
 
-def _selection(recipe: Recipe, out: Path, full: Widths, target: Widths, resume: bool, progress: bool) -> dict[str, Any]:
+def _selection(recipe: Recipe, out: Path, full: Widths, target: Widths, resume: bool, on_log: Callable[[dict], None] | None) -> dict[str, Any]:
     """The assistant choice: fixed from the recipe, or from the sandwich run (reused on resume)."""
     spec = recipe.assistant
     if spec.mode == "fixed":
@@ -466,13 +437,13 @@ def _selection(recipe: Recipe, out: Path, full: Widths, target: Widths, resume: 
     # Under data parallelism the main process alone runs the sandwich, so every rank uses the same choice.
     state = PartialState()
     if state.is_main_process:
-        atomic_write_json(path, run_sandwich(recipe, progress))
+        atomic_write_json(path, run_sandwich(recipe, on_log))
     state.wait_for_everyone()
     return json.loads(path.read_text())
 
 
 def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: bool = False, overwrite: bool = False,
-                           progress: bool = True, plan: dict | None = None) -> dict[str, Any]:
+                           on_log: Callable[[dict], None] | None = None, plan: dict | None = None) -> dict[str, Any]:
     """Choose a teacher assistant (sandwich + λ-tradeoff, or the recipe's fixed one), then distill
     teacher -> assistant -> student with HomoDistil; returns the report written to ``OUT/report.json``.
 
@@ -492,14 +463,14 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
     config = AutoConfig.from_pretrained(recipe.teacher)
     full = config_widths(config)
     target = recipe_target(recipe, full)
-    selection = _selection(recipe, out, full, target, resume, progress)
+    selection = _selection(recipe, out, full, target, resume, on_log)
     assistant = Widths(**selection["chosen"]["widths"])
     steps1, steps2 = split_steps(recipe.training.steps, recipe.assistant.stage1_fraction)
 
     r1 = _run_stage(stage_recipe(recipe, "assistant", recipe.teacher, assistant, steps1, out / STAGE1_DIR),
-                    out / STAGE1_DIR, resume, overwrite, progress, None)
+                    out / STAGE1_DIR, resume, overwrite, on_log, None)
     r2 = _run_stage(stage_recipe(recipe, "student", str(out / STAGE1_DIR / "student"), target, steps2, out / STAGE2_DIR),
-                    out / STAGE2_DIR, resume, overwrite, progress, plan)
+                    out / STAGE2_DIR, resume, overwrite, on_log, plan)
     if not r2:  # not the main process: distill() reports there only
         return {}
     with staging_dir(out / "student", overwrite=True) as tmp:

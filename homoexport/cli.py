@@ -63,6 +63,18 @@ def main(
     """homoexport: HomoDistil -> ONNX int8 -> GLUE and latency reports."""
 
 
+def _log_to(out: Console) -> None:
+    """Show the library's INFO/WARNING log lines (resume points, notes) on ``out``, once per process."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    root = logging.getLogger("homoexport")
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        root.addHandler(RichHandler(console=out, show_time=False, show_path=False, markup=False))
+        root.setLevel(logging.INFO)
+
+
 def _check_out(out: Optional[Path]) -> None:
     """Fail with exit code 5 before any work when ``--out`` cannot be written."""
     if out is not None:
@@ -111,18 +123,6 @@ def prune_command(
                   f"({report['parameter_ratio']:.1%}); parity max-abs-diff {report['parity_max_abs_diff']:.2e}; wrote {out}", highlight=False)
 
 
-def _distill_task(recipe, out: Optional[Path], resume: bool, overwrite: bool, progress: bool) -> dict:
-    """Task-specific HomoDistil with a progress display drawn from the run's log records."""
-    import logging
-
-    from homoexport.cli_progress import StepProgress
-    from homoexport.distillation.task import distill_task
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    with StepProgress("distill", console, enabled=progress) as bar:
-        return distill_task(recipe, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update)
-
-
 def _print_task_report(report: dict) -> None:
     s, t, metric = report["student"], report["teacher"], report["primary_metric"]
     console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
@@ -165,6 +165,7 @@ def distill_command(
     )
     from homoexport.budget import default_cache_path, plan_for_recipe
     from homoexport.models import quiet_transformers
+    from homoexport.cli_progress import StepProgress
     from homoexport.recipe import load_recipe
     from homoexport.trainer import distill
 
@@ -173,11 +174,16 @@ def distill_command(
                               cache_path=default_cache_path(), progress=progress)
     if plan:
         console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
-    if r.task is not None:
-        report = _distill_task(r, out, resume, overwrite, progress)
-    else:
-        run = distill_with_assistant if r.assistant.mode != "off" else distill
-        report = run(r, out_dir=out, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
+    _log_to(console)
+    with StepProgress("distill", console, enabled=progress) as bar:
+        if r.task is not None:
+            from homoexport.distillation.task import distill_task
+
+            report = distill_task(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update)
+        elif r.assistant.mode != "off":
+            report = distill_with_assistant(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
+        else:
+            report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
     if report and report.get("schema") == "homoexport.task_distill/1":
         _print_task_report(report)
         return
@@ -186,8 +192,6 @@ def distill_command(
         console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); "
                       f"{report['steps']} steps in {report['wall_time_s']:.0f}s; parity {report['parity_max_abs_diff']}; "
                       f"wrote {s['path']}", highlight=False)
-        if report.get("mlm_kl_note"):
-            console.print(f"[yellow]note:[/] {report['mlm_kl_note']}", highlight=False)
         if report.get("selection", {}).get("candidates"):
             console.print(tradeoff_table(report["selection"]))
         if "assistant" in report:

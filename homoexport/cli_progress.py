@@ -32,10 +32,8 @@ class StepProgress:
 
     def __init__(self, label: str, console: Console, enabled: bool = True):
         self.label, self.console, self.enabled = label, console, enabled
-        self.started = time.time()
-        self.first_step: int | None = None
         self.progress = None
-        self.task = None
+        self.tasks: dict[str, object] = {}
 
     def __enter__(self) -> "StepProgress":
         if self.enabled and self.console.is_terminal:
@@ -48,7 +46,7 @@ class StepProgress:
                 TimeRemainingColumn,
             )
 
-            self.progress = Progress(TextColumn(f"[bold]{self.label}"), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+            self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                                      TimeRemainingColumn(), BarColumn(bar_width=20), TextColumn("{task.fields[info]}"),
                                      console=self.console, transient=False)
             self.progress.start()
@@ -57,18 +55,19 @@ class StepProgress:
     def update(self, record: dict) -> None:
         if not self.enabled:
             return
-        step, total = record["step"], record["total"]
+        step, total, label = record["step"], record["total"], record.get("stage", self.label)
         if self.progress is not None:
-            if self.task is None:
-                self.task = self.progress.add_task(self.label, total=total, completed=step, info="")
-            self.progress.update(self.task, completed=step, info=describe(record))
+            if label not in self.tasks:
+                self.tasks[label] = self.progress.add_task(label, total=total, completed=step, info="", label=label)
+            self.progress.update(self.tasks[label], completed=step, info=describe(record))
             return
-        if self.first_step is None:
-            self.first_step, self.started = step - 1, time.time()
-        elapsed = time.time() - self.started
-        done = step - self.first_step
+        if label not in self.tasks:  # a new stage (or a resumed run): the ETA counts from its first record
+            self.tasks[label] = (step - 1, time.time())
+        first, started = self.tasks[label]
+        elapsed = time.time() - started
+        done = step - first
         eta = elapsed / done * (total - step) if done > 0 else 0.0
-        self.console.print(f"{self.label} {step}/{total} elapsed {_clock(elapsed)} ETA {_clock(eta)} | {describe(record)}",
+        self.console.print(f"{label} {step}/{total} elapsed {_clock(elapsed)} ETA {_clock(eta)} | {describe(record)}",
                            highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:

@@ -170,6 +170,8 @@ class TrainingSpec(_Strict):
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_checkpoints: bool = Field(False, description="keep the newest checkpoint after a finished run (to train it further); "
+                                   "by default it is removed once the student is saved, since resume then has nothing left to do")
 
 
 class Recipe(_Strict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -45,6 +46,8 @@ from homoexport.pruning.surgery import (
     save_student,
 )
 from homoexport.recipe import OptimizerSpec, Recipe, steps_of
+
+logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
 NO_MLM_NOTE = "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)"
@@ -191,7 +194,6 @@ def distill(
     out_dir: Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
-    progress: bool = True,
     plan: dict | None = None,
     stop_after: int | None = None,
     on_log: Callable[[dict], None] | None = None,
@@ -235,10 +237,8 @@ def distill(
     with accelerator.main_process_first():
         train_blocks, eval_blocks = build_blocks(spec, tokenizer)
     use_mlm = has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0)
-    if not has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0) and is_main and progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[yellow]note:[/] {NO_MLM_NOTE}", highlight=False)
+    if not has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0) and is_main:
+        logger.warning("note: %s", NO_MLM_NOTE)
     mlm_prob = 0.15 if use_mlm else None
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=recipe.training.seed, mlm_probability=mlm_prob)
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
@@ -278,6 +278,11 @@ def distill(
 
     # Resume.
     start = 0
+    if resume:
+        finished = finished_report(out.out, recipe)
+        if finished is not None:
+            logger.info("%s already finished all %d steps: nothing to do (use --overwrite to train it again)", out.out, total)
+            return finished
     ckpt = latest_checkpoint(out.checkpoints) if resume else None
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -306,56 +311,51 @@ def distill(
     tokens_per_step = recipe.training.batch_size * recipe.data.block_size
     started = time.time()
     last_terms: dict[str, float] = {}
-    bar = _progress(progress and is_main, total, start)
-    try:
-        for step in range(start, total):
-            t0 = time.time()
-            module.train()
-            batches = batcher.micro_batches(step, n_micro, rank, world)
-            terms_sum: dict[str, float] = {}
-            for i, mb in enumerate(batches):
-                mb = {k: v.to(accelerator.device) for k, v in mb.items()}
-                with accelerator.autocast():
-                    t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
-                ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
-                with ctx:
-                    loss, terms = module(mb, t_out, kept_heads())
-                    accelerator.backward(loss / n_micro)
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
-            if pruner is not None:
-                pruner.after_backward(step)
-            if o.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if pruner is not None:
-                pruner.after_optimizer_step()
-            done = step + 1
-            last_terms = _all_reduce_mean(accelerator, terms_sum)
-            record = {"step": done, "loss": sum(last_terms.get(k, 0) * w for k, w in unwrapped.loss.active_terms.items()),
-                      **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": lr_scheduler.get_last_lr()[0],
-                      "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9),
-                      **({"widths": masked.masks.widths().as_dict()} if masked is not None else {})}
-            ev = recipe.training.eval_every
-            if ev and done % ev == 0 and done < total and is_main:
-                record.update(_evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
-            if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
-                with open(out.log, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                if on_log:
-                    on_log(record)
-            if bar is not None:
-                bar.update(done, record)
-            ce = recipe.training.checkpoint_every
-            if (ce and done % ce == 0) or done == total:
-                _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
-            if stop_after is not None and done >= stop_after and done < total:
-                raise _Stopped(done)
-    finally:
-        if bar is not None:
-            bar.close()
+    if start:
+        logger.info("resumed from %s at step %d of %d", ckpt, start, total)
+    for step in range(start, total):
+        t0 = time.time()
+        module.train()
+        batches = batcher.micro_batches(step, n_micro, rank, world)
+        terms_sum: dict[str, float] = {}
+        for i, mb in enumerate(batches):
+            mb = {k: v.to(accelerator.device) for k, v in mb.items()}
+            with accelerator.autocast():
+                t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
+            ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
+            with ctx:
+                loss, terms = module(mb, t_out, kept_heads())
+                accelerator.backward(loss / n_micro)
+            for k, v in terms.items():
+                terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
+        if pruner is not None:
+            pruner.after_backward(step)
+        if o.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if pruner is not None:
+            pruner.after_optimizer_step()
+        done = step + 1
+        last_terms = _all_reduce_mean(accelerator, terms_sum)
+        record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in unwrapped.loss.active_terms.items()),
+                  **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": lr_scheduler.get_last_lr()[0],
+                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9),
+                  **({"widths": masked.masks.widths().as_dict()} if masked is not None else {})}
+        ev = recipe.training.eval_every
+        if ev and done % ev == 0 and done < total and is_main:
+            record.update(_evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
+        if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
+            with open(out.log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if on_log:
+                on_log(record)
+        ce = recipe.training.checkpoint_every
+        if (ce and done % ce == 0) or done == total:
+            _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
+        if stop_after is not None and done >= stop_after and done < total:
+            raise _Stopped(done)
 
     wall = time.time() - started
     return _finish(recipe, out, accelerator, unwrapped, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps, t_rel, has_mlm,
@@ -380,18 +380,34 @@ def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
         raise RuntimeError("data-parallel ranks chose different units to prune: importance scores diverged")
 
 
-def _resumable_fields(recipe: Recipe) -> dict[str, Any]:
+def resumable_fields(recipe: Recipe) -> dict[str, Any]:
     """What must not change between a checkpoint and its resume (everything but the output location)."""
-    return recipe.model_dump(mode="json", exclude={"output"})
+    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints"}})
 
 
 def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
     """Refuse to resume under a different recipe: the result would be neither run."""
-    current = _resumable_fields(recipe)
+    current = resumable_fields(recipe)
     if saved != current:
         diff = sorted(_differing_keys(saved, current))
         raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
                          "restore those values or start over with --overwrite")
+
+
+def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The report of a run in ``run_dir`` that already finished under this same recipe, else None.
+
+    A finished run under another recipe is an error: resuming it would be neither run.
+    """
+    report, resolved = run_dir / "report.json", run_dir / "recipe.resolved.yaml"
+    if not (report.is_file() and (run_dir / "student").is_dir() and resolved.is_file()):
+        return None
+    import yaml
+
+    from homoexport.recipe import validate_recipe
+
+    check_same_recipe(resumable_fields(validate_recipe(yaml.safe_load(resolved.read_text()))), recipe, resolved)
+    return json.loads(report.read_text())
 
 
 def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -419,12 +435,12 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped
 
         rngs = gather_object([_rng_state()])
     if accelerator.is_main_process:
-        state = {"step": step, "recipe": _resumable_fields(recipe), "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"step": step, "recipe": resumable_fields(recipe), "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
                  "masks": pruner.masks.state_dict() if pruner is not None else None,
                  "importance": pruner.importance.state_dict() if pruner is not None else None}
         save_checkpoint(out.checkpoints / f"step-{step:08d}.pt", state)
-        for old in sorted(out.checkpoints.glob("step-*.pt"))[:-2]:
+        for old in sorted(out.checkpoints.glob("step-*.pt"))[:-1]:  # resume needs only the newest
             old.unlink()
     accelerator.wait_for_everyone()
 
@@ -500,37 +516,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
             "machine": fingerprint(),
         }
         atomic_write_json(out.out / "report.json", report)
+        if not recipe.training.keep_checkpoints:
+            shutil.rmtree(out.checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
-
-
-def _progress(enabled: bool, total: int, start: int) -> "_Progress | None":
-    return _Progress(total, start) if enabled else None
-
-
-class _Progress:
-    """A rich progress bar with loss terms, current widths, throughput and ETA."""
-
-    def __init__(self, total: int, start: int):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(TextColumn("[bold]distill"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
-        self.task = self.progress.add_task("distill", total=total, completed=start, info="")
-        self.progress.start()
-
-    def update(self, done: int, record: dict) -> None:
-        terms = " ".join(f"{k[5:]}={v:.3g}" for k, v in record.items() if k.startswith("loss_"))
-        w = record.get("widths")
-        widths = f" | h{w['hidden']} a{w['heads']}x{w['head_dim']} f{w['ffn']}" if w else ""
-        self.progress.update(self.task, completed=done, info=f"loss={record['loss']:.3g} ({terms}){widths} | {record['tokens_per_s']:.0f} tok/s")
-
-    def close(self) -> None:
-        self.progress.stop()

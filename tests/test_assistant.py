@@ -153,7 +153,7 @@ def test_assistant_option_and_recipe_section(tmp_path):
 
 def test_sandwich_is_deterministic_so_a_kill_inside_it_redoes_it_identically(teacher, corpus, tmp_path):
     r = validate_recipe(recipe_dict(teacher, corpus, tmp_path / "run"))
-    a, b = run_sandwich(r, progress=False), run_sandwich(r, progress=False)
+    a, b = run_sandwich(r), run_sandwich(r)
     assert [c["quality"] for c in a["candidates"]] == [c["quality"] for c in b["candidates"]]
     assert a["chosen"] == b["chosen"] and len(a["candidates"]) == 4 and a["candidates"][-1]["role"] == "target"
     assert all(c["score"] == pytest.approx(c["quality"] + r.assistant.lambda_ * c["sparsity"]) for c in a["candidates"])
@@ -176,14 +176,14 @@ def test_two_stage_run_reaches_target_and_resumes_after_a_kill(teacher, corpus, 
     r = validate_recipe(recipe_dict(teacher, corpus, tmp_path / "run"))
     monkeypatch.setattr(trainer, "distill", _killing(killed_stage, 3))
     with pytest.raises(trainer._Stopped):
-        distill_with_assistant(r, progress=False)
+        distill_with_assistant(r)
     assert (tmp_path / "run" / assistant.SANDWICH_FILE).is_file() and not (tmp_path / "run" / "student").exists()
     assert (tmp_path / "run" / assistant.STAGE1_DIR / "report.json").is_file() == (killed_stage == assistant.STAGE2_DIR)
     with pytest.raises(FileExistsError, match="--resume"):
-        distill_with_assistant(r, progress=False)
+        distill_with_assistant(r)
     calls = []
     monkeypatch.setattr(assistant, "run_sandwich", lambda *a, **k: calls.append(1))  # must be reused, not rerun
-    report = distill_with_assistant(r, progress=False, resume=True)
+    report = distill_with_assistant(r, resume=True)
     assert not calls
     chosen = report["selection"]["chosen"]["widths"]
     assert report["assistant"]["widths"] == chosen and 16 < chosen["hidden"] < 64

@@ -63,7 +63,7 @@ def test_distill_reaches_targets_with_monotone_masks_and_zero_pruned_weights(tea
 
     monkeypatch.setattr(MaskedModel, "apply", checked_apply)
     records = []
-    report = distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")), progress=False, on_log=records.append)
+    report = distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")), on_log=records.append)
     assert len(seen) >= 24
     for before, after in zip(seen, seen[1:]):
         assert all(not (a & ~b).any() for a, b in zip(after, before)), "a pruned unit came back"
@@ -86,7 +86,7 @@ def test_loss_decreases_at_fixed_width(teachers, corpus, tmp_path):
     records = []
     r = recipe_dict(teachers["base"], corpus, tmp_path / "run", pruning={"schedule": "one_shot", "score_batches": 2},
                     training={"steps": 40, "batch_size": 8, "log_every": 1})
-    report = distill(validate_recipe(r), progress=False, on_log=records.append)
+    report = distill(validate_recipe(r), on_log=records.append)
     assert not report["mlm_kl_active"] and "no MLM head" in report["mlm_kl_note"]
     first = sum(r["loss"] for r in records[:5]) / 5
     last = sum(r["loss"] for r in records[-5:]) / 5
@@ -96,13 +96,13 @@ def test_loss_decreases_at_fixed_width(teachers, corpus, tmp_path):
 
 def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, tmp_path):
     base = recipe_dict(teachers["mlm"], corpus, tmp_path / "full", training={"steps": 16, "batch_size": 8, "log_every": 1, "checkpoint_every": 4})
-    distill(validate_recipe(base), progress=False)
+    distill(validate_recipe(base))
     killed = dict(base, output=str(tmp_path / "killed"))
     with pytest.raises(_Stopped):
-        distill(validate_recipe(killed), progress=False, stop_after=10)  # "dies" after step 10; last checkpoint at 8
-    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")) == ["step-00000004.pt", "step-00000008.pt"]
+        distill(validate_recipe(killed), stop_after=10)  # "dies" after step 10; last checkpoint at 8
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")) == ["step-00000008.pt"]  # only the newest is kept
     assert not (tmp_path / "killed" / "student").exists()
-    report = distill(validate_recipe(killed), progress=False, resume=True)
+    report = distill(validate_recipe(killed), resume=True)
     assert report["resumed_from_step"] == 8
     a = load_file(tmp_path / "full" / "student" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "student" / "model.safetensors")
@@ -111,31 +111,46 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
     assert steps == list(range(1, 17))
 
 
+def test_finished_run_drops_checkpoints_and_resume_says_finished(teachers, corpus, tmp_path, caplog):
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 6, "batch_size": 8, "checkpoint_every": 2})
+    first = distill(validate_recipe(r))
+    assert not (tmp_path / "run" / "checkpoints").exists()  # resume needs nothing once the student is saved
+    with caplog.at_level("INFO", logger="homoexport"):
+        again = distill(validate_recipe(r), resume=True)
+    assert again == first and "already finished all 6 steps" in caplog.text
+    changed = dict(r, training={**r["training"], "steps": 8})
+    with pytest.raises(ValueError, match="recipe changed"):
+        distill(validate_recipe(changed), resume=True)
+    kept = dict(r, output=str(tmp_path / "kept"), training={**r["training"], "keep_checkpoints": True})
+    distill(validate_recipe(kept))
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints").iterdir()] == ["step-00000006.pt"]
+
+
 def test_overwrite_replaces_the_old_run_so_resume_cannot_pick_up_stale_checkpoints(teachers, corpus, tmp_path):
     long = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 12, "batch_size": 8, "checkpoint_every": 4})
-    distill(validate_recipe(long), progress=False)
+    distill(validate_recipe(long))
     short = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4})
     with pytest.raises(_Stopped):
-        distill(validate_recipe(short), progress=False, overwrite=True, stop_after=5)
+        distill(validate_recipe(short), overwrite=True, stop_after=5)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004.pt"]
     assert not (tmp_path / "run" / "report.json").exists() and not (tmp_path / "run" / "student").exists()
-    assert distill(validate_recipe(short), progress=False, resume=True)["resumed_from_step"] == 4
+    assert distill(validate_recipe(short), resume=True)["resumed_from_step"] == 4
 
 
 def test_resume_refuses_a_changed_recipe(teachers, corpus, tmp_path):
     r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4})
     with pytest.raises(_Stopped):
-        distill(validate_recipe(r), progress=False, stop_after=5)
+        distill(validate_recipe(r), stop_after=5)
     changed = dict(r, optimizer={"lr": 5e-3, "warmup": 0})
     with pytest.raises(ValueError, match=r"recipe changed.*optimizer\.lr"):
-        distill(validate_recipe(changed), progress=False, resume=True)
+        distill(validate_recipe(changed), resume=True)
 
 
 def test_non_empty_output_needs_resume_or_overwrite(teachers, corpus, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("")
     with pytest.raises(FileExistsError, match="--resume"):
-        distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")), progress=False)
+        distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")))
 
 
 @pytest.mark.parametrize("init,over", [("truncate", {"student": {"layers": 1}, "losses": {"layer_mapping": "uniform"}, "pruning": {"schedule": "none"}}),
@@ -145,7 +160,7 @@ def test_non_empty_output_needs_resume_or_overwrite(teachers, corpus, tmp_path):
                                                    "pruning": {"schedule": "none"}})])
 def test_related_initialisations_train_and_save(teachers, corpus, tmp_path, init, over):
     r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", init=init, training={"steps": 4, "batch_size": 8, "log_every": 1}, **over)
-    report = distill(validate_recipe(r), progress=False)
+    report = distill(validate_recipe(r))
     assert report["student"]["layers"] == 1
     if init == "random":
         assert "relation" in report["active_loss_terms"] and report["student"]["widths"]["hidden"] == 32
@@ -182,7 +197,7 @@ def test_two_process_gloo_matches_single_process(teachers, corpus, tmp_path):
     student as one process at the same global batch."""
     r = recipe_dict(teachers["base"], corpus, tmp_path / "one", training={"steps": 8, "batch_size": 8, "log_every": 1})
     r["pruning"]["interval"] = 2
-    single = distill(validate_recipe(r), progress=False)
+    single = distill(validate_recipe(r))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(dict(r, output=str(tmp_path / "two"))))
     env = dict(os.environ, OMP_NUM_THREADS="1")

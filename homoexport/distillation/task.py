@@ -222,9 +222,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
-    from homoexport.trainer import save_checkpoint
+    from homoexport.trainer import resumable_fields, save_checkpoint
 
-    state = {"step": run.step, "recipe": recipe.model_dump(mode="json", exclude={"output"}), "dense": run.dense,
+    state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
              "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
              "curve": run.curve, "rng": _rng_state()}
@@ -266,6 +266,13 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     if overwrite and out.exists():
         shutil.rmtree(out)
+    if resume:
+        from homoexport.trainer import finished_report
+
+        finished = finished_report(out, recipe)
+        if finished is not None:
+            logger.info("%s already finished: nothing to do (use --overwrite to train it again)", out)
+            return finished
     torch.manual_seed(recipe.training.seed)
     random.seed(recipe.training.seed)
     np.random.seed(recipe.training.seed)
@@ -413,4 +420,6 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "machine": fingerprint(),
     }
     atomic_write_json(out / "report.json", report)
+    if not recipe.training.keep_checkpoints:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return report
