@@ -240,9 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     all_tasks = sorted({*tasks, *[p.name.split("-", 1)[1] for p in args.work.glob("teacher-*") if (p / "glue_report.json").is_file()]},
                        key=lambda t: list(TEACHER_EPOCHS).index(t) if t in TEACHER_EPOCHS else 99)
     if not args.table_only:
-        for task in tasks:
-            ensure_teacher(args.work, task, args.encoder, args.glue_data)
-            for arm in arms:
+        # Arm-major: the first arm's whole row lands before the next arm starts.
+        for arm in arms:
+            for task in tasks:
+                ensure_teacher(args.work, task, args.encoder, args.glue_data)
                 for seed in seeds:
                     run_arm(task, arm, seed, args.work, args.glue_data)
                     write(args, all_tasks)
