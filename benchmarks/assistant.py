@@ -5,7 +5,7 @@ steps in total: the direct arm in one HomoDistil run, the assistant arm split be
 assistant and assistant -> student (``--stage1-fraction``), after a sandwich run of ``--sandwich-steps``
 steps that chooses the assistant by the λ-tradeoff (the "one extra run"; its steps are reported
 separately, not counted in the budget). Each student is then fine-tuned and scored on GLUE dev with
-``homoexport.glue.run_glue_suite`` (PyTorch only, no export). Prints a table and writes JSON.
+``homoexport.evaluation.glue.run_glue_suite`` (PyTorch only, no export). Prints a table and writes JSON.
 
 From a clean checkout (real data at ../shared; full scale needs a GPU or many CPU hours):
 
@@ -28,13 +28,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from homoexport.assistant import distill_with_assistant, tradeoff_table
+from homoexport.distillation.assistant import distill_with_assistant, tradeoff_table
 from homoexport.atomic import atomic_write_json
-from homoexport.glue import GlueSettings, run_glue_suite
+from homoexport.evaluation.glue import GlueSettings, run_glue_suite
 from homoexport.machine import fingerprint
-from homoexport.models import quiet_transformers
-from homoexport.recipe import validate_recipe
-from homoexport.trainer import distill
+from homoexport.distillation.models import quiet_transformers
+from homoexport.config.recipe import validate_recipe
+from homoexport.distillation.trainer import distill
 
 console = Console()
 

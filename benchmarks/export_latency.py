@@ -2,9 +2,9 @@
 
 One run measures, on this machine and with the same random inputs:
   - teacher (default ../shared/models/all-MiniLM-L6-v2) and a student pruned from it to hidden 192,
-    6 heads, FFN 768 (``homoexport.prune.prune_model``; a random-weight BertModel of that shape when
+    6 heads, FFN 768 (``homoexport.pruning.oneshot.prune_model``; a random-weight BertModel of that shape when
     pruning is unavailable, which is fine for latency and is said in the output);
-  - each as PyTorch fp32 and as the three files of ``homoexport.export.export_model``;
+  - each as PyTorch fp32 and as the three files of ``homoexport.deployment.export.export_model``;
   - plain ``optimum-cli export onnx`` + ``optimum-cli onnxruntime quantize`` of the teacher (subprocess),
     the baseline the int8 teacher must match;
 at batch 1 and 8, seq 32 and 128. Entries are measured interleaved (rounds over all models per grid
@@ -36,8 +36,8 @@ from rich.console import Console
 from rich.table import Table
 
 from homoexport.atomic import atomic_write_json
-from homoexport.bench import load_session, measure_latency, percentiles, random_token_ids
-from homoexport.export import FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE, detect_target, export_model
+from homoexport.deployment.bench import load_session, measure_latency, percentiles, random_token_ids
+from homoexport.deployment.export import FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE, detect_target, export_model
 from homoexport.machine import cpu_info, fingerprint, physical_cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,10 +52,10 @@ console = Console()
 def make_student(teacher: Path, out: Path) -> str:
     """Prune the teacher to STUDENT_SHAPE; fall back to random weights of that shape. Returns how it was made."""
     try:
-        from homoexport.prune import prune_model
+        from homoexport.pruning.oneshot import prune_model
 
         prune_model(teacher, out, **STUDENT_SHAPE, batches=2, batch_size=4, overwrite=True)
-        return f"pruned from the teacher by homoexport.prune.prune_model (one-shot, synthetic ids, no distillation) to {STUDENT_SHAPE}"
+        return f"pruned from the teacher by homoexport.pruning.oneshot.prune_model (one-shot, synthetic ids, no distillation) to {STUDENT_SHAPE}"
     except Exception as e:  # the pruning code is another issue's; latency needs only the shape
         from transformers import AutoConfig, AutoTokenizer, BertModel
 

@@ -7,7 +7,7 @@ and tokens, from ``recipes/experiments/*.yaml``:
     (b) oneshot      copy, prune to the target at step 0, then distill
     (c) truncate     3 of the teacher's layers at full width (DistilBERT-style init), uniform layer mapping
     (d) minilmv2     random init at the final shape, MiniLMv2 relation transfer only
-    (e) prune_only   ``homoexport.prune.prune_model`` to the final shape, no distillation
+    (e) prune_only   ``homoexport.pruning.oneshot.prune_model`` to the final shape, no distillation
 
 (c) keeps the teacher's width, so it is run once (at no shape) and listed with the 192 group. The teacher
 and every student are fine-tuned with identical settings on SST-2, MRPC and CoLA (``run_glue``: best dev
@@ -40,7 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from homoexport.atomic import atomic_write_json, atomic_write_text
-from homoexport.glue import TASK_TITLES, GlueSettings
+from homoexport.evaluation.glue import TASK_TITLES, GlueSettings
 from homoexport.machine import fingerprint
 
 console = Console()
@@ -180,7 +180,7 @@ def entry_order(entry: Entry) -> tuple:
 
 def block_size() -> int:
     """Tokens per distillation sequence (every arm's recipe shares the data section)."""
-    from homoexport.recipe import load_recipe
+    from homoexport.config.recipe import load_recipe
 
     return load_recipe(RECIPES / ARMS["homodistil"].recipe).data.block_size
 
@@ -205,15 +205,15 @@ def make_student(entry: Entry, out: Path, scale: Scale, teacher: Path, prune_dat
         return
     start = time.perf_counter()
     if arm.recipe is None:
-        from homoexport.prune import prune_model
+        from homoexport.pruning.oneshot import prune_model
 
         shape = SHAPES[entry.shape]
         report = prune_model(teacher, run_dir / "student", shape.hidden, shape.heads, shape.ffn, data=prune_data,
                              batches=8, batch_size=scale.batch_size, overwrite=True)
         atomic_write_json(run_dir / "prune_report.json", report | {"wall_time_s": round(time.perf_counter() - start, 2)})
     else:
-        from homoexport.recipe import load_recipe
-        from homoexport.trainer import distill
+        from homoexport.config.recipe import load_recipe
+        from homoexport.distillation.trainer import distill
 
         recipe = load_recipe(RECIPES / arm.recipe, recipe_overrides(entry, scale))
         resume = (run_dir / "checkpoints").is_dir()
@@ -223,7 +223,7 @@ def make_student(entry: Entry, out: Path, scale: Scale, teacher: Path, prune_dat
 
 def run_tasks(entry: Entry, out: Path, scale: Scale, teacher: Path, glue_data: Path) -> None:
     """``run_glue`` for each task into ``out/<run>/glue/<task>``; finished tasks are skipped."""
-    from homoexport.glue import run_glue
+    from homoexport.evaluation.glue import run_glue
 
     for task in TASKS:
         task_dir = out / entry.run / "glue" / task
@@ -237,7 +237,7 @@ def run_tasks(entry: Entry, out: Path, scale: Scale, teacher: Path, glue_data: P
 def torch_latency_ms(model, ids, threads: int, warmup: int = 3, repeats: int = 20) -> float:
     """Median batch-1 PyTorch fp32 forward time (ms) of a loaded classifier on ``ids`` [1, seq] (full mask).
 
-    homoexport.bench times ONNX sessions only; the table needs the PyTorch figure next to them.
+    homoexport.deployment.bench times ONNX sessions only; the table needs the PyTorch figure next to them.
     """
     import numpy as np
     import torch
@@ -270,8 +270,8 @@ def measure_latencies(entries: Sequence[Entry], out: Path, teacher: Path, rounds
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from homoexport.bench import load_session, measure_latency
-    from homoexport.export import deployed_model_path
+    from homoexport.deployment.bench import load_session, measure_latency
+    from homoexport.deployment.export import deployed_model_path
     from homoexport.machine import physical_cores
 
     todo = []
@@ -309,7 +309,7 @@ def _encoder_params(path: Path) -> dict[str, Any]:
     """Parameter count of the encoder (no task head) and its shape, from a model directory."""
     from transformers import AutoConfig, AutoModel
 
-    from homoexport.models import quiet_transformers
+    from homoexport.distillation.models import quiet_transformers
 
     quiet_transformers()
     model = AutoModel.from_pretrained(path)

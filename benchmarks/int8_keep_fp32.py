@@ -1,7 +1,7 @@
 """What leaving layer groups in fp32 costs and buys in the int8 file: GLUE dev score vs batch-1 latency.
 
 For a fine-tuned classifier (``homoexport glue`` writes one to ``OUT/<task>/seed-S/model``) this exports
-the model once per variant with ``homoexport.export.export_model`` (O2, dynamic int8, per-channel):
+the model once per variant with ``homoexport.deployment.export.export_model`` (O2, dynamic int8, per-channel):
   - ``int8``: every MatMul quantized (the default),
   - ``int8 keep ffn-output``: the FFN down-projections stay fp32 (``--keep-fp32 ffn-output``),
 and scores the fp32 ONNX file and each int8 file on the task's dev set with onnxruntime, then times every
@@ -24,10 +24,10 @@ from rich.console import Console
 from rich.table import Table
 
 from homoexport.atomic import atomic_write_json
-from homoexport.bench import load_session, measure_latency
-from homoexport.export import QUANTIZED_FILE, export_model
-from homoexport.glue import evaluate_onnx, load_data
-from homoexport.glue_data import get_task
+from homoexport.deployment.bench import load_session, measure_latency
+from homoexport.deployment.export import QUANTIZED_FILE, export_model
+from homoexport.evaluation.glue import evaluate_onnx, load_data
+from homoexport.evaluation.glue_data import get_task
 from homoexport.machine import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]

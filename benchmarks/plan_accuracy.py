@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from homoexport.atomic import atomic_write_json
-from homoexport.budget import CandidateExporter, PlanSettings, Shape, plan
+from homoexport.deployment.budget import CandidateExporter, PlanSettings, Shape, plan
 from homoexport.machine import fingerprint
 
 

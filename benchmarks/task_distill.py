@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from homoexport.atomic import atomic_write_json, atomic_write_text
-from homoexport.glue import TASK_TITLES, GlueSettings, run_glue
+from homoexport.evaluation.glue import TASK_TITLES, GlueSettings, run_glue
 from homoexport.machine import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
 
 def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> Path:
     from homoexport.distillation.task import distill_task
-    from homoexport.recipe import validate_recipe
+    from homoexport.config.recipe import validate_recipe
 
     run = work / task / f"{arm}-s{seed}"
     if not (run / "report.json").is_file():
@@ -92,13 +92,13 @@ def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path)
 
 def pruned_classifier(task: str, work: Path, glue_data: Path) -> Path:
     """The fine-tuned teacher pruned once to 192/6/768 (head kept), importance scored on its task's sentences."""
-    from homoexport.prune import prune_model
+    from homoexport.pruning.oneshot import prune_model
 
     out = work / task / "pruned-192"
     if not (out / "prune_report.json").is_file():
         text = work / task / "train_sentences.txt"
         if not text.is_file():
-            from homoexport.glue_data import get_task, read_tsv
+            from homoexport.evaluation.glue_data import get_task, read_tsv
 
             spec = get_task(task)
             rows = read_tsv(spec, glue_data / spec.directory / "train.tsv")
@@ -109,8 +109,8 @@ def pruned_classifier(task: str, work: Path, glue_data: Path) -> Path:
 
 
 def quickstart_student(work: Path) -> Path:
-    from homoexport.recipe import load_recipe
-    from homoexport.trainer import distill
+    from homoexport.config.recipe import load_recipe
+    from homoexport.distillation.trainer import distill
 
     out = work / "quickstart"
     if not (out / "report.json").is_file():

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 from typer.testing import CliRunner
 
-from homoexport import assistant, trainer
-from homoexport.assistant import (Candidate, EncodeModule, assistant_widths, auto_candidates, choose, distill_with_assistant,
+from homoexport.distillation import assistant, trainer
+from homoexport.distillation.assistant import (Candidate, EncodeModule, assistant_widths, auto_candidates, choose, distill_with_assistant,
                                   masked_call, masked_overrides, nested_masks, run_sandwich, split_steps, width_key,
                                   with_assistant_option)
 from homoexport.cli import app
 from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, prepare
-from homoexport.recipe import RecipeError, validate_recipe
+from homoexport.config.recipe import RecipeError, validate_recipe
 from homoexport.pruning.surgery import materialize
 from tiny import make_model, random_batch, save_model_dir, synthetic_sentences
 
@@ -198,7 +198,7 @@ def test_two_stage_run_reaches_target_and_resumes_after_a_kill(teacher, corpus, 
     assert json.loads((tmp_path / "run" / "report.json").read_text())["kind"] == "homoexport.assistant_report"
     assert (tmp_path / "run" / assistant.PLOT_FILE).is_file()
     # `homoexport report` shows the candidates and the metric-vs-sparsity plot with the choice
-    from homoexport.report import write_report
+    from homoexport.reporting.report import write_report
 
     md = write_report([tmp_path / "run"], tmp_path / "rep")[0].read_text()
     assert "Teacher-assistant candidates" in md and md.count("| chosen |") == 1 and "| target |" in md

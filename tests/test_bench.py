@@ -1,4 +1,4 @@
-"""homoexport.bench: percentile math, measurement on a tiny ONNX BERT, realistic inputs, the compare
+"""homoexport.deployment.bench: percentile math, measurement on a tiny ONNX BERT, realistic inputs, the compare
 logic and its exit codes, and that the measuring path never imports torch."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from homoexport import bench
+from homoexport.deployment import bench
 from homoexport.cli import app
 from tiny import make_model, make_tokenizer, random_batch
 
@@ -344,13 +344,13 @@ NO_TORCH = "import sys\nfor m in ('torch', 'transformers', 'optimum'):\n    sys.
 
 
 def test_bench_module_imports_no_torch():
-    r = run_python("import homoexport.bench, homoexport.report, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
+    r = run_python("import homoexport.deployment.bench, homoexport.reporting.report, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     assert r.returncode == 0, r.stderr
 
 
 def test_measurement_runs_without_torch(onnx_path: Path):
     code = NO_TORCH + (
-        "from homoexport.bench import measure_latency, measure_footprint\n"
+        "from homoexport.deployment.bench import measure_latency, measure_footprint\n"
         f"s = measure_latency({str(onnx_path)!r}, batch=1, seq=8, threads=1, warmup=1, repeats=2)\n"
         f"f = measure_footprint({str(onnx_path)!r}, 1, 8, 1)\n"
         "assert s.n == 2 and f.peak_rss_mb > 0\n"

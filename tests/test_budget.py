@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from homoexport.budget import (
+from homoexport.deployment.budget import (
     MB,
     BudgetError,
     Measurement,
@@ -27,7 +27,7 @@ from homoexport.budget import (
     plan_for_recipe,
     teacher_shape,
 )
-from homoexport.recipe import validate_recipe
+from homoexport.config.recipe import validate_recipe
 from tiny import save_model_dir
 
 MINILM = TeacherShape(hidden=384, heads=12, ffn=1536, layers=6, vocab=30522, max_positions=512, type_vocab=2)
@@ -171,7 +171,7 @@ def test_combined_and_params_budgets(minilm_dir):
     fake = FakeMeasure()
     report = _plan(minilm_dir, "params=12M", fake)
     assert fake.calls == []  # params need no measurement
-    from homoexport.budget import parameters
+    from homoexport.deployment.budget import parameters
 
     best = max((s for s in shapes if parameters(s, MINILM) <= 12e6), key=lambda s: s.hidden)
     assert report["chosen"]["name"] == best.name and report["chosen"]["params"] <= 12e6

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from homoexport import data
-from homoexport.data import BlockBatcher, DataError, DataSpec, build_blocks, load_or_pack, resolve_sources, wikiextractor_articles
+from homoexport.distillation import data
+from homoexport.distillation.data import BlockBatcher, DataError, DataSpec, build_blocks, load_or_pack, resolve_sources, wikiextractor_articles
 from tiny import make_tokenizer, synthetic_sentences
 
 WIKI = """<doc id="1" url="?curid=1" title="Red Cat">

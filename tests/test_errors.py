@@ -21,8 +21,8 @@ def test_every_error_class_has_its_documented_exit_code():
     assert errors.UsageError("x").exit_code == errors.EXIT_USAGE == 2
     assert errors.OutputError("x").exit_code == errors.EXIT_OUTPUT == 5
     assert errors.ParityError("x").exit_code == errors.EXIT_CHECK == 6
-    from homoexport.budget import NoFitError
-    from homoexport.export import ExportError, ExportInputError
+    from homoexport.deployment.budget import NoFitError
+    from homoexport.deployment.export import ExportError, ExportInputError
 
     assert NoFitError("x").exit_code == errors.EXIT_BUDGET == 7
     assert ExportError("x").exit_code == 6 and ExportInputError("x").exit_code == 2
@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_with_exit_code(tmp_path: Path):
 def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch):
     """An exception outside the HomoexportError hierarchy (here a RuntimeError from inside torch) is not
     turned into a one-line 'bad input' message."""
-    import homoexport.prune as prune
+    import homoexport.pruning.oneshot as prune
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated torch kernel failure")
@@ -52,7 +52,7 @@ def test_a_bug_keeps_its_traceback(tmp_path: Path, monkeypatch):
 
 
 def test_a_bug_prints_a_traceback_from_the_real_entry_point(tmp_path: Path):
-    code = ("import sys, homoexport.prune as p\n"
+    code = ("import sys, homoexport.pruning.oneshot as p\n"
             "def broken(*a, **k): raise RuntimeError('simulated torch kernel failure')\n"
             "p.prune_model = broken\n"
             "from homoexport.cli import app\n"

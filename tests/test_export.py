@@ -14,7 +14,7 @@ import pytest
 from tiny import make_model, make_tokenizer, synthetic_sentences
 from typer.testing import CliRunner
 
-from homoexport import export as ex
+from homoexport.deployment import export as ex
 
 FAST = dict(progress=False, latency_repeats=2)
 

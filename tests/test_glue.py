@@ -11,11 +11,11 @@ import pytest
 from datasets import Dataset, DatasetDict
 from typer.testing import CliRunner
 
-from homoexport import glue, glue_data
+from homoexport.evaluation import glue, glue_data
 from homoexport.cli import app
-from homoexport.export import export_model
-from homoexport.glue import GlueSettings, aggregate_results, evaluate_onnx, evaluate_pytorch, load_classifier, run_glue, run_glue_suite
-from homoexport.glue_data import GLUE_ORDER, TASKS, GlueDataError, get_task, load_tsv, predictions, read_tsv, score
+from homoexport.deployment.export import export_model
+from homoexport.evaluation.glue import GlueSettings, aggregate_results, evaluate_onnx, evaluate_pytorch, load_classifier, run_glue, run_glue_suite
+from homoexport.evaluation.glue_data import GLUE_ORDER, TASKS, GlueDataError, get_task, load_tsv, predictions, read_tsv, score
 from tiny import save_model_dir, synthetic_sentences
 
 # --------------------------------------------------------------------------- synthetic GLUE files

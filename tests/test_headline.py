@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from homoexport.recipe import load_recipe
+from homoexport.config.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("headline", REPO / "benchmarks" / "headline.py")

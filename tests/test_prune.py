@@ -7,7 +7,7 @@ from transformers import AutoModel, AutoModelForMaskedLM
 from typer.testing import CliRunner
 
 from homoexport.cli import app
-from homoexport.prune import prune_model
+from homoexport.pruning.oneshot import prune_model
 from tiny import save_model_dir, synthetic_sentences
 
 

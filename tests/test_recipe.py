@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from homoexport.recipe import RecipeError, load_recipe, validate_recipe
+from homoexport.config.recipe import RecipeError, load_recipe, validate_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -1,4 +1,4 @@
-"""homoexport.report: reading glue reports in the shapes we expect, bench tables and plots, the Pareto
+"""homoexport.reporting.report: reading glue reports in the shapes we expect, bench tables and plots, the Pareto
 front, and ``homoexport report`` gathering whatever the run directories hold into report.md."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from homoexport import report
-from homoexport.bench import SCHEMA
+from homoexport.reporting import report
+from homoexport.deployment.bench import SCHEMA
 from homoexport.cli import app
 
 MACHINE = {"id": "abc", "cpu_model": "Test CPU", "arch": "x86_64", "isa": ["avx2"], "physical_cores": 4, "os": "Linux", "versions": {"onnxruntime": "1.31.1"}}

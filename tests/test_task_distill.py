@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from homoexport.cli import app
 from homoexport.distillation.task import TaskLoss, distill_task
 from homoexport.distillation.task_data import TaskDataError, load_files
-from homoexport.recipe import LossSpec, validate_recipe
+from homoexport.config.recipe import LossSpec, validate_recipe
 
 
 def write_rows(path: Path, n: int, seed: int, labels=("neg", "pos"), pair: bool = False) -> Path:
@@ -125,7 +125,7 @@ def test_tiny_task_distillation_end_to_end(tmp_path: Path, teacher_dir: Path, ta
     # The saved student is what the loop scored.
     from homoexport.distillation.task import evaluate, load_task_data
     from homoexport.distillation.task_data import TaskBatcher
-    from homoexport.models import load_tokenizer
+    from homoexport.distillation.models import load_tokenizer
 
     data = load_task_data(recipe, ["neg", "pos"], False)
     dev = TaskBatcher(data.dev, load_tokenizer(teacher_dir), 64, 24, shuffle=False)
@@ -183,7 +183,7 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
 
 def test_batches_cover_every_row_once_group_lengths_and_repeat(tmp_path: Path, task_files, teacher_dir: Path):
     from homoexport.distillation.task_data import TaskBatcher
-    from homoexport.models import load_tokenizer
+    from homoexport.distillation.models import load_tokenizer
 
     rows = load_files(*task_files, "sentence", None, "label", ["neg", "pos"], regression=False).train
     batcher = TaskBatcher(rows, load_tokenizer(teacher_dir), 4, 32, seed=3)

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from homoexport.cli import app
 from homoexport.pruning.mask_groups import MaskedModel
-from homoexport.recipe import validate_recipe
-from homoexport.trainer import _Stopped, distill
+from homoexport.config.recipe import validate_recipe
+from homoexport.distillation.trainer import _Stopped, distill
 from tiny import save_model_dir, synthetic_sentences
 
 

@@ -36,10 +36,10 @@ from homoexport.distillation.task_data import (
     load_glue,
 )
 from homoexport.errors import OutputExistsError, ParityError, UsageError
-from homoexport.glue_data import GlueTask, predictions, score
-from homoexport.losses import DistillationLoss, EncoderOutputs
+from homoexport.evaluation.glue_data import GlueTask, predictions, score
+from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
 from homoexport.machine import fingerprint
-from homoexport.models import ModelLoadError, is_sequence_classifier, load_tokenizer
+from homoexport.distillation.models import ModelLoadError, is_sequence_classifier, load_tokenizer
 from homoexport.pruning.mask_groups import config_widths
 from homoexport.pruning.pruner import HomoDistilPruner, slice_optimizer_state
 from homoexport.pruning.surgery import (
@@ -47,7 +47,7 @@ from homoexport.pruning.surgery import (
     parity_max_abs_diff,
     save_student,
 )
-from homoexport.recipe import LossSpec, Recipe, steps_of
+from homoexport.config.recipe import LossSpec, Recipe, steps_of
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
-    from homoexport.trainer import resumable_fields, save_checkpoint
+    from homoexport.distillation.trainer import resumable_fields, save_checkpoint
 
     state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
              "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -234,7 +234,7 @@ def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
 
 
 def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> None:
-    from homoexport.trainer import check_same_recipe
+    from homoexport.distillation.trainer import check_same_recipe
 
     state = torch.load(path, map_location="cpu", weights_only=False)
     check_same_recipe(state["recipe"], recipe, path)
@@ -267,7 +267,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     if overwrite and out.exists():
         shutil.rmtree(out)
     if resume:
-        from homoexport.trainer import finished_report
+        from homoexport.distillation.trainer import finished_report
 
         finished = finished_report(out, recipe)
         if finished is not None:
@@ -293,7 +293,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     pruner = None
     if recipe.pruning.schedule != "none":
         from homoexport.pruning.mask_groups import target_widths
-        from homoexport.trainer import pruner_settings
+        from homoexport.distillation.trainer import pruner_settings
 
         target = target_widths(config_widths(teacher.config), recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
         pruner = HomoDistilPruner(student, target, pruner_settings(recipe, total))
@@ -318,7 +318,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     else:  # records after the checkpoint are about to be redone
         kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= run.step] if log_path.exists() else []
         atomic_write_text(log_path, "".join(line + "\n" for line in kept))
-    from homoexport.trainer import resolved_header
+    from homoexport.distillation.trainer import resolved_header
 
     atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
 

@@ -1,7 +1,7 @@
 """Labelled task data for task-specific distillation: GLUE TSVs or a user's CSV / TSV / JSON-lines file.
 
-Every source is normalised to the columns of :mod:`homoexport.glue_data` (``text_a``, optional
-``text_b``, ``label``) and described by a :class:`~homoexport.glue_data.GlueTask` (labels, metrics),
+Every source is normalised to the columns of :mod:`homoexport.evaluation.glue_data` (``text_a``, optional
+``text_b``, ``label``) and described by a :class:`~homoexport.evaluation.glue_data.GlueTask` (labels, metrics),
 so GLUE and user data are scored by the same code. Batches are a function of the step (a per-epoch
 permutation from the seed), which makes resume exact.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from homoexport.glue_data import GlueDataError, GlueTask, get_task, load_tsv, subsample
+from homoexport.evaluation.glue_data import GlueDataError, GlueTask, get_task, load_tsv, subsample
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 

@@ -3,7 +3,7 @@
 This is the measuring path shared by ``homoexport bench``, the planner, the export check and GLUE: it
 imports only onnxruntime, numpy and the standard library (never torch/transformers), so it runs on an
 edge box that has nothing else installed. Imported lazily, only where used: ``tokenizers`` (real token
-ids), ``rich`` (progress bar of ``bench``), ``homoexport.report`` (tables, plots, glue reports).
+ids), ``rich`` (progress bar of ``bench``), ``homoexport.reporting.report`` (tables, plots, glue reports).
 
 Also here: the comparison of a bench report with a baseline (``compare_reports``) and the exit codes
 that CI gates on.
@@ -264,7 +264,7 @@ def measure_footprint(model_path: str | os.PathLike, batch: int = 1, seq: int = 
     path = Path(model_path)
     if not path.is_file():
         raise InputNotFoundError(f"ONNX model not found: {path}")
-    code = "from homoexport.bench import _footprint_main; _footprint_main()"
+    code = "from homoexport.deployment.bench import _footprint_main; _footprint_main()"
     args = [sys.executable, "-c", code, str(path), str(batch), str(seq), str(threads or physical_cores())]
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -393,7 +393,7 @@ def make_batches(
 # --------------------------------------------------------------------------------------------------
 # The benchmark grid over models x threads x batch x seq, and its report (bench.json).
 
-SCHEMA = "homoexport.bench/1"
+SCHEMA = "homoexport.deployment.bench/1"
 
 
 @dataclass(frozen=True)
@@ -485,7 +485,7 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
     report's ``accuracy`` section so that one file carries everything CI gates on.
     """
     from homoexport.machine import fingerprint
-    from homoexport.report import read_glue
+    from homoexport.reporting.report import read_glue
 
     threads_list = settings.threads or (physical_cores(),)
     grid = [(t, b, s) for t in threads_list for b in settings.batches for s in settings.seqs]
@@ -805,7 +805,7 @@ def run_bench(
     measuring starts, so a typo fails in a second, not after the benchmark.
     """
     from homoexport.atomic import atomic_write_json
-    from homoexport.report import bench_markdown, find_glue_reports, plot_latency
+    from homoexport.reporting.report import bench_markdown, find_glue_reports, plot_latency
 
     targets = resolve_targets(paths)
     base = load_report(baseline) if baseline is not None else None

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from homoexport.errors import UsageError
-from homoexport.losses import EncoderOutputs
+from homoexport.distillation.losses import EncoderOutputs
 
 
 class ModelLoadError(UsageError):

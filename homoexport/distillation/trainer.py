@@ -26,11 +26,11 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
-from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher, DataSpec, build_blocks
 from homoexport.errors import OutputExistsError, ParityError, UsageError
-from homoexport.losses import DistillationLoss
+from homoexport.distillation.losses import DistillationLoss
 from homoexport.machine import fingerprint
-from homoexport.models import build_student, encode, load_model, load_tokenizer
+from homoexport.distillation.models import build_student, encode, load_model, load_tokenizer
 from homoexport.pruning.mask_groups import (
     MaskedModel,
     Masks,
@@ -45,7 +45,7 @@ from homoexport.pruning.surgery import (
     parity_max_abs_diff,
     save_student,
 )
-from homoexport.recipe import OptimizerSpec, Recipe, steps_of
+from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
 
 logger = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
         return None
     import yaml
 
-    from homoexport.recipe import validate_recipe
+    from homoexport.config.recipe import validate_recipe
 
     check_same_recipe(resumable_fields(validate_recipe(yaml.safe_load(resolved.read_text()))), recipe, resolved)
     return json.loads(report.read_text())

@@ -403,8 +403,8 @@ class CandidateExporter:
 
     def export(self, shape: Shape, work: Path) -> Path:
         """Build and export ``shape`` under ``work``; returns the deployed file (int8, or fp32 optimized)."""
-        from homoexport.export import deployed_model_path, export_model
-        from homoexport.models import quiet_transformers
+        from homoexport.deployment.export import deployed_model_path, export_model
+        from homoexport.distillation.models import quiet_transformers
 
         quiet_transformers()
         s = self.settings
@@ -425,7 +425,7 @@ def measure_file(path: Path, settings: PlanSettings, with_rss: bool) -> Measurem
     """
     import numpy as np
 
-    from homoexport.bench import (
+    from homoexport.deployment.bench import (
         file_size_bytes,
         load_session,
         measure_footprint,
@@ -647,8 +647,8 @@ def plan(
 
 
 def apply_plan(recipe: Any, plan_report: Mapping[str, Any]) -> Any:
-    """A copy of ``recipe`` (homoexport.recipe.Recipe) whose student widths are the plan's chosen shape."""
-    from homoexport.recipe import validate_recipe
+    """A copy of ``recipe`` (homoexport.config.recipe.Recipe) whose student widths are the plan's chosen shape."""
+    from homoexport.config.recipe import validate_recipe
 
     chosen = plan_report.get("chosen")
     if not chosen:
@@ -678,7 +678,7 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
         logger.info("the command line's budget replaces the recipe's student widths (hidden %s, heads %s, ffn %s)", s.hidden, s.heads, s.ffn)
         data = recipe.model_dump(mode="json", by_alias=True)
         data["student"] = {**data["student"], "hidden": None, "heads": None, "ffn": None}
-        from homoexport.recipe import validate_recipe
+        from homoexport.config.recipe import validate_recipe
 
         recipe = validate_recipe(data)
         s = recipe.student

@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from homoexport.atomic import atomic_write_json, staging_dir
-from homoexport.bench import load_session, measure_latency
+from homoexport.deployment.bench import load_session, measure_latency
 from homoexport.errors import (
     EXIT_USAGE,
     CheckError,

@@ -18,7 +18,7 @@ distillation per candidate; MiniDisc picks it after a single *sandwich* run inst
    mean-pooled last hidden states to the teacher's; ``mlm``: minus the MLM loss) and the score
    ``quality + λ · sparsity`` with ``sparsity = 1 - params(w) / params(teacher)``; higher is better
    and the best candidate becomes the assistant.
-4. **Two stages** of ordinary HomoDistil with :func:`homoexport.trainer.distill`: teacher -> assistant
+4. **Two stages** of ordinary HomoDistil with :func:`homoexport.distillation.trainer.distill`: teacher -> assistant
    into ``OUT/stage1-assistant``, then assistant -> final widths into ``OUT/stage2-student``.
    ``training.steps`` is split by ``assistant.stage1_fraction``; the sandwich steps are the one extra
    run. ``OUT/student`` is the final student, ``OUT/report.json`` holds the candidates table, the
@@ -47,10 +47,10 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
-from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher, DataSpec, build_blocks
 from homoexport.errors import OutputExistsError, UsageError
-from homoexport.losses import DistillationLoss
-from homoexport.models import encode, load_model, load_tokenizer
+from homoexport.distillation.losses import DistillationLoss
+from homoexport.distillation.models import encode, load_model, load_tokenizer
 from homoexport.pruning.importance import ImportanceTracker
 from homoexport.pruning.mask_groups import (
     MaskedModel,
@@ -63,9 +63,9 @@ from homoexport.pruning.mask_groups import (
     tensor_masks,
 )
 from homoexport.pruning.surgery import closed_form_parameters
-from homoexport.recipe import AssistantSpec, Recipe, validate_recipe
-from homoexport.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
-from homoexport.trainer import (
+from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
+from homoexport.reporting.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
+from homoexport.distillation.trainer import (
     DistillModule,
     adamw,
     recipe_target,
@@ -186,7 +186,7 @@ def masked_call(module: nn.Module, overrides: dict[str, torch.Tensor], *args, **
 
 
 class EncodeModule(nn.Module):
-    """:func:`homoexport.models.encode` as a module forward, so :func:`masked_call` can run it."""
+    """:func:`homoexport.distillation.models.encode` as a module forward, so :func:`masked_call` can run it."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -410,7 +410,7 @@ def stage_recipe(recipe: Recipe, name: str, teacher: str, widths: Widths, steps:
 
 def _run_stage(recipe: Recipe, out: Path, resume: bool, overwrite: bool, on_log: Callable[[dict], None] | None, plan: dict | None) -> dict[str, Any]:
     """A finished stage (report.json present) is reused on resume; otherwise distill, resuming if asked."""
-    from homoexport import trainer
+    from homoexport.distillation import trainer
 
     done = out / "report.json"
     if resume and done.is_file():
@@ -455,7 +455,7 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
     from transformers import AutoConfig
 
     if recipe.assistant.mode == "off":
-        raise UsageError("assistant.mode is off: use homoexport.trainer.distill, or set assistant.mode to auto or fixed")
+        raise UsageError("assistant.mode is off: use homoexport.distillation.trainer.distill, or set assistant.mode to auto or fixed")
     out = Path(out_dir) if out_dir else recipe.output_dir()
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")

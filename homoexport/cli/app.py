@@ -112,8 +112,8 @@ def prune_command(
 ) -> None:
     """One-shot importance prune of a model to a target shape (no training); writes a loadable stock BERT."""
     _check_out(out)
-    from homoexport.models import quiet_transformers
-    from homoexport.prune import prune_model
+    from homoexport.distillation.models import quiet_transformers
+    from homoexport.pruning.oneshot import prune_model
 
     quiet_transformers()
     report = prune_model(model, out, hidden=hidden, heads=heads, ffn=ffn, data=data or None, batches=batches,
@@ -158,16 +158,16 @@ def distill_command(
     Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
     Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
     _check_out(out)
-    from homoexport.assistant import (
+    from homoexport.distillation.assistant import (
         distill_with_assistant,
         tradeoff_table,
         with_assistant_option,
     )
-    from homoexport.budget import default_cache_path, plan_for_recipe
-    from homoexport.models import quiet_transformers
-    from homoexport.cli_progress import StepProgress
-    from homoexport.recipe import load_recipe
-    from homoexport.trainer import distill
+    from homoexport.deployment.budget import default_cache_path, plan_for_recipe
+    from homoexport.distillation.models import quiet_transformers
+    from homoexport.cli.progress import StepProgress
+    from homoexport.config.recipe import load_recipe
+    from homoexport.distillation.trainer import distill
 
     quiet_transformers()
     r, plan = plan_for_recipe(with_assistant_option(load_recipe(recipe, set_), assistant), budget=budget, plan_file=plan_file,
@@ -252,7 +252,7 @@ def bench_command(
     peak RSS of the session, on this machine (fingerprint recorded). Prints a markdown table; with --compare, gates
     against a baseline for CI. Needs only onnxruntime + numpy (no torch)."""
     _check_out(out)
-    from homoexport.bench import (
+    from homoexport.deployment.bench import (
         BenchSettings,
         parse_fraction,
         parse_int_list,
@@ -295,7 +295,7 @@ def report_command(
     """Gather the distill, export, GLUE and bench reports of runs into one report.md (+ accuracy-vs-latency Pareto
     and width-schedule plots), readable in a browser or a PR comment. Missing reports are skipped and said so."""
     _check_out(out)
-    from homoexport.report import SECTIONS, write_report
+    from homoexport.reporting.report import SECTIONS, write_report
 
     path, gathered = write_report(run_dirs, out, overwrite=overwrite)
     for section in SECTIONS:
@@ -340,7 +340,7 @@ def _groups(value: str) -> tuple[str, ...]:
 def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: int, max_length: int, warmup_ratio: float, weight_decay: float,
                    seeds: str, eval_steps: Optional[int], max_train_samples: Optional[int], max_eval_samples: Optional[int], export: bool,
                    quantize: str, keep_fp32: str, threads: Optional[int], train: bool = True):
-    from homoexport.glue import GlueSettings
+    from homoexport.evaluation.glue import GlueSettings
 
     try:
         seed_list = tuple(int(s) for s in seeds.split(","))
@@ -381,7 +381,7 @@ def glue_command(
     """Fine-tune MODEL_DIR on one GLUE task (or, with --no-train, take it as it is), export it to ONNX fp32 + int8, and
     score PyTorch, ONNX fp32 and ONNX int8 on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
     _check_out(out)
-    from homoexport.glue import report_table, run_glue
+    from homoexport.evaluation.glue import report_table, run_glue
 
     settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
                               max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads, train)
@@ -417,7 +417,7 @@ def glue_suite_command(
     """Run `homoexport glue` on several tasks with the same settings and write one table (markdown + JSON) in the GLUE
     paper's column order (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE) with the average, for each backend."""
     _check_out(out)
-    from homoexport.glue import run_glue_suite, suite_table
+    from homoexport.evaluation.glue import run_glue_suite, suite_table
 
     settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
                               max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
@@ -456,8 +456,8 @@ def export_command(
     every file: fp32 vs PyTorch, int8 vs fp32, fused Attention count; latency at batch 1 / seq 128. Any failed check stops
     the export and leaves EXPORT_DIR untouched."""
     _check_out(out)
-    from homoexport.export import export_model, report_table
-    from homoexport.models import quiet_transformers
+    from homoexport.deployment.export import export_model, report_table
+    from homoexport.distillation.models import quiet_transformers
 
     quiet_transformers()
     if not onnx:
@@ -508,7 +508,7 @@ def plan_command(
     candidates exported exactly as `homoexport export` does, fits the budget. Bisects the candidates by size, caches every
     measurement, never returns a shape over budget, and fails naming the smallest achievable figure when none fits."""
     _check_out(out)
-    from homoexport.budget import (
+    from homoexport.deployment.budget import (
         BudgetError,
         PlanSettings,
         default_cache_path,
@@ -518,7 +518,7 @@ def plan_command(
         plan_table,
         teacher_shape,
     )
-    from homoexport.models import quiet_transformers
+    from homoexport.distillation.models import quiet_transformers
 
     quiet_transformers()
     settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
@@ -552,7 +552,7 @@ def measure_command(
     """Time exported plan candidates on this machine (latency p50/p90, file size, session RSS). Needs only onnxruntime + numpy,
     so it runs on the edge device; feed the result to `homoexport plan --measurements`."""
     _check_out(out)
-    from homoexport.budget import measure_candidates
+    from homoexport.deployment.budget import measure_candidates
 
     data = measure_candidates(directory, threads=threads, rss=rss, out=out, progress=progress)
     for row in data["candidates"]:

@@ -202,7 +202,7 @@ def plot_latency(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
 
 
 # --------------------------------------------------------------------------------------------------
-# teacher-assistant selection (homoexport.assistant's report.json)
+# teacher-assistant selection (homoexport.distillation.assistant's report.json)
 
 
 TRADEOFF_COLUMNS = ("hidden", "heads", "ffn", "params", "sparsity", "quality", "score", "")

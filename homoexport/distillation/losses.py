@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from homoexport.errors import UsageError
-from homoexport.recipe import LossSpec
+from homoexport.config.recipe import LossSpec
 
 
 @dataclass

@@ -9,7 +9,7 @@ Layout of a run directory::
     OUT/glue_report.json     report (schema: see ``run_glue``)
     OUT/glue_report.md       the printed table, as markdown
     OUT/seed-S/model/        best fine-tuned checkpoint on the dev set (PyTorch, with tokenizer)
-    OUT/seed-S/onnx/         ``homoexport.export.export_model`` output: model.onnx, model_quantized.onnx, ...
+    OUT/seed-S/onnx/         ``homoexport.deployment.export.export_model`` output: model.onnx, model_quantized.onnx, ...
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.errors import InputNotFoundError, UsageError
-from homoexport.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
-from homoexport.export import REPORT_FILE as EXPORT_REPORT_FILE
-from homoexport.glue_data import (
+from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
+from homoexport.deployment.export import REPORT_FILE as EXPORT_REPORT_FILE
+from homoexport.evaluation.glue_data import (
     GLUE_ORDER,
     HUB_DATASET,
     GlueTask,
@@ -76,7 +76,7 @@ SUITE_KIND = "homoexport.glue_suite"
 SCHEMA_VERSION = 1
 BACKENDS = ("pytorch", "onnx_fp32", "onnx_int8")
 BACKEND_TITLES = {"pytorch": "PyTorch", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8"}
-# Files of the export (homoexport.export.export_model) scored as each ONNX backend.
+# Files of the export (homoexport.deployment.export.export_model) scored as each ONNX backend.
 ONNX_FILES = {"onnx_fp32": FP32_FILE, "onnx_int8": QUANTIZED_FILE}
 QUANTIZE_MODES = ("dynamic", "static")
 CALIBRATION_ROWS = 200  # training rows that calibrate static int8 activation ranges

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 
 from homoexport.atomic import atomic_write_json, staging_dir
-from homoexport.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher, DataSpec, build_blocks
 from homoexport.errors import OutputExistsError, ParityError
-from homoexport.losses import DistillationLoss
-from homoexport.models import load_model, load_tokenizer
+from homoexport.distillation.losses import DistillationLoss
+from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.pruning.mask_groups import config_widths, target_widths
 from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
 from homoexport.pruning.surgery import (
@@ -28,8 +28,8 @@ from homoexport.pruning.surgery import (
     parity_max_abs_diff,
     save_student,
 )
-from homoexport.recipe import LossSpec
-from homoexport.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
+from homoexport.config.recipe import LossSpec
+from homoexport.distillation.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
 
 
 def synthetic_blocks(tokenizer, n_blocks: int, block_size: int, seed: int = 0) -> np.ndarray:

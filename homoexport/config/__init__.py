@@ -1,0 +1,1 @@
+"""Recipes: the validated YAML that fully describes a run."""

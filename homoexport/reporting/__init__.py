@@ -1,0 +1,1 @@
+"""One readable report (markdown + plots) from the JSON reports of runs."""
