@@ -68,7 +68,7 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         "name": f"{task}-{schedule}-{shape}-s{seed}",
         "teacher": str(teacher),
         "student": SHAPES[shape],
-        "task": {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128},
+        "task": {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False},
         "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
         "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": 0.4, "interval": 10, "multiple": 16},
         "optimizer": {"lr": DISTILL_LR, "warmup": 0.05},

@@ -49,7 +49,7 @@ def teacher_dir(tmp_path: Path) -> Path:
 def task_recipe(teacher: Path, files: tuple[Path, Path], out: Path, **overrides) -> dict:
     recipe = {
         "name": "tiny-task", "teacher": str(teacher), "student": {"hidden": 32, "heads": 2, "ffn": 64},
-        "task": {"train_file": str(files[0]), "dev_file": str(files[1]), "epochs": 4, "max_length": 24},
+        "task": {"train_file": str(files[0]), "dev_file": str(files[1]), "epochs": 4, "max_length": 24, "export": False},
         "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
         "pruning": {"t_f": 0.5, "interval": 2, "multiple": 8},
         "optimizer": {"lr": 1e-3, "warmup": 0.0},
@@ -166,10 +166,15 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     import yaml
 
     path = tmp_path / "task.yaml"
-    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.epochs": 1})))
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.epochs": 1, "task.export": True})))
     result = CliRunner().invoke(app, ["distill", str(path), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "dev accuracy" in result.output and (tmp_path / "run" / "student" / "config.json").is_file()
+    out = " ".join(result.output.split())
+    assert "dev accuracy: teacher" in out and "int8 ONNX" in out and (tmp_path / "run" / "student" / "config.json").is_file()
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert (tmp_path / "run" / "export" / "model_quantized.onnx").is_file() and 0 <= report["deployed"]["dev_int8"]["accuracy"] <= 100
+    # The int8 file agrees with the PyTorch student on this easy task within a few examples (16 dev rows).
+    assert abs(report["deployed"]["dev_int8"]["accuracy"] - report["student"]["dev"]["accuracy"]) <= 100 * 3 / 16
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.label_column": "gold"})))
     result = CliRunner().invoke(app, ["distill", str(bad), "--no-progress"])

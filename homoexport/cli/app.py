@@ -125,9 +125,11 @@ def prune_command(
 
 def _print_task_report(report: dict) -> None:
     s, t, metric = report["student"], report["teacher"], report["primary_metric"]
+    deployed = report.get("deployed")
+    int8 = f", int8 ONNX {deployed['dev_int8'][metric]:.2f} ({deployed['path']})" if deployed else ""
     console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
-                  f"{report['wall_time_s']:.0f}s; dev {metric} {s['dev'][metric]:.2f} (teacher {t['dev'][metric]:.2f}, "
-                  f"drop {report['dev_drop']:.2f}); wrote {s['path']}", highlight=False)
+                  f"{report['wall_time_s']:.0f}s; dev {metric}: teacher {t['dev'][metric]:.2f}, student {s['dev'][metric]:.2f}{int8}; "
+                  f"wrote {s['path']}", highlight=False)
 
 
 def _shape(r: dict) -> str:

@@ -148,6 +148,8 @@ class TaskSpec(_Strict):
     eval_batch_size: int = Field(64, gt=0)
     materialize: bool = Field(True, description="continue on the dense student once the target width is reached "
                               "(late steps cost what the small model costs)")
+    export: bool = Field(True, description="export the student to OUT/export (optimum ONNX, O2 fusion, dynamic int8 for this "
+                         "CPU) and score the int8 file on the dev set with onnxruntime")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskSpec":

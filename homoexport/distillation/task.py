@@ -383,6 +383,21 @@ def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Re
     run.pruner.prune_to_target()
 
 
+def _export_and_score(out: Path, data: TaskData, max_length: int) -> dict[str, Any]:
+    """Export the saved student as a deployment would (optimum ONNX, O2, dynamic int8) and score the int8 file."""
+    from datasets import DatasetDict
+
+    from homoexport.deployment.export import QUANTIZED_FILE, export_model
+    from homoexport.evaluation.glue import evaluate_onnx
+
+    logger.info("exporting the student to %s and scoring the int8 file on dev", out / "export")
+    export = export_model(out / "student", out / "export", task="text-classification", overwrite=True, progress=False)
+    result = evaluate_onnx(out / "export" / QUANTIZED_FILE, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
+    metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
+    return {"path": str(out / "export" / QUANTIZED_FILE), "dev_int8": metrics, "latency": result.latency.get(data.task.primary_split),
+            "int8_build": export.get("quantization", {}).get("order")}
+
+
 def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: TaskData, dev: TaskBatcher, teacher_dev: dict[str, float],
             total: int, resumed_from: int, wall: float) -> dict[str, Any]:
     """Materialise (if still masked), check parity, score, save the student and the report."""
@@ -400,6 +415,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     with staging_dir(out / "student", overwrite=True) as tmp:
         save_student(dense, tmp, tokenizer)
     primary = data.task.primary_metric
+    deployed = _export_and_score(out, data, recipe.task.max_length) if recipe.task.export else None
     report = {
         "schema": REPORT_SCHEMA,
         "homoexport_version": __version__,
@@ -410,6 +426,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "student": {"path": str(out / "student"), "dev": student_dev, **parameter_report(dense, config_widths(dense.config))},
         "primary_metric": primary,
         "dev_drop": teacher_dev[primary] - student_dev[primary],
+        "deployed": deployed,
         "curve": run.curve,
         "steps": total,
         "epochs": recipe.task.epochs,
