@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from homoexport.distillation import data
-from homoexport.distillation.data import BlockBatcher, DataError, DataSpec, build_blocks, load_or_pack, resolve_sources, wikiextractor_articles
+from homoexport.distillation.data import BlockBatcher, DataError, CorpusSpec, build_blocks, load_or_pack, resolve_sources, wikiextractor_articles
 from tiny import make_tokenizer, synthetic_sentences
 
 WIKI = """<doc id="1" url="?curid=1" title="Red Cat">
@@ -120,17 +120,17 @@ def test_blocks_have_fixed_length_specials_and_the_document_stream(blocks, corpu
 def test_max_blocks_and_held_out_tail(corpus, tok, blocks):
     capped = load_or_pack([str(corpus)], tok, block_size=32, max_blocks=10)
     np.testing.assert_array_equal(capped, blocks[:10])
-    train, held = build_blocks(DataSpec([str(corpus)], block_size=32, eval_blocks=5), tok)
+    train, held = build_blocks(CorpusSpec([str(corpus)], block_size=32, eval_blocks=5), tok)
     np.testing.assert_array_equal(np.concatenate([train, held]), blocks)
     assert len(held) == 5
-    train, held = build_blocks(DataSpec([str(corpus)], block_size=32, eval_blocks=0.1), tok)
+    train, held = build_blocks(CorpusSpec([str(corpus)], block_size=32, eval_blocks=0.1), tok)
     assert len(held) == round(0.1 * len(blocks)) and len(train) + len(held) == len(blocks)
 
 
 def test_separate_eval_sources(tmp_path, corpus, tok, blocks):
     valid = tmp_path / "valid.txt"
     valid.write_text("\n".join(synthetic_sentences(50, seed=9)) + "\n")
-    train, held = build_blocks(DataSpec([str(corpus)], eval_sources=[str(valid)], block_size=32, eval_blocks=3), tok)
+    train, held = build_blocks(CorpusSpec([str(corpus)], eval_sources=[str(valid)], block_size=32, eval_blocks=3), tok)
     np.testing.assert_array_equal(train, blocks)
     np.testing.assert_array_equal(held, load_or_pack([str(valid)], tok, block_size=32)[:3])
 
@@ -260,7 +260,7 @@ def test_rank_shards_and_micro_batches_partition_the_global_batch(blocks, tok):
 def test_missing_and_malformed_sources_fail_naming_them(tmp_path, tok, corpus):
     missing = tmp_path / "nope.txt"
     with pytest.raises(DataError, match=f"not found: {missing}"):
-        build_blocks(DataSpec([str(corpus), str(missing)]), tok)
+        build_blocks(CorpusSpec([str(corpus), str(missing)]), tok)
     with pytest.raises(DataError, match="no files match"):
         resolve_sources([str(tmp_path / "*.jsonl")])
     (tmp_path / "data.csv").write_text("a,b\n")
@@ -272,7 +272,7 @@ def test_missing_and_malformed_sources_fail_naming_them(tmp_path, tok, corpus):
     with pytest.raises(DataError, match="hub dataset wikitext:wikitext-2-raw-v1 needs the network"):
         load_or_pack(["hub:wikitext:wikitext-2-raw-v1"], tok)  # the tests run with HF_DATASETS_OFFLINE=1
     with pytest.raises(DataError, match="eval_blocks"):
-        DataSpec([str(corpus)], eval_blocks=1.5)
+        CorpusSpec([str(corpus)], eval_blocks=1.5)
 
 
 def test_empty_or_too_small_corpus_fails(tmp_path, tok):
@@ -286,7 +286,7 @@ def test_empty_or_too_small_corpus_fails(tmp_path, tok):
     with pytest.raises(DataError, match="fewer than one batch"):
         BlockBatcher(few, tok, batch_size=len(few) + 1)
     with pytest.raises(DataError, match="leaves none"):
-        build_blocks(DataSpec([str(tmp_path / "short.txt")], block_size=4, eval_blocks=len(few)), tok)
+        build_blocks(CorpusSpec([str(tmp_path / "short.txt")], block_size=4, eval_blocks=len(few)), tok)
 
 
 # --------------------------------------------------------------------------- real data
@@ -298,7 +298,7 @@ def test_two_wikipedia_shards_with_the_real_tokenizer(shared_dir, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(shared_dir / "models" / "all-MiniLM-L6-v2")
     shards = sorted((shared_dir / "data" / "corpus" / "wikipedia-en-wikiextractor").glob("*.txt.gz"))[:2]
-    train, held = build_blocks(DataSpec([str(s) for s in shards], block_size=128, eval_blocks=0.01, cache_dir=tmp_path), tok)
+    train, held = build_blocks(CorpusSpec([str(s) for s in shards], block_size=128, eval_blocks=0.01, cache_dir=tmp_path), tok)
     assert len(train) > 1000 and len(held) == round(0.01 * (len(train) + len(held)))
     assert (train[:, 0] == tok.cls_token_id).all() and (train[:, -1] == tok.sep_token_id).all()
     text = tok.decode(train[:50].ravel())

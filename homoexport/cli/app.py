@@ -92,7 +92,7 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-# --- prune and distill (issues 2, 3) -------------------------------------------------------------------
+# --- prune and distill -------------------------------------------------------------------
 
 
 @app.command("prune")
@@ -150,7 +150,7 @@ def distill_command(
                                          "overrides the recipe's budget. The plan goes into report.json."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="Take the student widths from a plan.json written by `homoexport plan` "
                                              "(e.g. from measurements on the target device) instead of planning here."),
-    assistant: Optional[str] = typer.Option(None, "--assistant", help="Teacher assistant (MiniDisc, issue 9): auto = choose its width with one "
+    assistant: Optional[str] = typer.Option(None, "--assistant", help="Teacher assistant (MiniDisc): auto = choose its width with one "
                                             "weight-shared sandwich run and the λ-tradeoff of the recipe's assistant section; HIDDEN = use that "
                                             "hidden size; off = none. Then distills teacher -> assistant -> student (OUT/stage1-assistant, "
                                             "OUT/stage2-student, OUT/student). Default: the recipe's assistant.mode (off)."),
@@ -200,7 +200,7 @@ def distill_command(
             console.print(f"assistant {_shape(report['assistant'])} ({report['assistant']['parameters']:,} params)", highlight=False)
 
 
-# --- bench (issue 7) ---------------------------------------------------------------------------------
+# --- bench ---------------------------------------------------------------------------------
 # Library modules are imported inside the command so that `homoexport bench` never imports torch.
 
 
@@ -285,7 +285,7 @@ def bench_command(
     raise typer.Exit(outcome.exit_code)
 
 
-# --- report (issue 7) --------------------------------------------------------------------------------
+# --- report --------------------------------------------------------------------------------
 
 
 @app.command("report")
@@ -308,7 +308,7 @@ def report_command(
     console.print(f"wrote {path}", highlight=False)
 
 
-# --- glue, glue-suite (issue 6) ----------------------------------------------------------------------
+# --- glue, glue-suite ----------------------------------------------------------------------
 # Options shared by both commands are declared once; the library is imported inside the commands.
 
 _GLUE_DATA_DIR = typer.Option(None, "--data-dir", help="GLUE data in the original TSV layout: DIR/SST-2/train.tsv, DIR/CoLA (no header), DIR/MNLI/dev_matched.tsv, ...")
@@ -428,7 +428,7 @@ def glue_suite_command(
     console.print(f"wrote {out / 'glue_suite.json'} and {out / 'glue_suite.md'}", highlight=False)
 
 
-# --- export (issue 4) --------------------------------------------------------------------------------
+# --- export --------------------------------------------------------------------------------
 
 
 @app.command("export")
@@ -473,7 +473,7 @@ def export_command(
     console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)
 
 
-# --- plan, measure (issue 5) -------------------------------------------------------------------------
+# --- plan, measure -------------------------------------------------------------------------
 
 
 @app.command("plan")

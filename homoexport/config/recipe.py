@@ -47,7 +47,7 @@ class DataSpec(_Strict):
 
 
 class LossSpec(_Strict):
-    """Weights of the distillation objective (BRIEF §2.3) and the related methods (BRIEF §2.5)."""
+    """Weights of the HomoDistil objective and of the related knowledge types (KL, hidden, attention, MiniLMv2 relations)."""
 
     mlm: float = Field(1.0, ge=0)
     kl: float = Field(1.0, ge=0)
@@ -92,7 +92,7 @@ class CandidateWidths(_Strict):
 
 
 class AssistantSpec(_Strict):
-    """Teacher assistant for extreme compression (MiniDisc, BRIEF §2.5): teacher -> assistant -> student.
+    """Teacher assistant for extreme compression (MiniDisc): teacher -> assistant -> student.
 
     ``auto`` trains one weight-shared student at every candidate width (sandwich rule), scores each by
     ``quality + lambda * sparsity`` on held-out text and takes the best; ``fixed`` uses ``hidden``

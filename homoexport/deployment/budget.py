@@ -1,4 +1,4 @@
-"""Budgets (BRIEF §4): choose the largest student shape whose *measured* cost fits a budget.
+"""Budgets: choose the largest student shape whose *measured* cost fits a budget.
 
 A budget is one or more comma-separated constraints, all of which must hold:
 

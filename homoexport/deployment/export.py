@@ -108,7 +108,7 @@ class ExportInputError(ExportError, UsageError):
 
 
 @dataclass(frozen=True)
-class Candidate:
+class Int8Build:
     """One way of building the int8 file: ``order`` and the resulting path (or why it failed)."""
 
     order: str
@@ -217,7 +217,7 @@ def _read_tsv_texts(path: Path, limit: int) -> list[str | tuple[str, str]]:
     return texts
 
 
-def encode(tokenizer: Any, texts: Sequence[str | tuple[str, str]], max_length: int) -> dict[str, np.ndarray]:
+def tokenize_texts(tokenizer: Any, texts: Sequence[str | tuple[str, str]], max_length: int) -> dict[str, np.ndarray]:
     """Tokenize to int64 arrays [batch, seq] padded to the longest text (pairs become segment A/B)."""
     firsts = [t[0] if isinstance(t, tuple) else t for t in texts]
     seconds = [t[1] for t in texts if isinstance(t, tuple)]
@@ -230,7 +230,7 @@ def encode(tokenizer: Any, texts: Sequence[str | tuple[str, str]], max_length: i
 def validation_batches(tokenizer: Any, texts: Sequence[str], max_length: int) -> list[dict[str, np.ndarray]]:
     """Two batches: the texts alone, and consecutive texts as pairs (so token_type_ids 1 is exercised)."""
     pairs = [(texts[i], texts[i + 1]) for i in range(0, len(texts) - 1, 2)]
-    return [encode(tokenizer, list(texts), max_length), encode(tokenizer, pairs, max_length)]
+    return [tokenize_texts(tokenizer, list(texts), max_length), tokenize_texts(tokenizer, pairs, max_length)]
 
 
 def _load_model_class(task: str) -> Any:
@@ -243,7 +243,7 @@ def _load_model_class(task: str) -> Any:
     return {"feature-extraction": AutoModel, "fill-mask": AutoModelForMaskedLM, "text-classification": AutoModelForSequenceClassification}[task]
 
 
-def load_model(model_dir: Path, task: str) -> Any:
+def load_for_export(model_dir: Path, task: str) -> Any:
     """The PyTorch model for ``task`` in eval mode; refuses weights the checkpoint does not contain
     (a classifier head initialised at random would export a model that was never trained)."""
     try:
@@ -262,7 +262,7 @@ def load_model(model_dir: Path, task: str) -> Any:
     return model.eval()
 
 
-def load_tokenizer(model_dir: Path, vocab_size: int) -> Any:
+def load_export_tokenizer(model_dir: Path, vocab_size: int) -> Any:
     """The tokenizer saved with the model; refuses one whose ids do not fit the embedding matrix."""
     from transformers import AutoTokenizer
 
@@ -445,7 +445,7 @@ def _calibrate(src: Path, work: Path, model_config: Any, tokenizer: Any, texts: 
     from optimum.onnxruntime import AutoCalibrationConfig, ORTQuantizer
 
     input_names = [i.name for i in onnx.load(str(src), load_external_data=False).graph.input]
-    rows = [encode(tokenizer, [t], max_length) for t in texts]
+    rows = [tokenize_texts(tokenizer, [t], max_length) for t in texts]
     dataset = Dataset.from_dict({name: [r[name][0].tolist() for r in rows] for name in input_names})
     work.mkdir(parents=True, exist_ok=True)
     quantizer = ORTQuantizer(src, config=model_config)
@@ -570,8 +570,8 @@ def export_model(
     with _Steps(n_steps, progress) as steps, staging_dir(out_dir, overwrite=overwrite) as stage:
         work = stage / ".work"
         steps.start("loading model and tokenizer")
-        model = load_model(model_dir, task)
-        tokenizer = load_tokenizer(model_dir, int(config.vocab_size))
+        model = load_for_export(model_dir, task)
+        tokenizer = load_export_tokenizer(model_dir, int(config.vocab_size))
         batches = validation_batches(tokenizer, list(validation_texts), max_length)
         masks = [b["attention_mask"] for b in batches]
         reference = [torch_outputs(model, b) for b in batches]
@@ -675,35 +675,35 @@ def _check_parity(path: Path, batches: list, reference: list, masks: list, atol:
 
 
 def _build_candidates(stage: Path, work: Path, optimize: str, order: str, qconfig: Any, config: Any, tokenizer: Any,
-                      calib_texts: Sequence | None, max_length: int) -> list[Candidate]:
+                      calib_texts: Sequence | None, max_length: int) -> list[Int8Build]:
     """Build the int8 file in each requested order; a failing order is recorded, not raised."""
     orders = ["fuse-first", "quantize-first"] if order == "auto" else [order]
     if optimize == "none":
         orders = ["quantize-first"]
-    out: list[Candidate] = []
+    out: list[Int8Build] = []
     for o in orders:
         try:
             if o == "fuse-first":
                 src = annotate_types(stage / OPTIMIZED_FILE, work / "ff" / "model_fused.onnx")
                 ranges = _calibrate(src, work / "ff", config, tokenizer, calib_texts, max_length) if calib_texts else None
-                out.append(Candidate(o, _quantize(src, work / "ff", qconfig, config, ranges)))
+                out.append(Int8Build(o, _quantize(src, work / "ff", qconfig, config, ranges)))
             else:
                 src = stage / FP32_FILE
                 ranges = _calibrate(src, work / "qf", config, tokenizer, calib_texts, max_length) if calib_texts else None
                 q = _quantize(src, work / "qf", qconfig, config, ranges)
-                out.append(Candidate(o, _optimize(q, work / "qf" / "opt", optimize, config, int8=True)[0] if optimize != "none" else q))
+                out.append(Int8Build(o, _optimize(q, work / "qf" / "opt", optimize, config, int8=True)[0] if optimize != "none" else q))
         except Exception as e:  # ORT quantizer/optimizer raise RuntimeError, ValueError, onnx errors...
-            out.append(Candidate(o, None, f"{type(e).__name__}: {e}"))
+            out.append(Int8Build(o, None, f"{type(e).__name__}: {e}"))
     return out
 
 
-def _choose_candidate(candidates: list[Candidate], task: str, batches: list, stage: Path, masks: list, order: str,
-                      seq: int, threads: int | None, min_cosine: float, min_agreement: float) -> tuple[Candidate, dict[str, Any]]:
+def _choose_candidate(candidates: list[Int8Build], task: str, batches: list, stage: Path, masks: list, order: str,
+                      seq: int, threads: int | None, min_cosine: float, min_agreement: float) -> tuple[Int8Build, dict[str, Any]]:
     """Validate every built candidate against fp32 ONNX and keep the fastest one that passes."""
     fp32_session = load_session(stage / FP32_FILE)
     fp32 = [onnx_outputs(fp32_session, b) for b in batches]
     report: dict[str, Any] = {"order_candidates": {}}
-    passing: dict[str, Candidate] = {}
+    passing: dict[str, Int8Build] = {}
     metrics_by: dict[str, dict[str, float]] = {}
     for c in candidates:
         entry: dict[str, Any] = {"built": c.path is not None}

@@ -1,4 +1,4 @@
-"""Teacher assistants for extreme compression: MiniDisc's λ-tradeoff in one extra run (BRIEF §2.5).
+"""Teacher assistants for extreme compression: MiniDisc's λ-tradeoff in one extra run (Zhang et al., 2024).
 
 At extreme compression (a student of 5-10% of the teacher) the usual remedy is a teacher assistant
 of intermediate width: teacher -> assistant -> student. Choosing its width normally costs one trial
@@ -47,7 +47,7 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
-from homoexport.distillation.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.errors import OutputExistsError, UsageError
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import encode, load_model, load_tokenizer
@@ -284,7 +284,7 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
         raise UsageError(f"assistant.metric=mlm needs a teacher with an MLM head; {recipe.teacher} has none (use metric=representation)")
     teacher.requires_grad_(False).eval().to(device)
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
-    data = DataSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
+    data = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
                     eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
     train_blocks, eval_blocks = build_blocks(data, tokenizer)
     if not len(eval_blocks):

@@ -1,6 +1,6 @@
 """Distillation data: text sources -> cached packed token blocks -> deterministic, resumable batches.
 
-Pipeline (BRIEF §2.3, issue 3 item 1):
+Pipeline:
 
 1. **Sources** are read as streams of documents through `datasets`: plain text files (one document per
    non-empty line), JSON lines and Parquet files (a ``text`` field), gzipped or plain WikiExtractor
@@ -56,7 +56,7 @@ class DataError(UsageError):
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class CorpusSpec:
     """What to read and how to cut it.
 
     sources: files, directories, globs or ``hub:NAME[:CONFIG]`` entries for training.
@@ -348,12 +348,12 @@ def load_or_pack(sources: list[str], tokenizer: PreTrainedTokenizerFast, block_s
     return np.memmap(final / "blocks.int32", dtype=np.int32, mode="r", shape=(meta["blocks"], block_size))
 
 
-def _eval_count(spec: DataSpec, pool: int) -> int:
+def _eval_count(spec: CorpusSpec, pool: int) -> int:
     n = spec.eval_blocks
     return min(pool, n) if isinstance(n, int) else max(1, round(n * pool))
 
 
-def build_blocks(spec: DataSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[np.ndarray, np.ndarray]:
+def build_blocks(spec: CorpusSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[np.ndarray, np.ndarray]:
     """(train [n_train, block_size], eval [n_eval, block_size]) int32 blocks for ``spec``.
 
     Without ``eval_sources`` the evaluation blocks are the tail of the blocks read from ``sources``

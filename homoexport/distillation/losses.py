@@ -1,4 +1,4 @@
-"""The distillation objective (BRIEF §2.3) and the related knowledge types (BRIEF §2.5).
+"""The distillation objective of HomoDistil (Liang et al., ICLR 2023) and the related knowledge types (OD, HS, MiniLMv2 relations).
 
 ``L = a_mlm·MLM + a_kl·T²·KL(p_t‖p_s) + a_hid·mean_k MSE(H_s^k W_k, H_t^k) + a_att·mean_k MSE(A_s^k, A_t^k)
      + a_emb·MSE(E_s W_e, E_t) + a_rel·MiniLMv2 relation KL``

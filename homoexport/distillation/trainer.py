@@ -26,7 +26,7 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
-from homoexport.distillation.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.machine import fingerprint
@@ -232,7 +232,7 @@ def distill(
     teacher, has_mlm = load_model(recipe.teacher, attention="eager" if need_attn else "sdpa")
     teacher.requires_grad_(False).eval()
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
-    spec = DataSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
+    spec = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
                     eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
     with accelerator.main_process_first():
         train_blocks, eval_blocks = build_blocks(spec, tokenizer)

@@ -1,4 +1,4 @@
-"""Importance scores of prunable units (BRIEF §2.2).
+"""Importance scores of prunable units (HomoDistil, Liang et al., ICLR 2023, §3).
 
 Per parameter, the sensitivity ``|θ · ∂L/∂θ|`` (first-order estimate of the loss change if θ were
 zeroed). Three estimators:

@@ -1,4 +1,4 @@
-"""Mask groups: which slice of which tensor every prunable unit owns (BRIEF §2.1).
+"""Mask groups: which slice of which tensor every prunable unit owns (HomoDistil: structured width pruning).
 
 A BERT-class encoder has three kinds of prunable width:
 
@@ -13,8 +13,8 @@ A BERT-class encoder has three kinds of prunable width:
 The *masked student* is the unpruned model with pruned slices held at exactly zero and every LayerNorm
 over the hidden stream replaced by :class:`MaskedLayerNorm`, which normalises over the kept dims only.
 With that, the masked student and its materialised copy (``homoexport.pruning.surgery``) compute the same
-function. Architectures are described by a small table of name patterns (:data:`BERT_RULES`), so a
-RoBERTa/ELECTRA-style encoder is added by writing its table, not new pruning code.
+function. Architectures are described by a small table of name patterns (:data:`BERT_RULES`), only BERT's table
+exists today; another model_type fails on load, naming the supported ones.
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def build_layout(model: nn.Module) -> Layout:
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class Widths:
-    """Kept unit counts, uniform across layers: a student shape."""
+    """Kept unit counts, uniform across layers: a student shape (immutable, hashable)."""
 
     hidden: int
     heads: int

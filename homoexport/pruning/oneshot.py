@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from homoexport.atomic import atomic_write_json, staging_dir
-from homoexport.distillation.data import BlockBatcher, DataSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.errors import OutputExistsError, ParityError
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import load_model, load_tokenizer
@@ -72,7 +72,7 @@ def prune_model(
     pruner = HomoDistilPruner(model, target, PrunerSettings(total_steps=1, schedule="one_shot", importance=importance))
 
     if data:
-        blocks, _ = build_blocks(DataSpec(sources=data, block_size=block_size, eval_blocks=0, max_blocks=batches * batch_size), tokenizer)
+        blocks, _ = build_blocks(CorpusSpec(sources=data, block_size=block_size, eval_blocks=0, max_blocks=batches * batch_size), tokenizer)
         source = f"{len(blocks)} blocks from {', '.join(data)}"
     else:
         blocks = synthetic_blocks(tokenizer, batches * batch_size, block_size, seed)

@@ -1,4 +1,4 @@
-"""The pruning schedule: how wide the student is at every step (BRIEF §2.2).
+"""The pruning schedule: how wide the student is at every step (HomoDistil, Liang et al., ICLR 2023, §3).
 
 The remaining share of the *removable* width follows a cubic curve from 1 at ``t_i`` to 0 at
 ``total - t_f``: fast pruning while the student is still close to the teacher, gentle near the target,
@@ -79,5 +79,5 @@ class Schedule:
 
 
 def one_shot(full: Widths, target: Widths, total_steps: int) -> Schedule:
-    """Prune to the target at step 0, then distill (the one-shot baseline of BRIEF §2.5)."""
+    """Prune to the target at step 0, then distill (the one-shot baseline of KD-revisited studies)."""
     return Schedule(full=full, target=target, total_steps=total_steps, t_i=0, t_f=total_steps, interval=1)

@@ -1,4 +1,4 @@
-"""Materialisation: turn a masked student into a plain, dense, smaller model (BRIEF §2.1).
+"""Materialisation: turn a masked student into a plain, dense, smaller model (HomoDistil: structured width pruning).
 
 Every tensor is sliced to its kept units, the softmax-scale change of a shrunken head_dim is folded
 into W_q/b_q, and the result is a stock ``BertConfig`` model that loads with ``AutoModel`` and
@@ -169,7 +169,7 @@ def closed_form_parameters(
 def parity_max_abs_diff(masked: MaskedModel, student: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
     """Max |masked - materialised| over every output (kept hidden dims, pooler, logits), fp32 eval.
 
-    The invariant of BRIEF §2.1: this must be <= 1e-4 at every stage.
+    The invariant of the masked student: this must be <= 1e-4 at every stage.
     """
     was_training = masked.model.training
     masked.model.eval()
