@@ -28,13 +28,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from homoexport.distillation.assistant import distill_with_assistant, tradeoff_table
 from homoexport.atomic import atomic_write_json
+from homoexport.config.recipe import validate_recipe
+from homoexport.distillation.assistant import distill_with_assistant, tradeoff_table
+from homoexport.distillation.models import quiet_transformers
+from homoexport.distillation.trainer import distill
 from homoexport.evaluation.glue import GlueSettings, run_glue_suite
 from homoexport.machine import fingerprint
-from homoexport.distillation.models import quiet_transformers
-from homoexport.config.recipe import validate_recipe
-from homoexport.distillation.trainer import distill
 
 console = Console()
 

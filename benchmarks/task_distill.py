@@ -78,8 +78,8 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
 
 
 def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> Path:
-    from homoexport.distillation.task import distill_task
     from homoexport.config.recipe import validate_recipe
+    from homoexport.distillation.task import distill_task
 
     run = work / task / f"{arm}-s{seed}"
     if not (run / "report.json").is_file():

@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from homoexport.distillation.data import BlockBatcher
-from homoexport.pruning.importance import ImportanceTracker
-from homoexport.distillation.losses import DistillationLoss
-from homoexport.machine import fingerprint
-from homoexport.pruning.mask_groups import Widths, full_widths, prepare, random_masks
-from homoexport.pruning.surgery import materialize
-from homoexport.distillation.models import load_model, load_tokenizer
-from homoexport.pruning.oneshot import synthetic_blocks
 from homoexport.config.recipe import LossSpec, OptimizerSpec
+from homoexport.distillation.data import BlockBatcher
+from homoexport.distillation.losses import DistillationLoss
+from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.distillation.trainer import DistillModule, adamw, teacher_outputs
+from homoexport.machine import fingerprint
+from homoexport.pruning.importance import ImportanceTracker
+from homoexport.pruning.mask_groups import Widths, full_widths, prepare, random_masks
+from homoexport.pruning.oneshot import synthetic_blocks
+from homoexport.pruning.surgery import materialize
 
 
 def matmul_gflops(n: int = 1024, repeats: int = 20, trials: int = 5) -> float:

@@ -8,18 +8,30 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import make_model, random_batch, save_model_dir, synthetic_sentences
 from transformers import AutoModel
 from typer.testing import CliRunner
 
-from homoexport.distillation import assistant, trainer
-from homoexport.distillation.assistant import (Candidate, EncodeModule, assistant_widths, auto_candidates, choose, distill_with_assistant,
-                                  masked_call, masked_overrides, nested_masks, run_sandwich, split_steps, width_key,
-                                  with_assistant_option)
 from homoexport.cli import app
-from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, prepare
 from homoexport.config.recipe import RecipeError, validate_recipe
+from homoexport.distillation import assistant, trainer
+from homoexport.distillation.assistant import (
+    Candidate,
+    EncodeModule,
+    assistant_widths,
+    auto_candidates,
+    choose,
+    distill_with_assistant,
+    masked_call,
+    masked_overrides,
+    nested_masks,
+    run_sandwich,
+    split_steps,
+    width_key,
+    with_assistant_option,
+)
+from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, prepare
 from homoexport.pruning.surgery import materialize
-from tiny import make_model, random_batch, save_model_dir, synthetic_sentences
 
 FULL = Widths(64, 8, 8, 128)
 
@@ -195,7 +207,7 @@ def test_two_stage_run_reaches_target_and_resumes_after_a_kill(teacher, corpus, 
     assert student.config.hidden_size == 16 and student.config.intermediate_size == 32
     stage2_teacher = json.loads((tmp_path / "run" / assistant.STAGE2_DIR / "report.json").read_text())["teacher"]
     assert stage2_teacher["widths"] == chosen
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["kind"] == "homoexport.assistant_report"
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["schema"] == "homoexport.assistant_report/1"
     assert (tmp_path / "run" / assistant.PLOT_FILE).is_file()
     # `homoexport report` shows the candidates and the metric-vs-sparsity plot with the choice
     from homoexport.reporting.report import write_report

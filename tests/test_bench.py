@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import make_model, make_tokenizer, random_batch
 from typer.testing import CliRunner
 
-from homoexport.deployment import bench
 from homoexport.cli import app
-from tiny import make_model, make_tokenizer, random_batch
+from homoexport.deployment import bench
 
 INPUT_NAMES = ["input_ids", "attention_mask", "token_type_ids"]
 

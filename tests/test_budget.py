@@ -7,7 +7,9 @@ import json
 import math
 
 import pytest
+from tiny import save_model_dir
 
+from homoexport.config.recipe import validate_recipe
 from homoexport.deployment.budget import (
     MB,
     BudgetError,
@@ -27,8 +29,6 @@ from homoexport.deployment.budget import (
     plan_for_recipe,
     teacher_shape,
 )
-from homoexport.config.recipe import validate_recipe
-from tiny import save_model_dir
 
 MINILM = TeacherShape(hidden=384, heads=12, ffn=1536, layers=6, vocab=30522, max_positions=512, type_vocab=2)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny import make_tokenizer, synthetic_sentences
 
 from homoexport.distillation import data
-from homoexport.distillation.data import BlockBatcher, DataError, CorpusSpec, build_blocks, load_or_pack, resolve_sources, wikiextractor_articles
-from tiny import make_tokenizer, synthetic_sentences
+from homoexport.distillation.data import BlockBatcher, CorpusSpec, DataError, build_blocks, load_or_pack, resolve_sources, wikiextractor_articles
 
 WIKI = """<doc id="1" url="?curid=1" title="Red Cat">
 Red Cat

@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import Dataset, DatasetDict
+from tiny import save_model_dir, synthetic_sentences
 from typer.testing import CliRunner
 
-from homoexport.evaluation import glue, glue_data
 from homoexport.cli import app
 from homoexport.deployment.export import export_model
+from homoexport.evaluation import glue, glue_data
 from homoexport.evaluation.glue import GlueSettings, aggregate_results, evaluate_onnx, evaluate_pytorch, load_classifier, run_glue, run_glue_suite
 from homoexport.evaluation.glue_data import GLUE_ORDER, TASKS, GlueDataError, get_task, load_tsv, predictions, read_tsv, score
-from tiny import save_model_dir, synthetic_sentences
 
 # --------------------------------------------------------------------------- synthetic GLUE files
 
@@ -240,7 +240,7 @@ def test_run_glue_writes_report_with_all_backends(tmp_path, encoder_dir):
     settings = GlueSettings(**{**FAST.__dict__, "export": True, "quantize": "static", "seeds": (1, 2), "eval_steps": 3, "keep_fp32": ("ffn-output",)})
     report = run_glue(encoder_dir, "sst2", tmp_path / "out", settings, data_dir=data_dir)
     saved = json.loads((tmp_path / "out" / "glue_report.json").read_text())
-    assert saved["kind"] == "homoexport.glue_report" and saved["task"] == "sst2"
+    assert saved["schema"] == "homoexport.glue_report/1" and saved["task"] == "sst2"
     (row,) = saved["results"]
     assert {"task", "metric", "pytorch", "onnx_fp32", "onnx_int8", "int8_delta", "pytorch_std", "seeds"} <= set(row)
     assert row["onnx_fp32"] == pytest.approx(row["pytorch"])  # the fp32 export predicts what PyTorch predicts

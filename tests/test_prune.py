@@ -3,12 +3,12 @@
 import json
 
 import pytest
+from tiny import save_model_dir, synthetic_sentences
 from transformers import AutoModel, AutoModelForMaskedLM
 from typer.testing import CliRunner
 
 from homoexport.cli import app
 from homoexport.pruning.oneshot import prune_model
-from tiny import save_model_dir, synthetic_sentences
 
 
 def test_prune_cli_on_tiny_mlm_model_with_text(tmp_path):
@@ -30,7 +30,17 @@ def test_prune_keeps_unspecified_widths_and_scores_on_synthetic_ids(tmp_path):
     model_dir = save_model_dir(tmp_path / "m", "base")
     report = prune_model(model_dir, tmp_path / "p", ffn=64, batches=2, batch_size=4, block_size=16)
     assert report["after"]["widths"] == {"hidden": 64, "heads": 4, "head_dim": 16, "ffn": 64}
-    assert "synthetic" in report["scored_on"]
+    assert "synthetic" in report["scored_on"] and report["schema"] == "homoexport.prune/1"
+
+
+def test_prune_keeps_a_classifier_head(tmp_path):
+    """A fine-tuned *ForSequenceClassification model is pruned with its head and saved as the same architecture."""
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir = save_model_dir(tmp_path / "m", "cls", num_labels=3)
+    prune_model(model_dir, tmp_path / "p", hidden=32, heads=2, ffn=64, batches=2, batch_size=4, block_size=16)
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "p")
+    assert model.config.architectures == ["BertForSequenceClassification"] and model.classifier.weight.shape == (3, 32)
 
 
 def test_prune_errors_name_the_problem_and_write_nothing(tmp_path):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from homoexport.reporting import report
-from homoexport.deployment.bench import SCHEMA
 from homoexport.cli import app
+from homoexport.deployment.bench import SCHEMA
+from homoexport.reporting import report
 
 MACHINE = {"id": "abc", "cpu_model": "Test CPU", "arch": "x86_64", "isa": ["avx2"], "physical_cores": 4, "os": "Linux", "versions": {"onnxruntime": "1.31.1"}}
 
@@ -21,7 +21,7 @@ def glue_report(task: str, pytorch: float, int8: float | None) -> dict:
     row = {"task": task, "split": "validation", "metric": "accuracy", "primary": True, "pytorch": pytorch, "pytorch_std": None,
            "onnx_fp32": pytorch, "onnx_int8": int8, "int8_delta": None if int8 is None else int8 - pytorch, "per_seed": {"pytorch": [pytorch]}}
     f1 = dict(row, metric="f1", primary=False, pytorch=pytorch - 1, onnx_fp32=pytorch - 1, onnx_int8=None)
-    return {"kind": "homoexport.glue_report", "units": "metric values are points (metric x 100)", "results": [row, f1], "machine": MACHINE}
+    return {"schema": "homoexport.glue_report/1", "units": "metric values are points (metric x 100)", "results": [row, f1], "machine": MACHINE}
 
 
 def bench_report(model: str, p50s: dict[tuple[int, int], float]) -> dict:

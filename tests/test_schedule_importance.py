@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import make_model, random_batch
 
 from homoexport.pruning.importance import ImportanceTracker, aggregate
 from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, build_layout, full_widths, prepare, shrink
 from homoexport.pruning.schedule import Schedule, one_shot
-from tiny import make_model, random_batch
 
 FULL = Widths(768, 12, 64, 3072)
 TARGET = Widths(256, 4, 64, 1024)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import make_model, random_batch
 from transformers import AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification, BertConfig, BertModel
 
 from homoexport.pruning.mask_groups import Masks, Widths, build_layout, prepare, random_masks
 from homoexport.pruning.surgery import closed_form_parameters, count_parameters, materialize, parity_max_abs_diff, save_student
-from tiny import make_model, random_batch
 
 SHAPES = {
     "hidden-only": Widths(48, 4, 16, 128),

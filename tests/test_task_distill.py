@@ -14,9 +14,9 @@ from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
 from homoexport.cli import app
+from homoexport.config.recipe import LossSpec, validate_recipe
 from homoexport.distillation.task import TaskLoss, distill_task
 from homoexport.distillation.task_data import TaskDataError, load_files
-from homoexport.config.recipe import LossSpec, validate_recipe
 
 
 def write_rows(path: Path, n: int, seed: int, labels=("neg", "pos"), pair: bool = False) -> Path:
@@ -123,9 +123,9 @@ def test_tiny_task_distillation_end_to_end(tmp_path: Path, teacher_dir: Path, ta
     assert dense_steps and dense_steps[0] <= 13 and all(r["widths"]["hidden"] == 32 for r in records if r["dense"])
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     # The saved student is what the loop scored.
+    from homoexport.distillation.models import load_tokenizer
     from homoexport.distillation.task import evaluate, load_task_data
     from homoexport.distillation.task_data import TaskBatcher
-    from homoexport.distillation.models import load_tokenizer
 
     data = load_task_data(recipe, ["neg", "pos"], False)
     dev = TaskBatcher(data.dev, load_tokenizer(teacher_dir), 64, 24, shuffle=False)
@@ -187,8 +187,8 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
 
 
 def test_batches_cover_every_row_once_group_lengths_and_repeat(tmp_path: Path, task_files, teacher_dir: Path):
-    from homoexport.distillation.task_data import TaskBatcher
     from homoexport.distillation.models import load_tokenizer
+    from homoexport.distillation.task_data import TaskBatcher
 
     rows = load_files(*task_files, "sentence", None, "label", ["neg", "pos"], regression=False).train
     batcher = TaskBatcher(rows, load_tokenizer(teacher_dir), 4, 32, seed=3)

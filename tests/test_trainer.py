@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import save_model_dir, synthetic_sentences
 from transformers import AutoModel
 from typer.testing import CliRunner
 
 from homoexport.cli import app
-from homoexport.pruning.mask_groups import MaskedModel
 from homoexport.config.recipe import validate_recipe
 from homoexport.distillation.trainer import _Stopped, distill
-from tiny import save_model_dir, synthetic_sentences
+from homoexport.pruning.mask_groups import MaskedModel
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
 def test_finished_run_drops_checkpoints_and_resume_says_finished(teachers, corpus, tmp_path, caplog):
     r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 6, "batch_size": 8, "checkpoint_every": 2})
     first = distill(validate_recipe(r))
+    assert first["schema"] == "homoexport.distill/1"
     assert not (tmp_path / "run" / "checkpoints").exists()  # resume needs nothing once the student is saved
     with caplog.at_level("INFO", logger="homoexport"):
         again = distill(validate_recipe(r), resume=True)

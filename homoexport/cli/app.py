@@ -160,15 +160,15 @@ def distill_command(
     Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
     Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
     _check_out(out)
+    from homoexport.cli.progress import StepProgress
+    from homoexport.config.recipe import load_recipe
+    from homoexport.deployment.budget import default_cache_path, plan_for_recipe
     from homoexport.distillation.assistant import (
         distill_with_assistant,
         tradeoff_table,
         with_assistant_option,
     )
-    from homoexport.deployment.budget import default_cache_path, plan_for_recipe
     from homoexport.distillation.models import quiet_transformers
-    from homoexport.cli.progress import StepProgress
-    from homoexport.config.recipe import load_recipe
     from homoexport.distillation.trainer import distill
 
     quiet_transformers()

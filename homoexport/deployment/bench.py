@@ -393,7 +393,7 @@ def make_batches(
 # --------------------------------------------------------------------------------------------------
 # The benchmark grid over models x threads x batch x seq, and its report (bench.json).
 
-SCHEMA = "homoexport.deployment.bench/1"
+SCHEMA = "homoexport.bench/1"
 
 
 @dataclass(frozen=True)

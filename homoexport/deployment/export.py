@@ -628,6 +628,7 @@ def export_model(
 
         steps.start("writing report")
         report = {
+            "schema": "homoexport.export/1",
             "model_dir": str(model_dir),
             "export_dir": str(out_dir),
             "task": task,

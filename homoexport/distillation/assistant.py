@@ -47,10 +47,19 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.errors import OutputExistsError, UsageError
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import encode, load_model, load_tokenizer
+from homoexport.distillation.trainer import (
+    DistillModule,
+    adamw,
+    recipe_target,
+    relation_layers,
+    student_inputs,
+    teacher_outputs,
+)
+from homoexport.errors import OutputExistsError, UsageError
 from homoexport.pruning.importance import ImportanceTracker
 from homoexport.pruning.mask_groups import (
     MaskedModel,
@@ -63,16 +72,7 @@ from homoexport.pruning.mask_groups import (
     tensor_masks,
 )
 from homoexport.pruning.surgery import closed_form_parameters
-from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.reporting.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
-from homoexport.distillation.trainer import (
-    DistillModule,
-    adamw,
-    recipe_target,
-    relation_layers,
-    student_inputs,
-    teacher_outputs,
-)
 
 SANDWICH_FILE = "sandwich.json"
 STAGE1_DIR, STAGE2_DIR = "stage1-assistant", "stage2-student"
@@ -360,7 +360,7 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
         r.quality = s / n_eval
     best = choose(rows, spec.lambda_)
     return {
-        "kind": "homoexport.assistant_selection",
+        "schema": "homoexport.assistant_selection/1",
         "spec": spec.model_dump(mode="json", by_alias=True),
         "teacher": {"path": recipe.teacher, "widths": full.as_dict(), "parameters": teacher_params},
         "target": target.as_dict(),
@@ -424,7 +424,7 @@ def _selection(recipe: Recipe, out: Path, full: Widths, target: Widths, resume: 
     spec = recipe.assistant
     if spec.mode == "fixed":
         w = assistant_widths(spec.hidden, full, target, spec.heads, spec.ffn, recipe.pruning.multiple)
-        return {"kind": "homoexport.assistant_selection", "spec": spec.model_dump(mode="json", by_alias=True), "target": target.as_dict(),
+        return {"schema": "homoexport.assistant_selection/1", "spec": spec.model_dump(mode="json", by_alias=True), "target": target.as_dict(),
                 "chosen": {"widths": w.as_dict(), "role": "candidate"}, "candidates": []}
     from accelerate import PartialState
 
@@ -478,7 +478,7 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
     plot = plot_tradeoff(selection, out / PLOT_FILE) if selection["candidates"] else None
     sandwich_s = selection.get("sandwich", {}).get("wall_time_s", 0.0)
     report = {
-        "kind": "homoexport.assistant_report",
+        "schema": "homoexport.assistant_report/1",
         "homoexport_version": __version__,
         "recipe": recipe.name,
         "teacher": r1["teacher"],

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from homoexport.errors import UsageError
 from homoexport.config.recipe import LossSpec
+from homoexport.errors import UsageError
 
 
 @dataclass

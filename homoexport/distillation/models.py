@@ -19,8 +19,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from homoexport.errors import UsageError
 from homoexport.distillation.losses import EncoderOutputs
+from homoexport.errors import UsageError
 
 
 class ModelLoadError(UsageError):

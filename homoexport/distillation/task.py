@@ -28,6 +28,9 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
+from homoexport.config.recipe import LossSpec, Recipe, steps_of
+from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
+from homoexport.distillation.models import ModelLoadError, is_sequence_classifier, load_tokenizer
 from homoexport.distillation.task_data import (
     TaskBatcher,
     TaskData,
@@ -37,9 +40,7 @@ from homoexport.distillation.task_data import (
 )
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.evaluation.glue_data import GlueTask, predictions, score
-from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
 from homoexport.machine import fingerprint
-from homoexport.distillation.models import ModelLoadError, is_sequence_classifier, load_tokenizer
 from homoexport.pruning.mask_groups import config_widths
 from homoexport.pruning.pruner import HomoDistilPruner, slice_optimizer_state
 from homoexport.pruning.surgery import (
@@ -47,7 +48,6 @@ from homoexport.pruning.surgery import (
     parity_max_abs_diff,
     save_student,
 )
-from homoexport.config.recipe import LossSpec, Recipe, steps_of
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +292,8 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     pruner = None
     if recipe.pruning.schedule != "none":
-        from homoexport.pruning.mask_groups import target_widths
         from homoexport.distillation.trainer import pruner_settings
+        from homoexport.pruning.mask_groups import target_widths
 
         target = target_widths(config_widths(teacher.config), recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
         pruner = HomoDistilPruner(student, target, pruner_settings(recipe, total))

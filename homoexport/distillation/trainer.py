@@ -26,11 +26,12 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
+from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.distillation.losses import DistillationLoss
-from homoexport.machine import fingerprint
 from homoexport.distillation.models import build_student, encode, load_model, load_tokenizer
+from homoexport.errors import OutputExistsError, ParityError, UsageError
+from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import (
     MaskedModel,
     Masks,
@@ -45,7 +46,6 @@ from homoexport.pruning.surgery import (
     parity_max_abs_diff,
     save_student,
 )
-from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
 
 logger = logging.getLogger(__name__)
 
@@ -498,6 +498,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
             save_student(dense, tmp, tokenizer)
         active = unwrapped.loss.active_terms
         report = {
+            "schema": "homoexport.distill/1",
             "homoexport_version": __version__,
             "recipe": recipe.name,
             "teacher": {"path": recipe.teacher, "has_mlm_head": has_mlm, **parameter_report(teacher, config_widths(teacher.config))},

@@ -53,9 +53,9 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
-from homoexport.errors import InputNotFoundError, UsageError
 from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
 from homoexport.deployment.export import REPORT_FILE as EXPORT_REPORT_FILE
+from homoexport.errors import InputNotFoundError, UsageError
 from homoexport.evaluation.glue_data import (
     GLUE_ORDER,
     HUB_DATASET,
@@ -71,9 +71,8 @@ from homoexport.machine import fingerprint, physical_cores
 
 console = Console(stderr=True)
 
-REPORT_KIND = "homoexport.glue_report"
-SUITE_KIND = "homoexport.glue_suite"
-SCHEMA_VERSION = 1
+REPORT_SCHEMA = "homoexport.glue_report/1"
+SUITE_SCHEMA = "homoexport.glue_suite/1"
 BACKENDS = ("pytorch", "onnx_fp32", "onnx_int8")
 BACKEND_TITLES = {"pytorch": "PyTorch", "onnx_fp32": "ONNX fp32", "onnx_int8": "ONNX int8"}
 # Files of the export (homoexport.deployment.export.export_model) scored as each ONNX backend.
@@ -537,7 +536,7 @@ def run_glue(
 ) -> dict[str, Any]:
     """Fine-tune ``model_dir`` on ``task`` for every seed, export, score each backend; write and return the report.
 
-    ``out_dir/glue_report.json`` (``kind`` "homoexport.glue_report", ``version`` 1) holds:
+    ``out_dir/glue_report.json`` (``schema`` "homoexport.glue_report/1") holds:
 
     - ``results``: one row per (dev split, metric) with keys ``task``, ``split``, ``metric``, ``primary``
       (the checkpoint-selection metric on the main dev split), ``pytorch``, ``onnx_fp32``, ``onnx_int8``
@@ -563,8 +562,7 @@ def run_glue(
     with staging_dir(out_dir, overwrite=overwrite) as stage:
         runs = [_run_seed(model_dir, spec, data, settings, seed, stage / f"seed-{seed}") for seed in settings.seeds]
         report = {
-            "kind": REPORT_KIND,
-            "version": SCHEMA_VERSION,
+            "schema": REPORT_SCHEMA,
             "task": spec.name,
             "model_dir": str(model_dir.resolve()),
             "data": {"source": "hub", "dataset": HUB_DATASET} if hub else {"source": "tsv", "path": str(Path(data_dir).resolve())},
@@ -685,7 +683,7 @@ def run_glue_suite(
 ) -> dict[str, Any]:
     """``run_glue`` for each task into ``out_dir/<task>/``, then one table in the GLUE paper's column order.
 
-    ``out_dir/glue_suite.json`` (``kind`` "homoexport.glue_suite") holds ``tasks`` (GLUE order),
+    ``out_dir/glue_suite.json`` (``schema`` "homoexport.glue_suite/1") holds ``tasks`` (GLUE order),
     ``columns`` (titles), ``scores[backend][task]`` (the task's mean metric, points) plus
     ``scores[backend]["average"]`` over the tasks run, ``cells`` (the table's text), every task's
     ``results`` rows (same schema as glue_report.json), ``reports`` (relative paths) and ``wall_s``;
@@ -706,8 +704,7 @@ def run_glue_suite(
             values = list(scores[b].values())
             scores[b]["average"] = None if any(v is None for v in values) else statistics.fmean(values)
         suite = {
-            "kind": SUITE_KIND,
-            "version": SCHEMA_VERSION,
+            "schema": SUITE_SCHEMA,
             "model_dir": str(Path(model_dir).resolve()),
             "tasks": [s.name for s in specs],
             "columns": [_suite_title(s) for s in specs] + ["Avg"],

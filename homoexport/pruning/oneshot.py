@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.config.recipe import LossSpec
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.errors import OutputExistsError, ParityError
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import load_model, load_tokenizer
+from homoexport.distillation.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
+from homoexport.errors import OutputExistsError, ParityError
 from homoexport.pruning.mask_groups import config_widths, target_widths
 from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
 from homoexport.pruning.surgery import (
@@ -28,8 +30,6 @@ from homoexport.pruning.surgery import (
     parity_max_abs_diff,
     save_student,
 )
-from homoexport.config.recipe import LossSpec
-from homoexport.distillation.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
 
 
 def synthetic_blocks(tokenizer, n_blocks: int, block_size: int, seed: int = 0) -> np.ndarray:
@@ -95,6 +95,7 @@ def prune_model(
     if parity > PARITY_TOLERANCE:
         raise ParityError(f"masked and materialised models differ by {parity:.2e} > {PARITY_TOLERANCE}; nothing written")
     report = {
+        "schema": "homoexport.prune/1",
         "model": str(model_path),
         "before": parameter_report(teacher, full),
         "after": parameter_report(student, target),
