@@ -13,7 +13,7 @@ from transformers import AutoModel
 from typer.testing import CliRunner
 
 from homoexport.cli import app
-from homoexport.config.recipe import RecipeError, validate_recipe
+from homoexport.config.recipe import RecipeError, validate_recipe, with_assistant_option
 from homoexport.distillation import assistant, trainer
 from homoexport.distillation.assistant import (
     Candidate,
@@ -28,7 +28,6 @@ from homoexport.distillation.assistant import (
     run_sandwich,
     split_steps,
     width_key,
-    with_assistant_option,
 )
 from homoexport.pruning.mask_groups import Masks, UnitScores, Widths, prepare
 from homoexport.pruning.surgery import materialize

@@ -108,3 +108,19 @@ def test_killed_writer_leaves_staging_that_the_next_run_removes(tmp_path: Path):
 def test_exit_codes_are_in_the_readme(code):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"| {code} |" in readme
+
+
+def test_missing_inputs_are_named_before_heavy_imports(tmp_path: Path):
+    """A missing recipe or model directory is reported in well under the seconds torch and optimum take to import."""
+    import time
+
+    for argv in (["distill", str(tmp_path / "none.yaml")], ["export", str(tmp_path / "none"), "--onnx", "--out", str(tmp_path / "e")],
+                 ["glue", str(tmp_path / "none"), "--task", "sst2", "--data-dir", str(tmp_path), "--out", str(tmp_path / "g")]):
+        code = ("import sys, time\nt = time.time()\nfrom homoexport.cli import app\n"
+                f"sys.argv = ['homoexport', *{argv!r}]\n"
+                "try:\n    app()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, round(time.time() - t, 2))\n")
+        started = time.time()
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        exit_code, torch_loaded, _ = out.stdout.split()
+        assert exit_code == "2" and torch_loaded == "False", (argv, out.stdout, out.stderr)
+        assert "error:" in out.stderr and time.time() - started < 60

@@ -86,6 +86,12 @@ def _check_out(out: Optional[Path]) -> None:
             fail(str(e), e.exit_code)
 
 
+def _check_model_dir(model_dir: Path) -> None:
+    """Name a missing model directory at once, before the seconds that importing torch and optimum take."""
+    if not (Path(model_dir) / "config.json").is_file():
+        fail(f"not a model directory (no config.json): {model_dir}")
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error (no traceback) and exit with ``code``."""
     console.print(f"[bold red]error:[/] {message}", highlight=False)
@@ -160,20 +166,17 @@ def distill_command(
     Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
     Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
     _check_out(out)
+    from homoexport.config.recipe import load_recipe, with_assistant_option
+
+    r = with_assistant_option(load_recipe(recipe, set_), assistant)  # recipe errors come before the heavy imports
     from homoexport.cli.progress import StepProgress
-    from homoexport.config.recipe import load_recipe
     from homoexport.deployment.budget import default_cache_path, plan_for_recipe
-    from homoexport.distillation.assistant import (
-        distill_with_assistant,
-        tradeoff_table,
-        with_assistant_option,
-    )
+    from homoexport.distillation.assistant import distill_with_assistant, tradeoff_table
     from homoexport.distillation.models import quiet_transformers
     from homoexport.distillation.trainer import distill
 
     quiet_transformers()
-    r, plan = plan_for_recipe(with_assistant_option(load_recipe(recipe, set_), assistant), budget=budget, plan_file=plan_file,
-                              cache_path=default_cache_path(), progress=progress)
+    r, plan = plan_for_recipe(r, budget=budget, plan_file=plan_file, cache_path=default_cache_path(), progress=progress)
     if plan:
         console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
     _log_to(console)
@@ -383,6 +386,7 @@ def glue_command(
     """Fine-tune MODEL_DIR on one GLUE task (or, with --no-train, take it as it is), export it to ONNX fp32 + int8, and
     score PyTorch, ONNX fp32 and ONNX int8 on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
     _check_out(out)
+    _check_model_dir(model_dir)
     from homoexport.evaluation.glue import report_table, run_glue
 
     settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
@@ -419,6 +423,7 @@ def glue_suite_command(
     """Run `homoexport glue` on several tasks with the same settings and write one table (markdown + JSON) in the GLUE
     paper's column order (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE) with the average, for each backend."""
     _check_out(out)
+    _check_model_dir(model_dir)
     from homoexport.evaluation.glue import run_glue_suite, suite_table
 
     settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
@@ -458,6 +463,7 @@ def export_command(
     every file: fp32 vs PyTorch, int8 vs fp32, fused Attention count; latency at batch 1 / seq 128. Any failed check stops
     the export and leaves EXPORT_DIR untouched."""
     _check_out(out)
+    _check_model_dir(model_dir)
     from homoexport.deployment.export import export_model, report_table
     from homoexport.distillation.models import quiet_transformers
 

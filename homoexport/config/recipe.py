@@ -292,3 +292,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def steps_of(value: float, total: int) -> int:
     """Interpret a recipe step count: values below 1 are fractions of ``total``."""
     return int(round(value * total)) if 0 < value < 1 else int(value)
+
+
+def with_assistant_option(recipe: Recipe, option: str | None) -> Recipe:
+    """Apply ``--assistant auto|off|HIDDEN`` to a recipe (None leaves it as it is)."""
+    if option is None:
+        return recipe
+    data = recipe.model_dump(mode="json", by_alias=True)
+    if option in ("auto", "off"):
+        data["assistant"]["mode"] = option
+    elif option.isdigit() and int(option) > 0:
+        data["assistant"].update(mode="fixed", hidden=int(option), heads=None, ffn=None)
+    else:
+        raise UsageError(f"--assistant {option!r}: expected auto, off or a hidden size such as 192")
+    return validate_recipe(data)

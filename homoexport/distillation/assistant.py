@@ -376,20 +376,6 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
 # --- two-stage orchestration ------------------------------------------------------------------------
 
 
-def with_assistant_option(recipe: Recipe, option: str | None) -> Recipe:
-    """Apply ``--assistant auto|off|HIDDEN`` to a recipe (None leaves it as it is)."""
-    if option is None:
-        return recipe
-    data = recipe.model_dump(mode="json", by_alias=True)
-    if option in ("auto", "off"):
-        data["assistant"]["mode"] = option
-    elif option.isdigit() and int(option) > 0:
-        data["assistant"].update(mode="fixed", hidden=int(option), heads=None, ffn=None)
-    else:
-        raise UsageError(f"--assistant {option!r}: expected auto, off or a hidden size such as 192")
-    return validate_recipe(data)
-
-
 def split_steps(total: int, stage1_fraction: float) -> tuple[int, int]:
     """Steps of (teacher -> assistant, assistant -> student); both at least 1."""
     if total < 2:

@@ -46,13 +46,22 @@ def has_mlm_head(path: str | Path) -> bool:
     keys = _checkpoint_keys(Path(path)) if Path(path).is_dir() else None
     if keys is not None:
         return any(".predictions.transform." in k or k.startswith("lm_head.") for k in keys)
-    archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+    archs = getattr(_config(path), "architectures", None) or []
     return any("MaskedLM" in a or "PreTraining" in a for a in archs)
+
+
+def _config(path: str | Path):
+    """The model's config; a directory that is not there (or a hub name that cannot be reached) is a usage error."""
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {path}: not a local directory with config.json, and not loadable from the hub "
+                             f"({str(err).splitlines()[0]})") from None
 
 
 def is_sequence_classifier(path: str | Path) -> bool:
     """True if the checkpoint is a ``*ForSequenceClassification`` model (a fine-tuned task teacher)."""
-    archs = getattr(AutoConfig.from_pretrained(str(path)), "architectures", None) or []
+    archs = getattr(_config(path), "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in archs)
 
 
