@@ -367,3 +367,10 @@ def test_bench_command_runs_without_torch(export_dir: Path, tmp_path: Path):
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "b.json").read_text())["results"][0]["n"] == 2
+
+
+def test_corrupt_onnx_is_one_line(tmp_path: Path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    result = CliRunner().invoke(app, ["bench", str(bad), "--repeats", "2"])
+    assert result.exit_code == 2 and "cannot load ONNX model" in " ".join(result.output.split()) and "Traceback" not in result.output

@@ -306,3 +306,11 @@ def test_cli_export_and_one_line_errors(tmp_path):
     assert ex.deployed_model_path(tmp_path / "x").name == ex.FP32_FILE
     result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "x"), "--target", "sse2"])
     assert result.exit_code == 2 and "invalid target 'sse2'" in result.output and "Traceback" not in result.output
+
+
+def test_int8_advice_follows_what_was_tried():
+    dynamic = ex.int8_advice("dynamic", True, ())
+    assert "--quantize static with --calibration-data" in dynamic and "--keep-fp32 ffn-output" in dynamic and "--per-channel" not in dynamic
+    static = ex.int8_advice("static", True, ("ffn-output",))
+    assert "--quantize static" not in static and "--keep-fp32" not in static and "calibration-data" in static and "--quantize none" in static
+    assert "--per-channel" in ex.int8_advice("dynamic", False, ())

@@ -96,7 +96,10 @@ def load_session(model_path: str | os.PathLike, threads: int | None = None) -> "
     path = Path(model_path)
     if not path.is_file():
         raise InputNotFoundError(f"ONNX model not found: {path}")
-    return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, ...) for unreadable files
+        raise UsageError(f"cannot load ONNX model {path}: {str(err).strip().splitlines()[-1]}") from None
 
 
 def vocab_size_near(model_path: str | os.PathLike) -> int | None:
@@ -262,8 +265,7 @@ def measure_footprint(model_path: str | os.PathLike, batch: int = 1, seq: int = 
     Runs in a fresh interpreter (importing only onnxruntime + numpy) so the figure is the session's own.
     """
     path = Path(model_path)
-    if not path.is_file():
-        raise InputNotFoundError(f"ONNX model not found: {path}")
+    load_session(path, 1)  # a file onnxruntime cannot load is named here, not in the child's traceback
     code = "from homoexport.deployment.bench import _footprint_main; _footprint_main()"
     args = [sys.executable, "-c", code, str(path), str(batch), str(seq), str(threads or physical_cores())]
     proc = subprocess.run(args, capture_output=True, text=True)

@@ -101,6 +101,25 @@ class ExportError(CheckError):
     """An export that cannot produce a correct model; the message names the input and what to change."""
 
 
+class Int8GateError(ExportError):
+    """No int8 build agrees closely enough with the fp32 model."""
+
+
+def int8_advice(quantize: str, per_channel: bool, keep_fp32: Sequence[str]) -> str:
+    """What to try next after the int8 gate failed, given what was just tried."""
+    tries = []
+    if not per_channel:
+        tries.append("--per-channel")
+    if "ffn-output" not in keep_fp32:
+        tries.append("--keep-fp32 ffn-output (the FFN down-projections stay fp32)")
+    if quantize == "dynamic":
+        tries.append("--quantize static with --calibration-data (in-domain text)")
+    else:
+        tries.append("more or more representative --calibration-data")
+    tries.append("--quantize none (fp32 ONNX, no int8)")
+    return "Try " + ", or ".join(tries) + "."
+
+
 class ExportInputError(ExportError, UsageError):
     """An export asked for with inputs or options that cannot work (a usage error, exit code 2)."""
 
@@ -610,8 +629,11 @@ def export_model(
             candidates = _build_candidates(stage, work, optimize, order, qconfig, config, tokenizer, calib_texts, max_length)
             steps.done()
             steps.start("validating int8")
-            chosen, quant_report = _choose_candidate(candidates, task, batches, stage, masks, order, max_length,
-                                                     latency_threads, int8_min_cosine, int8_min_agreement)
+            try:
+                chosen, quant_report = _choose_candidate(candidates, task, batches, stage, masks, order, max_length,
+                                                         latency_threads, int8_min_cosine, int8_min_agreement)
+            except Int8GateError as err:
+                raise Int8GateError(f"{err} {int8_advice(quantize, per_channel, keep_fp32)}") from None
             shutil.move(chosen.path, stage / QUANTIZED_FILE)
             quant_report |= _describe_qconfig(quantize, resolved_target, target, per_channel, qconfig, calibration_data, calib_texts)
             quant_report["kept_fp32"] = {"groups": list(keep_fp32), "nodes": excluded}
@@ -720,10 +742,7 @@ def _choose_candidate(candidates: list[Int8Build], task: str, batches: list, sta
         report["order_candidates"][c.order] = entry
     if not passing:
         details = "; ".join(f"{o}: {e.get('error') or e.get('metrics')}" for o, e in report["order_candidates"].items())
-        raise ExportError(
-            f"no int8 model met the tolerance (cosine >= {min_cosine} / agreement >= {min_agreement}): {details}. "
-            "Try --per-channel, --quantize static with --calibration-data, or --quantize none"
-        )
+        raise Int8GateError(f"no int8 model met the tolerance (cosine >= {min_cosine} / agreement >= {min_agreement}): {details}.")
     if len(passing) > 1:
         winner, medians = _faster({o: c.path for o, c in passing.items()}, seq, threads)
         for o, ms in medians.items():
