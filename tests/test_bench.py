@@ -374,3 +374,11 @@ def test_corrupt_onnx_is_one_line(tmp_path: Path):
     bad.write_bytes(b"this is not a protobuf")
     result = CliRunner().invoke(app, ["bench", str(bad), "--repeats", "2"])
     assert result.exit_code == 2 and "cannot load ONNX model" in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_bench_of_a_directory_writes_its_json_there_by_default(export_dir: Path):
+    (export_dir / "bench.json").unlink(missing_ok=True)
+    result = cli_bench(str(export_dir))
+    assert result.exit_code == 0, result.output
+    data = json.loads((export_dir / "bench.json").read_text())
+    assert data["schema"] == "homoexport.bench/1" and data["results"]

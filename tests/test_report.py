@@ -144,7 +144,7 @@ def test_write_report(tmp_path: Path):
         assert heading in md
     assert "| model_quantized.onnx | 23.00 | 4.000 | yes |" in md
     assert "| small | sst2 (validation) | accuracy | 90.00 | 90.00 | 89.50 | -0.50 |" in md
-    assert "Widths at step 2: {'hidden': 256, 'ffn': 1024}" in md
+    assert "Widths at step 2: hidden 256, ffn 1024." in md
     assert "Gate against `base.json`: exit 1, 1 entries regressed or missing." in md
     assert "export_report.json: unreadable" in md and "half" not in md
     assert "'machine'" not in md and "machine." not in md  # bulky fields are left out
@@ -174,3 +174,19 @@ def test_report_command(tmp_path: Path):
     assert again.exit_code == 2 and "--overwrite" in again.output
     assert CliRunner().invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / "rep"), "--overwrite"]).exit_code == 0
     assert CliRunner().invoke(app, ["report", str(tmp_path / "missing")]).exit_code == 2
+
+
+def test_a_file_under_two_given_directories_is_reported_once(tmp_path: Path):
+    run = tmp_path / "run"
+    write_json(run / "export" / "export_report.json", {"files": {"model.onnx": 1024}, "deployed_file": "model.onnx"})
+    g = report.gather([run, run / "export"])
+    assert [(f.run, f.path.name) for f in g.found["export"]] == [("export", "export_report.json")]
+
+
+def test_report_and_bench_default_outputs_land_where_report_finds_them(tmp_path: Path):
+    runs = make_runs(tmp_path / "runs")
+    first = CliRunner().invoke(app, ["report", *map(str, runs)])
+    assert first.exit_code == 0, first.output
+    assert (runs[0] / "report" / "report.md").is_file()
+    again = CliRunner().invoke(app, ["report", *map(str, runs)])  # the default output is rewritten, not refused
+    assert again.exit_code == 0, again.output

@@ -237,7 +237,9 @@ def bench_command(
         "(without it: random whole words of that vocabulary; without a tokenizer.json: random ids).",
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the generated inputs."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the report (machine fingerprint, settings, per-model size/load/memory, latencies, accuracy, comparison) as JSON."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the report as JSON (machine fingerprint, settings, per-model size/load/memory, "
+                                       "latencies, accuracy, comparison). Default: bench.json in the first PATH when it is a directory (an export "
+                                       "directory), so `homoexport report` finds it; with a file PATH and no --out, no JSON is written."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Directory to write PNGs of latency vs batch and seq (one per model, plus all models together)."),
     glue: list[str] = typer.Option(
         [], "--glue", help="glue_report.json (or a directory holding one; NAME=PATH to label it) whose accuracies are recorded and gated; "
@@ -256,6 +258,8 @@ def bench_command(
     """Measure ONNX models with onnxruntime: latency (mean, p50/p90/p99, stdev), throughput, file size, load time and
     peak RSS of the session, on this machine (fingerprint recorded). Prints a markdown table; with --compare, gates
     against a baseline for CI. Needs only onnxruntime + numpy (no torch)."""
+    if out is None and paths and Path(paths[0].split("=", 1)[-1]).is_dir():
+        out = Path(paths[0].split("=", 1)[-1]) / "bench.json"
     _check_out(out)
     from homoexport.deployment.bench import (
         BenchSettings,
@@ -294,11 +298,13 @@ def bench_command(
 @app.command("report")
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., metavar="RUN_DIR...", help="Run directories, searched recursively for report.json (distill), export_report.json, glue_report.json and bench.json."),
-    out: Path = typer.Option(Path("report"), "--out", help="Directory to write report.md and its PNGs into."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Directory to write report.md and its PNGs into (default: FIRST_RUN_DIR/report, replaced on every run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
 ) -> None:
     """Gather the distill, export, GLUE and bench reports of runs into one report.md (+ accuracy-vs-latency Pareto
     and width-schedule plots), readable in a browser or a PR comment. Missing reports are skipped and said so."""
+    if out is None:  # the default is a derived artifact of the first run: rewrite it each time
+        out, overwrite = Path(run_dirs[0]) / "report", True
     _check_out(out)
     from homoexport.reporting.report import SECTIONS, write_report
 

@@ -299,11 +299,17 @@ def gather(run_dirs: Sequence[str | os.PathLike]) -> Gathered:
     g = Gathered(runs)
     names = [r.resolve().name for r in runs]
     labels = names if len(set(names)) == len(names) else [r.as_posix() for r in runs]
+    # A file under two of the given directories (a run and its export/) belongs to the innermost one, once.
+    order = sorted(zip(runs, labels), key=lambda rl: -len(rl[0].resolve().parts))
+    seen: set[Path] = set()
     for section in SECTIONS:
-        for run, label in zip(runs, labels):
+        for run, label in order:
             for path in sorted(run.rglob(section.filename)):
                 if any(part.startswith(".") for part in path.relative_to(run).parts):
                     continue  # staging / hidden dirs hold unfinished work
+                if path.resolve() in seen:
+                    continue
+                seen.add(path.resolve())
                 try:
                     data = json.loads(path.read_text(encoding="utf-8"))
                 except (OSError, json.JSONDecodeError) as e:
@@ -416,8 +422,9 @@ def _distill(found: list[Found], out_dir: Path) -> tuple[str, list[Path]]:
             path = out_dir / f"widths_{_slug(f.run)}.png"
             fig.savefig(path, dpi=110)
             figs.append(path)
-            last = {k: int(v) for k, v in history[-1].items() if k != "step"}
-            text += f"\nWidths at step {int(history[-1]['step'])}: {last}\n\n![width schedule {f.run}]({path.name})\n"
+            last = history[-1]
+            shape = ", ".join(f"{k} {int(last[k])}" for k in WIDTH_FIELDS if k in last)
+            text += f"\nWidths at step {int(last['step'])}: {shape}.\n\n![width schedule {f.run}]({path.name})\n"
         selection = f.data.get("selection") if isinstance(f.data, dict) else None
         if selection and selection.get("candidates"):
             path = plot_tradeoff(selection, out_dir / f"assistant_tradeoff_{_slug(f.run)}.png")
@@ -481,7 +488,7 @@ def pareto_points(g: Gathered) -> list[dict[str, Any]]:
         best = min((e for e in results if (e["batch"], e["seq"], e["threads"]) == (b, s, t)), key=lambda e: e["p50_ms"])
         primary = [r for r in rows if r["variant"] == variant and r.get("primary", True)]
         scores = [r["value"] for r in primary or [r for r in rows if r["variant"] == variant]]
-        points.append({"run": run, "score": sum(scores) / len(scores), "variant": variant, "p50_ms": best["p50_ms"], "model": best["model"], "batch": b, "seq": s, "threads": t})
+        points.append({"run": run, "score": sum(scores) / len(scores), "variant": variant, "tasks": sorted({r["task"] for r in primary or rows}), "p50_ms": best["p50_ms"], "model": best["model"], "batch": b, "seq": s, "threads": t})
     front_best = math.inf
     for p in sorted(points, key=lambda p: (-p["score"], p["p50_ms"])):
         p["pareto"] = p["p50_ms"] < front_best
@@ -495,10 +502,13 @@ def _pareto_figure(points: list[dict[str, Any]], out_dir: Path) -> Path:
         ax.scatter(p["p50_ms"], p["score"], color="C0" if p["pareto"] else "C7", zorder=3)
         ax.annotate(p["run"], (p["p50_ms"], p["score"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
     front = sorted((p["p50_ms"], p["score"]) for p in points if p["pareto"])
-    ax.plot(*zip(*front), color="C0", linestyle="--", label="Pareto front")
-    ax.set(xlabel="latency p50 ms", ylabel="mean GLUE score (points)", title="accuracy vs latency")
+    if len(front) > 1:  # one point is no front: no line and no legend entry for it
+        ax.plot(*zip(*front), color="C0", linestyle="--", label="Pareto front")
+        ax.legend(fontsize=8)
+    tasks = sorted({t for p in points for t in p.get("tasks", ())})
+    ylabel = f"{tasks[0]} primary metric (points)" if len(tasks) == 1 else f"mean primary GLUE score over {len(tasks)} tasks (points)"
+    ax.set(xlabel="latency p50 ms", ylabel=ylabel, title="accuracy vs latency")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     path = out_dir / "pareto.png"
     fig.savefig(path, dpi=110)
     return path
