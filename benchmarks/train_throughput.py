@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -126,6 +127,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]
     gflops = matmul_gflops()
     target = Widths(args.hidden, args.heads, args.hidden // args.heads, args.ffn)
     rows = []
@@ -134,7 +136,7 @@ def main() -> None:
         floor_s = (r["teacher_gflop"] + r["student_fwd_bwd_gflop"]) / gflops
         r.update(stage=name, floor_step_s=floor_s, floor_tokens_per_s=args.batch * args.seq / floor_s, ratio_to_floor=r["step_s"] / floor_s)
         rows.append(r)
-    print(f"machine matmul: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print(f"machine matmul: {gflops:.1f} GFLOP/s ({torch.get_num_threads()} threads); load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")
     print("| student | step s | tokens/s | floor tokens/s | x floor | teacher | student fwd+loss | backward | importance | optim+mask |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -143,7 +145,8 @@ def main() -> None:
               f"{r['floor_tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | {s['teacher']:.0%} | {s['student_forward_and_losses']:.0%} | "
               f"{s['backward']:.0%} | {s['importance']:.0%} | {s['optimizer_and_masking']:.0%} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"matmul_gflops": gflops, "threads": torch.get_num_threads(), "rows": rows, "machine": fingerprint()}, indent=2))
+    args.out.write_text(json.dumps({"matmul_gflops": gflops, "threads": torch.get_num_threads(), "rows": rows,
+                                    "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]}, "machine": fingerprint()}, indent=2))
     print(f"wrote {args.out}")
 
 
