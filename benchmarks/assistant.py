@@ -29,8 +29,9 @@ from rich.console import Console
 from rich.table import Table
 
 from homoexport.atomic import atomic_write_json
+from homoexport.cli.tables import tradeoff_table
 from homoexport.config.recipe import validate_recipe
-from homoexport.distillation.assistant import distill_with_assistant, tradeoff_table
+from homoexport.distillation.assistant import distill_with_assistant
 from homoexport.distillation.models import quiet_transformers
 from homoexport.distillation.trainer import distill
 from homoexport.evaluation.glue import GlueSettings, run_glue_suite

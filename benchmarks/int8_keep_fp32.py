@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         files: dict[str, Path] = {}
         for name, groups in VARIANTS.items():
             out = Path(tmp) / name.replace(" ", "-")
-            report = export_model(args.model, out, task="text-classification", keep_fp32=groups, progress=False)
+            report = export_model(args.model, out, task="text-classification", keep_fp32=groups)
             if not files:
                 files["fp32 (O2)"] = out / "model_optimized.onnx"
                 rows["fp32 (O2)"] = {"kept_fp32_nodes": None}

@@ -54,7 +54,7 @@ def main() -> int:
         plans, predicted = [], {}
         for ms in budgets:
             t0 = time.perf_counter()
-            report = plan(args.teacher, f"latency={ms:g}ms", settings, cache_path=cache, progress=False)
+            report = plan(args.teacher, f"latency={ms:g}ms", settings, cache_path=cache)
             elapsed = time.perf_counter() - t0
             rows = [r for r in report["candidates"] if r["measurement"]]
             for r in rows:

@@ -137,7 +137,7 @@ def minilm_dir(tmp_path):
 
 def _plan(teacher, budget, measure, **kw):
     kw.setdefault("candidates", enumerate_candidates(MINILM))
-    return plan(teacher, budget, measure=measure, cache_path=kw.pop("cache_path", None), progress=False,
+    return plan(teacher, budget, measure=measure, cache_path=kw.pop("cache_path", None),
                 machine={"id": "testmachine"}, **kw)
 
 
@@ -209,7 +209,7 @@ def test_cache_hits_skip_measurement(minilm_dir, tmp_path):
     _plan(minilm_dir, "latency=6ms", other_settings, cache_path=cache, settings=PlanSettings(threads=1, seq=64))
     assert other_settings.calls  # another setting is another key
     other_machine = FakeMeasure()
-    plan(minilm_dir, "latency=6ms", candidates=enumerate_candidates(MINILM), measure=other_machine, cache_path=cache, progress=False,
+    plan(minilm_dir, "latency=6ms", candidates=enumerate_candidates(MINILM), measure=other_machine, cache_path=cache,
          machine={"id": "elsewhere"})
     assert other_machine.calls  # another machine is another key
     needs_rss = FakeMeasure()
@@ -255,20 +255,20 @@ def test_real_plan_and_edge_round_trip(teacher_dir, tmp_path):
     assert t == TeacherShape(64, 4, 128, 2, t.vocab, 128, 2)
     settings = PlanSettings(seq=32, threads=1, warmup=2, repeats=5, rounds=2)
     candidates = parse_candidates("32,64", t)
-    report = plan(teacher_dir, "latency=10s", settings, candidates=candidates, cache_path=tmp_path / "cache.json", progress=False)
+    report = plan(teacher_dir, "latency=10s", settings, candidates=candidates, cache_path=tmp_path / "cache.json")
     assert report["chosen"]["name"] == candidates[-1].name  # generous budget: the largest shape
     measured = [r for r in report["candidates"] if r["measurement"]]
     assert measured and all(r["measurement"]["p50_ms"] > 0 and r["measurement"]["file_bytes"] > 0 for r in measured)
 
-    manifest = export_candidates(teacher_dir, tmp_path / "cands", settings, candidates=candidates, progress=False)
+    manifest = export_candidates(teacher_dir, tmp_path / "cands", settings, candidates=candidates)
     assert [c["name"] for c in manifest["candidates"]] == [c.name for c in candidates]
     assert all((tmp_path / "cands" / c["file"]).is_file() for c in manifest["candidates"])
-    data = measure_candidates(tmp_path / "cands", progress=False)
+    data = measure_candidates(tmp_path / "cands")
     assert (tmp_path / "cands" / "measurements.json").is_file() and all(r["measurement"]["rss_mb"] > 0 for r in data["candidates"])
     small = data["candidates"][0]["measurement"]
     limit = small["file_bytes"] + 1
     from_file = plan(teacher_dir, f"memory={limit / 1024:.3f}KB", candidates=candidates, measurements=tmp_path / "cands" / "measurements.json",
-                     cache_path=None, progress=False)
+                     cache_path=None)
     assert from_file["chosen"]["name"] == candidates[0].name and from_file["chosen"]["predicted"]["source"] == "file"
     with pytest.raises(BudgetError, match="no measurement of"):
-        plan(teacher_dir, "latency=10s", candidates=parse_candidates("48", t), measurements=tmp_path / "cands" / "measurements.json", progress=False)
+        plan(teacher_dir, "latency=10s", candidates=parse_candidates("48", t), measurements=tmp_path / "cands" / "measurements.json")

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from homoexport.deployment import export as ex
 
-FAST = dict(progress=False, latency_repeats=2)
+FAST = dict(latency_repeats=2)
 
 
 def model_dir(directory: Path, kind: str, hidden: int = 48, heads: int = 4, **config) -> Path:

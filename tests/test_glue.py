@@ -221,7 +221,7 @@ def test_onnx_scores_match_pytorch(tmp_path, encoder_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     tokenizer.save_pretrained(tmp_path / "cls")
-    export_model(tmp_path / "cls", tmp_path / "onnx", task="text-classification", progress=False)
+    export_model(tmp_path / "cls", tmp_path / "onnx", task="text-classification")
     dev = DatasetDict({"validation": data["validation"]})
     pt = evaluate_pytorch(model, tokenizer, task, dev, max_length=32, batch_size=8, threads=1)
     fp32 = evaluate_onnx(tmp_path / "onnx" / "model.onnx", task, dev, max_length=32, batch_size=8, threads=1)

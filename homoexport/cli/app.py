@@ -170,13 +170,15 @@ def distill_command(
 
     r = with_assistant_option(load_recipe(recipe, set_), assistant)  # recipe errors come before the heavy imports
     from homoexport.cli.progress import StepProgress
+    from homoexport.cli.tables import tradeoff_table
     from homoexport.deployment.budget import default_cache_path, plan_for_recipe
-    from homoexport.distillation.assistant import distill_with_assistant, tradeoff_table
+    from homoexport.distillation.assistant import distill_with_assistant
     from homoexport.distillation.models import quiet_transformers
     from homoexport.distillation.trainer import distill
 
     quiet_transformers()
-    r, plan = plan_for_recipe(r, budget=budget, plan_file=plan_file, cache_path=default_cache_path(), progress=progress)
+    with StepProgress("plan", console, enabled=progress) as bar:
+        r, plan = plan_for_recipe(r, budget=budget, plan_file=plan_file, cache_path=default_cache_path(), on_progress=bar.update)
     if plan:
         console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
     _log_to(console)
@@ -282,10 +284,13 @@ def bench_command(
         text=text,
         seed=seed,
     )
-    outcome = run_bench(
-        paths, settings, out=out, plot_dir=plot, glue=glue, baseline=compare, max_regression=parse_fraction(max_regression),
-        metric=metric, max_accuracy_drop=max_accuracy_drop, allow_machine_mismatch=allow_machine_mismatch,
-    )
+    from homoexport.cli.progress import StepProgress
+
+    with StepProgress("bench", console) as bar:
+        outcome = run_bench(
+            paths, settings, out=out, plot_dir=plot, glue=glue, baseline=compare, max_regression=parse_fraction(max_regression),
+            metric=metric, max_accuracy_drop=max_accuracy_drop, allow_machine_mismatch=allow_machine_mismatch, on_progress=bar.update,
+        )
     print(outcome.markdown)
     for path in ([out] if out else []) + outcome.plots:
         console.print(f"wrote {path}", highlight=False)
@@ -393,12 +398,17 @@ def glue_command(
     score PyTorch, ONNX fp32 and ONNX int8 on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
     _check_out(out)
     _check_model_dir(model_dir)
-    from homoexport.evaluation.glue import report_table, run_glue
+    from homoexport.cli.tables import glue_table
+    from homoexport.evaluation.glue import run_glue
 
     settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
                               max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads, train)
-    report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
-    Console().print(report_table(report))
+    from homoexport.cli.progress import StepProgress
+
+    _log_to(console)
+    with StepProgress("glue", console) as bar:
+        report = run_glue(model_dir, task, out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite, on_progress=bar.update)
+    Console().print(glue_table(report))
     console.print(f"wrote {out / 'glue_report.json'}", highlight=False)
 
 
@@ -430,12 +440,18 @@ def glue_suite_command(
     paper's column order (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE) with the average, for each backend."""
     _check_out(out)
     _check_model_dir(model_dir)
-    from homoexport.evaluation.glue import run_glue_suite, suite_table
+    from homoexport.cli.tables import glue_suite_table
+    from homoexport.evaluation.glue import run_glue_suite
 
     settings = _glue_settings(epochs, lr, batch_size, eval_batch_size, max_length, warmup_ratio, weight_decay, seeds, eval_steps,
                               max_train_samples, max_eval_samples, export, quantize, keep_fp32, threads)
-    suite = run_glue_suite(model_dir, [t.strip() for t in tasks.split(",") if t.strip()], out, settings, data_dir=data_dir, hub=hub, overwrite=overwrite)
-    Console().print(suite_table(suite))
+    from homoexport.cli.progress import StepProgress
+
+    _log_to(console)
+    with StepProgress("glue", console) as bar:
+        suite = run_glue_suite(model_dir, [t.strip() for t in tasks.split(",") if t.strip()], out, settings, data_dir=data_dir, hub=hub,
+                               overwrite=overwrite, on_progress=bar.update)
+    Console().print(glue_suite_table(suite))
     console.print(f"wrote {out / 'glue_suite.json'} and {out / 'glue_suite.md'}", highlight=False)
 
 
@@ -470,18 +486,23 @@ def export_command(
     the export and leaves EXPORT_DIR untouched."""
     _check_out(out)
     _check_model_dir(model_dir)
-    from homoexport.deployment.export import export_model, report_table
+    from homoexport.cli.tables import export_table
+    from homoexport.deployment.export import export_model
     from homoexport.distillation.models import quiet_transformers
 
     quiet_transformers()
     if not onnx:
         fail("nothing to export: pass --onnx (the only export format)")
-    report = export_model(
-        model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
-        keep_fp32=_groups(keep_fp32), calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
-        int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads, progress=progress,
-    )
-    Console().print(report_table(report))
+    from homoexport.cli.progress import StepProgress
+
+    with StepProgress("export", console, enabled=progress) as bar:
+        report = export_model(
+            model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
+            keep_fp32=_groups(keep_fp32), calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol,
+            int8_min_cosine=int8_min_cosine, int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples,
+            latency_threads=threads, on_progress=bar.update,
+        )
+    Console().print(export_table(report))
     console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)
 
 
@@ -529,7 +550,6 @@ def plan_command(
         export_candidates,
         parse_candidates,
         plan,
-        plan_table,
         teacher_shape,
     )
     from homoexport.distillation.models import quiet_transformers
@@ -537,15 +557,23 @@ def plan_command(
     quiet_transformers()
     settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
     shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, layers) if candidates else None
+    from homoexport.cli.progress import StepProgress
+
     if export_candidates_dir is not None:
-        manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, layers, overwrite=overwrite, progress=progress)
+        with StepProgress("export candidates", console, enabled=progress) as bar:
+            manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, layers, overwrite=overwrite,
+                                         on_progress=bar.update)
         console.print(f"wrote {len(manifest['candidates'])} candidates to {export_candidates_dir}; on the target run "
                       f"`homoexport measure {export_candidates_dir}`, then `homoexport plan --measurements .../measurements.json`", highlight=False)
         return
     if budget is None:
         raise BudgetError("--budget is required (or --export-candidates DIR)")
-    report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
-                  cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot, progress=progress)
+    with StepProgress("plan", console, enabled=progress) as bar:
+        report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
+                      cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot,
+                      on_progress=bar.update)
+    from homoexport.cli.tables import plan_table
+
     Console().print(plan_table(report))
     c = report["chosen"]
     predicted = f"; predicted p50 {c['predicted']['p50_ms']:.2f} ms, file {c['predicted']['file_bytes'] / 2**20:.1f} MB" if c["predicted"] else ""
@@ -566,9 +594,11 @@ def measure_command(
     """Time exported plan candidates on this machine (latency p50/p90, file size, session RSS). Needs only onnxruntime + numpy,
     so it runs on the edge device; feed the result to `homoexport plan --measurements`."""
     _check_out(out)
+    from homoexport.cli.progress import StepProgress
     from homoexport.deployment.budget import measure_candidates
 
-    data = measure_candidates(directory, threads=threads, rss=rss, out=out, progress=progress)
+    with StepProgress("measure", console, enabled=progress) as bar:
+        data = measure_candidates(directory, threads=threads, rss=rss, out=out, on_progress=bar.update)
     for row in data["candidates"]:
         m = row["measurement"]
         rss_text = f", rss {m['rss_mb']:.1f} MB" if m["rss_mb"] is not None else ""

@@ -17,8 +17,10 @@ def _clock(seconds: float) -> str:
 
 
 def describe(record: dict) -> str:
-    """Loss, widths and dev metrics of one log record, for the text after the counters."""
-    parts = [f"loss {record['loss']:.4g}"]
+    """Message, loss, widths and dev metrics of one record, for the text after the counters."""
+    parts = [record["message"]] if record.get("message") else []
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.4g}")
     w = record.get("widths")
     if w:
         parts.append(f"h{w['hidden']} a{w['heads']}x{w['head_dim']} f{w['ffn']}")
@@ -66,9 +68,12 @@ class StepProgress:
         first, started = self.tasks[label]
         elapsed = time.time() - started
         done = step - first
-        eta = elapsed / done * (total - step) if done > 0 else 0.0
-        self.console.print(f"{label} {step}/{total} elapsed {_clock(elapsed)} ETA {_clock(eta)} | {describe(record)}",
-                           highlight=False, soft_wrap=True)
+        if total:
+            eta = _clock(elapsed / done * (total - step)) if done > 0 else "?"
+            counters = f"{label} {step}/{total} elapsed {_clock(elapsed)} ETA {eta}"
+        else:
+            counters = f"{label} {step} elapsed {_clock(elapsed)}"
+        self.console.print(f"{counters} | {describe(record)}", highlight=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:

@@ -3,7 +3,7 @@
 This is the measuring path shared by ``homoexport bench``, the planner, the export check and GLUE: it
 imports only onnxruntime, numpy and the standard library (never torch/transformers), so it runs on an
 edge box that has nothing else installed. Imported lazily, only where used: ``tokenizers`` (real token
-ids), ``rich`` (progress bar of ``bench``), ``homoexport.reporting.report`` (tables, plots, glue reports).
+ids), ``homoexport.reporting.report`` (tables, plots, glue reports).
 
 Also here: the comparison of a bench report with a baseline (``compare_reports``) and the exit codes
 that CI gates on.
@@ -25,6 +25,7 @@ import numpy as np
 
 from homoexport.errors import EXIT_MACHINE, EXIT_MISSING, EXIT_REGRESSION, InputNotFoundError, UsageError
 from homoexport.machine import physical_cores
+from homoexport.progress import ProgressFn, Tracker
 
 # Token ids drawn for random inputs stay in [LOW_ID, vocab): below ~1000 sit the special and unused
 # tokens of BERT vocabularies, which make unrealistic inputs. Without a known vocabulary the ids stay
@@ -256,7 +257,8 @@ def _footprint_main() -> None:
     sess.run(None, feeds_for(sess, ids))
     peak = _peak_rss_bytes()
     mb = 1024 * 1024
-    print(json.dumps(Footprint(load_ms, peak / mb, (peak - before) / mb, batch, seq, threads).to_dict()))
+    # The measuring child's result goes to its parent on stdout (measure_footprint reads the last line).
+    sys.stdout.write(json.dumps(Footprint(load_ms, peak / mb, (peak - before) / mb, batch, seq, threads).to_dict()) + "\n")
 
 
 def measure_footprint(model_path: str | os.PathLike, batch: int = 1, seq: int = 128, threads: int | None = None) -> Footprint:
@@ -479,7 +481,7 @@ def _token_source_for(model_path: Path, text: Path | None) -> TokenSource | None
         return None
 
 
-def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports: Sequence[tuple[str, Path]] = (), progress: bool = True) -> dict[str, Any]:
+def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports: Sequence[tuple[str, Path]] = (), on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Measure every target over the settings' grid; return the bench report (what bench.json holds).
 
     Per model: file size, load time and peak RSS (fresh subprocess, at the largest grid point), then
@@ -493,36 +495,35 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
     grid = [(t, b, s) for t in threads_list for b in settings.batches for s in settings.seqs]
     models: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
-    with _progress(progress) as bar:
-        task = bar.add_task("bench", total=len(targets) * (len(grid) + 1))
-        for target in targets:
-            bar.update(task, description=f"{target.name}: memory")
-            source = _token_source_for(target.path, settings.text)
-            if settings.seq_dist == "text" and source is None:
-                raise InputNotFoundError(f"--seq-dist text needs a tokenizer.json next to {target.path} (and the `tokenizers` package)")
-            fp = measure_footprint(target.path, max(settings.batches), max(settings.seqs), max(threads_list))
-            size = file_size_bytes(target.path)
-            vocab = vocab_size_near(target.path)
-            models[target.name] = {
-                "path": str(target.path),
-                "file_bytes": size,
-                "file_mb": size / 1024 / 1024,
-                **fp.to_dict(),
-                "inputs": source.origin if source else "random ids",
-            }
-            bar.advance(task)
-            for threads in threads_list:
-                session = load_session(target.path, threads)
-                for batch in settings.batches:
-                    for seq in settings.seqs:
-                        bar.update(task, description=f"{target.name}: t={threads} b={batch} s={seq}")
-                        feeds = make_batches(session, batch, seq, settings.seq_dist, source, vocab, seed=settings.seed)
-                        stats = measure_latency(
-                            target.path, batch, seq, threads, settings.warmup, settings.repeats, settings.duration_s, feeds, session=session
-                        )
-                        results.append({"model": target.name, "seq_dist": settings.seq_dist, **stats.to_dict()})
-                        bar.advance(task)
-                del session
+    bar = Tracker(on_progress, "bench", len(targets) * (len(grid) + 1))
+    for target in targets:
+        bar.note(f"{target.name}: memory")
+        source = _token_source_for(target.path, settings.text)
+        if settings.seq_dist == "text" and source is None:
+            raise InputNotFoundError(f"--seq-dist text needs a tokenizer.json next to {target.path} (and the `tokenizers` package)")
+        fp = measure_footprint(target.path, max(settings.batches), max(settings.seqs), max(threads_list))
+        size = file_size_bytes(target.path)
+        vocab = vocab_size_near(target.path)
+        models[target.name] = {
+            "path": str(target.path),
+            "file_bytes": size,
+            "file_mb": size / 1024 / 1024,
+            **fp.to_dict(),
+            "inputs": source.origin if source else "random ids",
+        }
+        bar.advance()
+        for threads in threads_list:
+            session = load_session(target.path, threads)
+            for batch in settings.batches:
+                for seq in settings.seqs:
+                    bar.note(f"{target.name}: t={threads} b={batch} s={seq}")
+                    feeds = make_batches(session, batch, seq, settings.seq_dist, source, vocab, seed=settings.seed)
+                    stats = measure_latency(
+                        target.path, batch, seq, threads, settings.warmup, settings.repeats, settings.duration_s, feeds, session=session
+                    )
+                    results.append({"model": target.name, "seq_dist": settings.seq_dist, **stats.to_dict()})
+                    bar.advance()
+            del session
     accuracy = [{"source": label, **row} for label, path in glue_reports for row in read_glue(path)]
     return {
         "schema": SCHEMA,
@@ -533,22 +534,6 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
         "results": results,
         "accuracy": accuracy,
     }
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled, transient=True,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -798,7 +783,7 @@ def run_bench(
     metric: str = "p50_ms",
     max_accuracy_drop: float | None = None,
     allow_machine_mismatch: bool = False,
-    progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> BenchOutcome:
     """Measure ``paths``, optionally compare with ``baseline``, write ``out`` (JSON) and plots.
 
@@ -816,7 +801,7 @@ def run_bench(
     glue_reports = find_glue_reports(glue, dict.fromkeys(t.path.parent for t in targets))
     if max_accuracy_drop is not None and not glue_reports:
         raise UsageError("--max-accuracy-drop given but no glue_report.json found: pass --glue PATH")
-    report = bench(targets, settings, glue_reports, progress)
+    report = bench(targets, settings, glue_reports, on_progress)
     comparison = None
     if base is not None:
         comparison = compare_reports(report, base, max_regression, metric, max_accuracy_drop, allow_machine_mismatch)

@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.errors import EXIT_BUDGET, UsageError
 from homoexport.machine import fingerprint, package_versions, physical_cores
+from homoexport.progress import ProgressFn, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ class CandidateExporter:
         export_dir = work / "export"
         export_model(model_dir, export_dir, task=s.task, optimize=s.optimize, quantize=s.quantize, target=s.target, per_channel=s.per_channel,
                      overwrite=True, int8_min_cosine=0.0, int8_min_agreement=0.0, latency_threads=s.resolved_threads(), latency_repeats=1,
-                     progress=False)
+                     )
         return deployed_model_path(export_dir)
 
 
@@ -516,13 +517,6 @@ def no_fit_message(constraints: Sequence[Constraint], smallest: Shape, m: Measur
 # The plan
 
 
-def _progress(enabled: bool) -> Any:
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled, transient=True)
-
-
 def load_measurements(path: Path) -> dict[str, Any]:
     """A measurements.json written by ``measure_candidates``, checked."""
     try:
@@ -552,7 +546,7 @@ def plan(
     machine: Mapping[str, Any] | None = None,
     out: Path | None = None,
     plot: Path | None = None,
-    progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Choose the largest student shape of ``teacher`` that fits ``budget``; returns the plan (written to
     ``out`` and plotted to ``plot`` when given). Raises ``NoFitError`` when even the smallest does not fit.
@@ -604,10 +598,9 @@ def plan(
             cache.put(shape, m)
             return m
 
-    with _progress(progress) as bar:
-        task = bar.add_task("planning", total=None)
-        result = search(shapes, constraints, params, measure_one, margin, refine,
-                        on_measure=lambda s: bar.update(task, description=f"measuring {s.name} (export + time)"))
+    bar = Tracker(on_progress, "plan")
+    result = search(shapes, constraints, params, measure_one, margin, refine,
+                    on_measure=lambda s: bar.advance(message=f"measuring {s.name} (export + time)"))
     rows = []
     for s in sorted(shapes):
         m = result.measured.get(s)
@@ -659,7 +652,7 @@ def apply_plan(recipe: Any, plan_report: Mapping[str, Any]) -> Any:
 
 
 def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | None = None, cache_path: Path | None = None,
-                    progress: bool = True) -> tuple[Any, dict[str, Any] | None]:
+                    on_progress: ProgressFn | None = None) -> tuple[Any, dict[str, Any] | None]:
     """The recipe to train and its plan: from ``plan_file`` (a plan.json), else by planning ``budget`` (or
     the recipe's own ``budget``) for the recipe's teacher and depth at the default settings. Without a
     budget, the recipe unchanged and None."""
@@ -692,7 +685,7 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
     else:
         # A task recipe deploys a classifier: time candidates with its head, as `homoexport export` will export it.
         settings = PlanSettings(task="text-classification" if getattr(recipe, "task", None) is not None else "feature-extraction")
-        report = plan(recipe.teacher, budget, settings=settings, layers=s.layers, cache_path=cache_path, progress=progress)
+        report = plan(recipe.teacher, budget, settings=settings, layers=s.layers, cache_path=cache_path, on_progress=on_progress)
     return apply_plan(recipe, report), report
 
 
@@ -709,7 +702,7 @@ def export_candidates(
     ffn_ratio: float | None = None,
     layers: int | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Write every candidate's deployed ONNX file (+ config.json, which ``bench`` reads the vocabulary
     from) to ``out_dir/<name>/`` and a manifest, for ``measure_candidates`` on the target machine."""
@@ -717,24 +710,25 @@ def export_candidates(
     shapes = sorted(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, layers)
     exporter = CandidateExporter(teacher, settings)
     entries = []
-    with staging_dir(out_dir, overwrite=overwrite) as stage, _progress(progress) as bar:
-        task = bar.add_task("exporting", total=len(shapes))
+    bar = Tracker(on_progress, "export candidates", len(shapes))
+    with staging_dir(out_dir, overwrite=overwrite) as stage:
         for s in shapes:
-            bar.update(task, description=f"exporting {s.name}")
+            bar.note(f"exporting {s.name}")
             with tempfile.TemporaryDirectory(prefix=f"homoexport-cand-{s.name}-") as tmp:
                 deployed = exporter.export(s, Path(tmp))
                 (stage / s.name).mkdir()
                 shutil.copy2(deployed, stage / s.name / deployed.name)
                 shutil.copy2(deployed.parent / "config.json", stage / s.name / "config.json")
             entries.append({"name": s.name, **s.to_dict(), "params": parameters(s, t), "file": f"{s.name}/{deployed.name}"})
-            bar.advance(task)
+            bar.advance()
         manifest = {"schema": MANIFEST_SCHEMA, "teacher": str(teacher), "teacher_shape": asdict(t), "settings": settings.to_dict(),
                     "exported_on": fingerprint(), "candidates": entries}
         atomic_write_json(stage / MANIFEST_FILE, manifest)
     return manifest
 
 
-def measure_candidates(directory: Path, threads: int | None = None, rss: bool = True, out: Path | None = None, progress: bool = True) -> dict[str, Any]:
+def measure_candidates(directory: Path, threads: int | None = None, rss: bool = True, out: Path | None = None,
+                       on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Time every candidate of an ``export_candidates`` directory on this machine (onnxruntime + numpy
     only) and write ``measurements.json`` (default: inside ``directory``). ``threads`` overrides the
     manifest's (None there = all physical cores here)."""
@@ -748,13 +742,12 @@ def measure_candidates(directory: Path, threads: int | None = None, rss: bool = 
     settings = PlanSettings(**{**manifest["settings"], **({"threads": threads} if threads else {})})
     settings = replace(settings, threads=settings.resolved_threads())
     rows = []
-    with _progress(progress) as bar:
-        task = bar.add_task("measuring", total=len(manifest["candidates"]))
-        for entry in manifest["candidates"]:
-            bar.update(task, description=f"measuring {entry['name']}")
-            m = measure_file(directory / entry["file"], settings, with_rss=rss)
-            rows.append({**entry, "measurement": m.to_dict()})
-            bar.advance(task)
+    bar = Tracker(on_progress, "measure", len(manifest["candidates"]))
+    for entry in manifest["candidates"]:
+        bar.note(f"measuring {entry['name']}")
+        m = measure_file(directory / entry["file"], settings, with_rss=rss)
+        rows.append({**entry, "measurement": m.to_dict()})
+        bar.advance()
     data = {"schema": MEASUREMENTS_SCHEMA, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "teacher": manifest["teacher"], "teacher_shape": manifest["teacher_shape"], "settings": settings.to_dict(),
             "machine": fingerprint(), "candidates": rows}
@@ -766,28 +759,6 @@ def measure_candidates(directory: Path, threads: int | None = None, rss: bool = 
 # Presentation
 
 
-def plan_table(report: Mapping[str, Any]) -> Any:
-    """A rich table of the candidates: shape, params, measured figures, fit; the chosen row in bold."""
-    from rich.table import Table
-
-    s = report["settings"]
-    title = (f"plan for {report['budget']} ({report['statistic']}, batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, "
-             f"{s['precision']}, margin {report['margin']:.0%})")
-    table = Table(title=title)
-    for col in ("shape", "params", "p50 ms", "p90 ms", "file MB", "rss MB", "source", "fits"):
-        table.add_column(col, justify="left" if col in ("shape", "source") else "right", no_wrap=col == "shape")
-    chosen = (report.get("chosen") or {}).get("name")
-    for r in report["candidates"]:
-        m = r["measurement"] or {}
-        if not m and r["fits"] is None:
-            continue
-        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
-                 _num(m["file_bytes"] / MB if m else None), _num(m.get("rss_mb")), m.get("source", "-"),
-                 {True: "yes", False: "no", None: "-"}[r["fits"]]]
-        table.add_row(*cells, style="bold green" if r["name"] == chosen else None)
-    return table
-
-
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
@@ -795,17 +766,14 @@ def _num(x: float | None) -> str:
 def plot_plan(report: Mapping[str, Any], path: Path) -> Path:
     """PNG of the measured candidates' budgeted figure (latency unless only memory/rss is budgeted) vs
     parameters, with the budget line and the chosen shape marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from homoexport.reporting.report import figure
 
     kinds = [c["kind"] for c in report["constraints"]]
     kind = next((k for k in ("latency", "memory", "rss") if k in kinds), "latency")
     key, scale, label = {"latency": ("p50_ms", 1.0, "p50 latency (ms)"), "memory": ("file_bytes", 1 / MB, "file size (MB)"),
                          "rss": ("rss_mb", 1.0, "session RSS (MB)")}[kind]
     rows = [r for r in report["candidates"] if r["measurement"] and r["measurement"].get(key) is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax,) = figure(1)
     ax.plot([r["params"] / 1e6 for r in rows], [r["measurement"][key] * scale for r in rows], "o", label="measured candidates")
     limit = next((c["limit"] for c in report["constraints"] if c["kind"] == kind), None)
     if limit is not None:
@@ -820,9 +788,7 @@ def plot_plan(report: Mapping[str, Any], path: Path) -> Path:
     ax.set(xlabel="parameters (M)", ylabel=label, title=f"batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, {s['precision']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

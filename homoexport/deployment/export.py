@@ -41,6 +41,7 @@ from homoexport.errors import (
     UsageError,
 )
 from homoexport.machine import cpu_info, fingerprint
+from homoexport.progress import ProgressFn, Tracker
 
 TASKS = ("feature-extraction", "fill-mask", "text-classification")
 OPTIMIZE_LEVELS = ("none", "O1", "O2", "O3")
@@ -498,28 +499,16 @@ def deployed_model_path(export_dir: str | Path) -> Path:
 
 
 class _Steps:
-    """A rich progress bar over the export's named steps (silent when ``enabled`` is False)."""
+    """The export's named steps as progress records (``stage`` "export"): start names a step, done counts it."""
 
-    def __init__(self, total: int, enabled: bool):
-        from rich.console import Console
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("[bold]export[/]"), BarColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=Console(stderr=True), disable=not enabled, transient=False)
-        self.task = self.progress.add_task("", total=total)
-
-    def __enter__(self) -> "_Steps":
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.progress.__exit__(*exc)
+    def __init__(self, total: int, on_progress: ProgressFn | None):
+        self.tracker = Tracker(on_progress, "export", total)
 
     def start(self, description: str) -> None:
-        self.progress.update(self.task, description=description)
+        self.tracker.note(description)
 
     def done(self) -> None:
-        self.progress.advance(self.task)
+        self.tracker.advance()
 
 
 def export_model(
@@ -542,7 +531,7 @@ def export_model(
     validation_texts: Sequence[str] = VALIDATION_TEXTS,
     latency_threads: int | None = None,
     latency_repeats: int = 50,
-    progress: bool = True,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Export ``model_dir`` to ONNX in ``out_dir`` (fp32, optimized, int8), validate, and return the report.
 
@@ -586,7 +575,8 @@ def export_model(
     started = time.perf_counter()
     n_steps = 4 + (optimize != "none") + 2 * (quantize != "none")
 
-    with _Steps(n_steps, progress) as steps, staging_dir(out_dir, overwrite=overwrite) as stage:
+    steps = _Steps(n_steps, on_progress)
+    with staging_dir(out_dir, overwrite=overwrite) as stage:
         work = stage / ".work"
         steps.start("loading model and tokenizer")
         model = load_for_export(model_dir, task)
@@ -795,38 +785,3 @@ def _describe_model(config: Any, model: Any) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "params": int(sum(p.numel() for p in model.parameters())),
     }
-
-
-def report_table(report: dict[str, Any]) -> Any:
-    """A rich Table summarising an export report: per file size, latency and parity, then the checks."""
-    from rich.table import Table
-
-    parity, latency = report["parity"], report["latency_ms"]["by_file"]
-    check = {FP32_FILE: parity.get("onnx_fp32_vs_pytorch"), OPTIMIZED_FILE: parity.get("onnx_optimized_vs_pytorch"), QUANTIZED_FILE: parity.get("int8_vs_fp32")}
-    table = Table(title=f"export {report['model_dir']} -> {report['export_dir']} ({report['task']})")
-    for column in ("file", "MB", f"p50 ms (b1, s{report['latency_ms']['seq']})", "check", "deployed"):
-        table.add_column(column, justify="right" if column not in ("file", "check") else "left")
-    for name, size in report["files"].items():
-        p50 = latency.get(name, {}).get("p50_ms")
-        table.add_row(name, f"{size / 2**20:.1f}", "-" if p50 is None else f"{p50:.2f}", _check_text(check.get(name)), "yes" if name == report["deployed_file"] else "")
-    fusion, quant = report["fusion"], report["quantization"]
-    if "attention_nodes" in fusion:
-        note = "" if fusion["all_layers_fused"] else f" ({fusion['reason']})"
-        table.caption = f"{fusion['level']}: {fusion['attention_nodes']}/{fusion['layers']} layers with fused Attention{note}"
-    if quant.get("mode", "none") != "none":
-        caption = f"int8 {quant['mode']} {quant['schema']} for {quant['target']}, per-channel {quant['per_channel']}, order {quant['order']} ({quant['order_reason']})"
-        kept = quant.get("kept_fp32") or {}
-        if kept.get("nodes"):
-            caption += f"; {len(kept['nodes'])} MatMuls kept fp32 ({', '.join(kept['groups'])})"
-        table.caption = f"{table.caption}\n{caption}" if table.caption else caption
-    return table
-
-
-def _check_text(entry: dict[str, Any] | None) -> str:
-    if not entry:
-        return ""
-    if "cosine_min" in entry:
-        return f"cosine vs fp32 min {entry['cosine_min']:.4f} / mean {entry['cosine_mean']:.4f}"
-    if "agreement" in entry:
-        return f"agreement vs fp32 {entry['agreement']:.1%}, max |diff| {entry['max_abs_diff']:.3g}"
-    return f"max |diff| vs PyTorch {entry['max_abs_diff']:.2e} <= {entry['atol']:g}"

@@ -72,7 +72,7 @@ from homoexport.pruning.mask_groups import (
     tensor_masks,
 )
 from homoexport.pruning.surgery import closed_form_parameters
-from homoexport.reporting.report import TRADEOFF_COLUMNS, plot_tradeoff, tradeoff_rows
+from homoexport.reporting.report import plot_tradeoff
 
 SANDWICH_FILE = "sandwich.json"
 STAGE1_DIR, STAGE2_DIR = "stage1-assistant", "stage2-student"
@@ -484,15 +484,3 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
     }
     atomic_write_json(out / "report.json", report)
     return report
-
-
-def tradeoff_table(selection: dict[str, Any]):
-    """The candidates table as a rich Table (width, parameters, sparsity, quality, score, choice)."""
-    from rich.table import Table
-
-    table = Table(title=f"teacher-assistant candidates (metric {selection['metric']}, λ={selection['lambda']})")
-    for col in TRADEOFF_COLUMNS:
-        table.add_column(col, justify="right")
-    for cells in tradeoff_rows(selection):
-        table.add_row(*cells)
-    return table

@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import itertools
 import json
+import logging
 import os
 import re
 import time
@@ -40,6 +41,8 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFas
 
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HUB_PREFIX = "hub:"
@@ -272,44 +275,31 @@ def pack_blocks(tokens: Iterable[np.ndarray], block_size: int, cls_id: int, sep_
 def _pack_inputs(inputs: list[Source], tokenizer: PreTrainedTokenizerFast, block_size: int,
                  max_blocks: int | None, out: IO[bytes], label: str) -> dict:
     """Stream every input through tokenization and packing into ``out``; return counts."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     n_blocks = n_docs = n_tokens = 0
     start = time.perf_counter()
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"tokenizing {label}", total=len(inputs), stats="")
+    logger.info("tokenizing the %s data (%d inputs)", label, len(inputs))
 
-        def counted_docs() -> Iterator[list[str]]:
-            nonlocal n_docs
-            for inp in inputs:
-                for docs in iter_documents(inp):
-                    n_docs += len(docs)
-                    yield docs
-                progress.advance(task)
+    def counted_docs() -> Iterator[list[str]]:
+        nonlocal n_docs
+        for inp in inputs:
+            for docs in iter_documents(inp):
+                n_docs += len(docs)
+                yield docs
 
-        def counted_tokens() -> Iterator[np.ndarray]:
-            nonlocal n_tokens
-            for ids in _token_stream(counted_docs(), tokenizer):
-                n_tokens += len(ids)
-                progress.update(task, stats=f"{n_docs:,} docs  {n_tokens:,} tokens")
-                yield ids
+    def counted_tokens() -> Iterator[np.ndarray]:
+        nonlocal n_tokens
+        for ids in _token_stream(counted_docs(), tokenizer):
+            n_tokens += len(ids)
+            yield ids
 
-        for blocks in pack_blocks(counted_tokens(), block_size, tokenizer.cls_token_id, tokenizer.sep_token_id):
-            if max_blocks is not None:
-                blocks = blocks[: max_blocks - n_blocks]
-            out.write(blocks.tobytes())
-            n_blocks += len(blocks)
-            if max_blocks is not None and n_blocks >= max_blocks:
-                break
+    for blocks in pack_blocks(counted_tokens(), block_size, tokenizer.cls_token_id, tokenizer.sep_token_id):
+        if max_blocks is not None:
+            blocks = blocks[: max_blocks - n_blocks]
+        out.write(blocks.tobytes())
+        n_blocks += len(blocks)
+        if max_blocks is not None and n_blocks >= max_blocks:
+            break
+    logger.info("%s data: %s documents, %s tokens, %d blocks in %.1f s", label, f"{n_docs:,}", f"{n_tokens:,}", n_blocks, time.perf_counter() - start)
     names = ", ".join(i.location for i in inputs[:3]) + (f" and {len(inputs) - 3} more" if len(inputs) > 3 else "")
     if n_tokens == 0:
         raise DataError(f"the {label} data yields no text: {names}")

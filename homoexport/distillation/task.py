@@ -391,7 +391,7 @@ def _export_and_score(out: Path, data: TaskData, max_length: int) -> dict[str, A
     from homoexport.evaluation.glue import evaluate_onnx
 
     logger.info("exporting the student to %s and scoring the int8 file on dev", out / "export")
-    export = export_model(out / "student", out / "export", task="text-classification", overwrite=True, progress=False)
+    export = export_model(out / "student", out / "export", task="text-classification", overwrite=True)
     result = evaluate_onnx(out / "export" / QUANTIZED_FILE, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
     return {"path": str(out / "export" / QUANTIZED_FILE), "dev_int8": metrics, "latency": result.latency.get(data.task.primary_split),

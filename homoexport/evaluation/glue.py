@@ -15,6 +15,7 @@ Layout of a run directory::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import statistics
@@ -29,16 +30,6 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from datasets import Dataset, DatasetDict
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 from transformers import (
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -68,8 +59,10 @@ from homoexport.evaluation.glue_data import (
     subsample,
 )
 from homoexport.machine import fingerprint, physical_cores
+from homoexport.progress import ProgressFn, Tracker
 
-console = Console(stderr=True)
+logger = logging.getLogger(__name__)
+
 
 REPORT_SCHEMA = "homoexport.glue_report/1"
 SUITE_SCHEMA = "homoexport.glue_suite/1"
@@ -183,7 +176,7 @@ def load_classifier(model_dir: str | os.PathLike, task: GlueTask):
         hf_logging.set_verbosity(verbosity)
     fresh = sorted(set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]})
     if fresh:
-        console.print(f"[dim]new {task.name} head: initialised {', '.join(fresh)} (expected: fine-tuning trains them)[/]")
+        logger.info("new %s head: initialised %s (expected: fine-tuning trains them)", task.name, ", ".join(fresh))
     return model
 
 
@@ -197,34 +190,29 @@ def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
     return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 
 
-class RichProgressCallback(TrainerCallback):
-    """Draws one rich progress bar for a Trainer run (instead of tqdm) and prints each dev evaluation."""
+class ProgressCallback(TrainerCallback):
+    """Reports a Trainer run (instead of tqdm) as progress records: every step with its last logged loss,
+    and each dev evaluation as a message."""
 
-    def __init__(self, description: str, metric: str) -> None:
-        self.description, self.metric = description, metric
+    def __init__(self, stage: str, metric: str, on_progress: ProgressFn | None) -> None:
+        self.stage, self.metric, self.on_progress = stage, metric, on_progress
+        self.loss: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.progress = Progress(
-            TextColumn(self.description), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-        )
-        self.bar = self.progress.add_task(self.description, total=state.max_steps, loss="-")
-        self.progress.start()
+        self.tracker = Tracker(self.on_progress, self.stage, state.max_steps)
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.progress.update(self.bar, completed=state.global_step)
+        self.tracker.advance(**({"loss": self.loss} if self.loss is not None else {}))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
-            self.progress.update(self.bar, loss=f"{logs['loss']:.4f}")
+            self.loss = float(logs["loss"])
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(f"eval_{self.metric}")
         if value is not None:
-            self.progress.console.print(f"  step {state.global_step}: dev {self.metric} {100 * value:.2f}")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.progress.stop()
+            self.tracker.note(f"step {state.global_step}: dev {self.metric} {100 * value:.2f}")
+            logger.info("%s step %d: dev %s %.2f", self.stage, state.global_step, self.metric, 100 * value)
 
 
 class EvaluateAtLastStep(TrainerCallback):
@@ -236,7 +224,8 @@ class EvaluateAtLastStep(TrainerCallback):
         return control
 
 
-def fine_tune(model, tokenizer, task: GlueTask, train: Dataset, dev: Dataset, settings: GlueSettings, seed: int, work_dir: Path) -> tuple[Any, dict[str, Any]]:
+def fine_tune(model, tokenizer, task: GlueTask, train: Dataset, dev: Dataset, settings: GlueSettings, seed: int, work_dir: Path,
+              on_progress: ProgressFn | None = None) -> tuple[Any, dict[str, Any]]:
     """Fine-tune ``model`` with AdamW, linear warm-up/decay and dynamic padding; keep the best dev checkpoint.
 
     ``train``/``dev`` are raw task rows (text_a, text_b, label). Checkpoints go to ``work_dir``; the best
@@ -270,7 +259,7 @@ def fine_tune(model, tokenizer, task: GlueTask, train: Dataset, dev: Dataset, se
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-    callbacks = [RichProgressCallback(f"fine-tune {task.name} seed {seed}", task.primary_metric)]
+    callbacks = [ProgressCallback(f"fine-tune {task.name} seed {seed}", task.primary_metric, on_progress)]
     if settings.eval_steps:
         callbacks.append(EvaluateAtLastStep())
     trainer = Trainer(
@@ -338,19 +327,17 @@ def _evaluate(forward: Callable[[dict[str, np.ndarray]], np.ndarray], tokenizer,
     tokenization and padding are excluded, so the figures compare backends, not tokenizers.
     """
     result = EvalResult(metrics={})
-    with Progress(TextColumn(f"eval {name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True) as progress:
-        for split, ds in dev.items():
-            batches = list(_batches(tokenizer, ds, max_length, batch_size))
-            bar = progress.add_task(split, total=len(batches))
-            forward(batches[0])
-            logits, times = [], []
-            for batch in batches:
-                start = time.perf_counter()
-                logits.append(np.asarray(forward(batch), dtype=np.float32))
-                times.append(time.perf_counter() - start)
-                progress.advance(bar)
-            result.metrics[split] = score(task, predictions(task, np.concatenate(logits)), np.asarray(ds["label"]))
-            result.latency[split] = _latency(times, len(ds), batch_size, threads)
+    for split, ds in dev.items():
+        logger.info("scoring %s on %s (%d examples)", name, split, len(ds))
+        batches = list(_batches(tokenizer, ds, max_length, batch_size))
+        forward(batches[0])
+        logits, times = [], []
+        for batch in batches:
+            start = time.perf_counter()
+            logits.append(np.asarray(forward(batch), dtype=np.float32))
+            times.append(time.perf_counter() - start)
+        result.metrics[split] = score(task, predictions(task, np.concatenate(logits)), np.asarray(ds["label"]))
+        result.latency[split] = _latency(times, len(ds), batch_size, threads)
     return result
 
 
@@ -428,14 +415,16 @@ def _export(model_dir: Path, onnx_dir: Path, settings: GlueSettings, train: Data
 # ------------------------------------------------------------------------------------------ one seed
 
 
-def _run_seed(model_dir: Path, task: GlueTask, data: DatasetDict, settings: GlueSettings, seed: int, seed_dir: Path) -> dict[str, Any]:
+def _run_seed(model_dir: Path, task: GlueTask, data: DatasetDict, settings: GlueSettings, seed: int, seed_dir: Path,
+              on_progress: ProgressFn | None) -> dict[str, Any]:
     """Fine-tune, save, evaluate in PyTorch, export and evaluate the ONNX files, for one seed."""
     set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dev = DatasetDict({split: data[split] for split in task.dev_splits})
     if settings.train:
         model = load_classifier(model_dir, task)
-        model, record = fine_tune(model, tokenizer, task, data["train"], dev[task.primary_split], settings, seed, seed_dir / "checkpoints")
+        model, record = fine_tune(model, tokenizer, task, data["train"], dev[task.primary_split], settings, seed, seed_dir / "checkpoints",
+                                  on_progress)
     else:
         model, record = load_finished_classifier(model_dir, task), {"steps": 0, "train_s": 0.0, "scored_as_given": True}
     model.save_pretrained(seed_dir / "model")
@@ -533,6 +522,7 @@ def run_glue(
     data_dir: str | os.PathLike | None = None,
     hub: bool = False,
     overwrite: bool = False,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_dir`` on ``task`` for every seed, export, score each backend; write and return the report.
 
@@ -560,7 +550,7 @@ def run_glue(
         {split: subsample(ds, settings.max_train_samples if split == "train" else settings.max_eval_samples) for split, ds in data.items()}
     )
     with staging_dir(out_dir, overwrite=overwrite) as stage:
-        runs = [_run_seed(model_dir, spec, data, settings, seed, stage / f"seed-{seed}") for seed in settings.seeds]
+        runs = [_run_seed(model_dir, spec, data, settings, seed, stage / f"seed-{seed}", on_progress) for seed in settings.seeds]
         report = {
             "schema": REPORT_SCHEMA,
             "task": spec.name,
@@ -595,7 +585,7 @@ def _cell(value: float | None, std: float | None) -> str:
     return f"{value:.2f}" if std is None else f"{value:.2f} ± {std:.2f}"
 
 
-def _report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-run table: one row per backend, metrics, delta, latency."""
     results = report["results"]
     multi_split = len({r["split"] for r in results}) > 1
@@ -623,7 +613,7 @@ def _kept_fp32(settings: dict[str, Any]) -> str:
     return f" ({', '.join(kept)} kept fp32)" if kept and settings["export"] else ""
 
 
-def _settings_line(report: dict[str, Any]) -> str:
+def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     n = report["n_examples"]
     return (
@@ -635,17 +625,6 @@ def _settings_line(report: dict[str, Any]) -> str:
     )
 
 
-def report_table(report: dict[str, Any]) -> Table:
-    """The run's rich table (metrics in points, mean ± std over seeds; dev-set forward latency)."""
-    header, rows = _report_rows(report)
-    table = Table(title=f"GLUE {report['task']} (dev)", caption=_settings_line(report))
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
-
-
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
@@ -653,8 +632,8 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def report_markdown(report: dict[str, Any]) -> str:
     """The run's table as markdown, followed by its settings."""
-    header, rows = _report_rows(report)
-    return f"## GLUE {report['task']} (dev)\n\n" + _markdown(header, rows) + f"\n{_settings_line(report)}\n"
+    header, rows = report_rows(report)
+    return f"## GLUE {report['task']} (dev)\n\n" + _markdown(header, rows) + f"\n{settings_line(report)}\n"
 
 
 # --------------------------------------------------------------------------------------------- suite
@@ -680,6 +659,7 @@ def run_glue_suite(
     data_dir: str | os.PathLike | None = None,
     hub: bool = False,
     overwrite: bool = False,
+    on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """``run_glue`` for each task into ``out_dir/<task>/``, then one table in the GLUE paper's column order.
 
@@ -696,8 +676,8 @@ def run_glue_suite(
     with staging_dir(out_dir, overwrite=overwrite) as stage:
         reports = {}
         for spec in specs:
-            console.print(f"[bold]GLUE {spec.name}[/]")
-            reports[spec.name] = run_glue(model_dir, spec.name, stage / spec.name, settings, data_dir, hub)
+            logger.info("GLUE %s", spec.name)
+            reports[spec.name] = run_glue(model_dir, spec.name, stage / spec.name, settings, data_dir, hub, on_progress=on_progress)
         backends = [b for b in BACKENDS if all(b in r["latency"] for r in reports.values())]
         scores = {b: {name: task_score(r["results"], b) for name, r in reports.items()} for b in backends}
         for b in backends:
@@ -728,13 +708,13 @@ def _suite_title(task: GlueTask) -> str:
     return f"{TASK_TITLES[task.name]} ({metrics})"
 
 
-def _suite_rows(suite: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+def suite_rows(suite: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return ["backend", *suite["columns"]], [[BACKEND_TITLES[b], *cells] for b, cells in suite["cells"].items()]
 
 
 def suite_markdown(suite: dict[str, Any]) -> str:
     """The suite table as markdown, with the units and settings."""
-    header, rows = _suite_rows(suite)
+    header, rows = suite_rows(suite)
     s = suite["settings"]
     return (
         f"## GLUE dev: {suite['model_dir']}\n\n" + _markdown(header, rows)
@@ -742,14 +722,3 @@ def suite_markdown(suite: dict[str, Any]) -> str:
         f"batch {s['batch_size']}, max_length {s['max_length']}, max train samples {s['max_train_samples']}, "
         f"max eval samples {s['max_eval_samples']}, quantize {s['quantize'] if s['export'] else 'off'}. Wall {suite['wall_s']:.0f} s.\n"
     )
-
-
-def suite_table(suite: dict[str, Any]) -> Table:
-    """The suite's rich table, columns in the GLUE paper's order."""
-    header, rows = _suite_rows(suite)
-    table = Table(title="GLUE dev", caption=suite["units"])
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table

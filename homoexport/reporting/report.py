@@ -149,10 +149,9 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
-def _figure(ncols: int = 1) -> tuple[Any, Any]:
-    from matplotlib.figure import (
-        Figure,  # lazy: only plotting needs matplotlib; no pyplot, no GUI backend
-    )
+def figure(ncols: int = 1) -> tuple[Any, Any]:
+    """A matplotlib Figure without pyplot: no backend is chosen and no global state of the caller changes."""
+    from matplotlib.figure import Figure  # lazy: only plotting needs matplotlib
 
     fig = Figure(figsize=(6 * ncols, 4.2), layout="constrained")
     return fig, fig.subplots(1, ncols, squeeze=False)[0]
@@ -168,7 +167,7 @@ def plot_latency(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
     written: list[Path] = []
     for model in dict.fromkeys(e["model"] for e in results):
         rows = [e for e in results if e["model"] == model]
-        fig, (ax_seq, ax_batch) = _figure(2)
+        fig, (ax_seq, ax_batch) = figure(2)
         for ax, x_key, line_key in ((ax_seq, "seq", "batch"), (ax_batch, "batch", "seq")):
             for (t, k) in sorted({(e["threads"], e[line_key]) for e in rows}):
                 pts = sorted((e[x_key], e["p50_ms"], e["p90_ms"]) for e in rows if e["threads"] == t and e[line_key] == k)
@@ -186,7 +185,7 @@ def plot_latency(report: Mapping[str, Any], out_dir: str | os.PathLike) -> list[
         written.append(path)
     if results:
         batch, threads = min(e["batch"] for e in results), max(e["threads"] for e in results)
-        fig, (ax,) = _figure(1)
+        fig, (ax,) = figure(1)
         for model in dict.fromkeys(e["model"] for e in results):
             pts = sorted((e["seq"], e["p50_ms"]) for e in results if e["model"] == model and e["batch"] == batch and e["threads"] == threads)
             if pts:
@@ -230,12 +229,7 @@ def tradeoff_markdown(selection: Mapping[str, Any]) -> str:
 
 def plot_tradeoff(selection: dict[str, Any], path: Path) -> Path:
     """Quality vs sparsity of every candidate, the target and the chosen assistant marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, (ax,) = figure(1)
     rows = selection["candidates"]
     cand = [r for r in rows if r["role"] == "candidate"]
     ax.plot([r["sparsity"] for r in cand], [r["quality"] for r in cand], "o-", label="candidates")
@@ -249,11 +243,9 @@ def plot_tradeoff(selection: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("sparsity (1 - params / teacher params)")
     ax.set_ylabel(f"quality ({selection['metric']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
@@ -410,7 +402,7 @@ def _distill(found: list[Found], out_dir: Path) -> tuple[str, list[Path]]:
         if not history:
             text += f"\n_No width history (records of step + hidden/heads/head_dim/ffn) in {f.path.name} or {TRAIN_LOG}._\n"
         else:
-            fig, (ax,) = _figure(1)
+            fig, (ax,) = figure(1)
             for key in WIDTH_FIELDS:
                 first = next((p[key] for p in history if key in p), None)
                 pts = [(p["step"], p[key] / first) for p in history if key in p] if first else []
@@ -496,8 +488,8 @@ def pareto_points(g: Gathered) -> list[dict[str, Any]]:
     return points
 
 
-def _pareto_figure(points: list[dict[str, Any]], out_dir: Path) -> Path:
-    fig, (ax,) = _figure(1)
+def _paretofigure(points: list[dict[str, Any]], out_dir: Path) -> Path:
+    fig, (ax,) = figure(1)
     for p in points:
         ax.scatter(p["p50_ms"], p["score"], color="C0" if p["pareto"] else "C7", zorder=3)
         ax.annotate(p["run"], (p["p50_ms"], p["score"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
@@ -532,7 +524,7 @@ def render_report(g: Gathered, out_dir: Path) -> tuple[str, list[Path]]:
         for p in sorted(points, key=lambda p: p["p50_ms"]):
             at = f"b={p['batch']} s={p['seq']} t={p['threads']}"
             lines.append(f"| {p['run']} | {p['model']} | {p['score']:.2f} | {p['variant']} | {p['p50_ms']:.3f} | {at} | {'yes' if p['pareto'] else ''} |")
-        figs.append(_pareto_figure(points, out_dir))
+        figs.append(_paretofigure(points, out_dir))
         lines += ["", "![accuracy vs latency](pareto.png)", ""]
     for section in SECTIONS:
         found = g.found.get(section.key, [])

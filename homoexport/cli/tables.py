@@ -1,0 +1,103 @@
+"""Rich tables of the library's reports, for the terminal (the library itself draws nothing)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from rich.table import Table
+
+from homoexport.deployment.budget import MB
+from homoexport.deployment.export import FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE
+from homoexport.evaluation.glue import report_rows, settings_line, suite_rows
+from homoexport.reporting.report import TRADEOFF_COLUMNS, tradeoff_rows
+
+
+def glue_table(report: dict[str, Any]) -> Table:
+    """The run's rich table (metrics in points, mean ± std over seeds; dev-set forward latency)."""
+    header, rows = report_rows(report)
+    table = Table(title=f"GLUE {report['task']} (dev)", caption=settings_line(report))
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+
+def glue_suite_table(suite: dict[str, Any]) -> Table:
+    """The suite's rich table, columns in the GLUE paper's order."""
+    header, rows = suite_rows(suite)
+    table = Table(title="GLUE dev", caption=suite["units"])
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def export_table(report: dict[str, Any]) -> Table:
+    """A rich Table summarising an export report: per file size, latency and parity, then the checks."""
+    parity, latency = report["parity"], report["latency_ms"]["by_file"]
+    check = {FP32_FILE: parity.get("onnx_fp32_vs_pytorch"), OPTIMIZED_FILE: parity.get("onnx_optimized_vs_pytorch"), QUANTIZED_FILE: parity.get("int8_vs_fp32")}
+    table = Table(title=f"export {report['model_dir']} -> {report['export_dir']} ({report['task']})")
+    for column in ("file", "MB", f"p50 ms (b1, s{report['latency_ms']['seq']})", "check", "deployed"):
+        table.add_column(column, justify="right" if column not in ("file", "check") else "left")
+    for name, size in report["files"].items():
+        p50 = latency.get(name, {}).get("p50_ms")
+        table.add_row(name, f"{size / 2**20:.1f}", "-" if p50 is None else f"{p50:.2f}", _check_text(check.get(name)), "yes" if name == report["deployed_file"] else "")
+    fusion, quant = report["fusion"], report["quantization"]
+    if "attention_nodes" in fusion:
+        note = "" if fusion["all_layers_fused"] else f" ({fusion['reason']})"
+        table.caption = f"{fusion['level']}: {fusion['attention_nodes']}/{fusion['layers']} layers with fused Attention{note}"
+    if quant.get("mode", "none") != "none":
+        caption = f"int8 {quant['mode']} {quant['schema']} for {quant['target']}, per-channel {quant['per_channel']}, order {quant['order']} ({quant['order_reason']})"
+        kept = quant.get("kept_fp32") or {}
+        if kept.get("nodes"):
+            caption += f"; {len(kept['nodes'])} MatMuls kept fp32 ({', '.join(kept['groups'])})"
+        table.caption = f"{table.caption}\n{caption}" if table.caption else caption
+    return table
+
+
+def _check_text(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return ""
+    if "cosine_min" in entry:
+        return f"cosine vs fp32 min {entry['cosine_min']:.4f} / mean {entry['cosine_mean']:.4f}"
+    if "agreement" in entry:
+        return f"agreement vs fp32 {entry['agreement']:.1%}, max |diff| {entry['max_abs_diff']:.3g}"
+    return f"max |diff| vs PyTorch {entry['max_abs_diff']:.2e} <= {entry['atol']:g}"
+
+
+def plan_table(report: Mapping[str, Any]) -> Table:
+    """A rich table of the candidates: shape, params, measured figures, fit; the chosen row in bold."""
+    s = report["settings"]
+    title = (f"plan for {report['budget']} ({report['statistic']}, batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, "
+             f"{s['precision']}, margin {report['margin']:.0%})")
+    table = Table(title=title)
+    for col in ("shape", "params", "p50 ms", "p90 ms", "file MB", "rss MB", "source", "fits"):
+        table.add_column(col, justify="left" if col in ("shape", "source") else "right", no_wrap=col == "shape")
+    chosen = (report.get("chosen") or {}).get("name")
+    for r in report["candidates"]:
+        m = r["measurement"] or {}
+        if not m and r["fits"] is None:
+            continue
+        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
+                 _num(m["file_bytes"] / MB if m else None), _num(m.get("rss_mb")), m.get("source", "-"),
+                 {True: "yes", False: "no", None: "-"}[r["fits"]]]
+        table.add_row(*cells, style="bold green" if r["name"] == chosen else None)
+    return table
+
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def tradeoff_table(selection: dict[str, Any]) -> Table:
+    """The candidates table as a rich Table (width, parameters, sparsity, quality, score, choice)."""
+    table = Table(title=f"teacher-assistant candidates (metric {selection['metric']}, λ={selection['lambda']})")
+    for col in TRADEOFF_COLUMNS:
+        table.add_column(col, justify="right")
+    for cells in tradeoff_rows(selection):
+        table.add_row(*cells)
+    return table
