@@ -170,13 +170,21 @@ def test_sandwich_is_deterministic_so_a_kill_inside_it_redoes_it_identically(tea
     assert all(c["score"] == pytest.approx(c["quality"] + r.assistant.lambda_ * c["sparsity"]) for c in a["candidates"])
 
 
+class Killed(Exception):
+    """Stands for a kill -9 after a step."""
+
+
 def _killing(stage_dir: str, after: int):
-    """trainer.distill, but the run into ``stage_dir`` dies after ``after`` steps."""
+    """trainer.distill, but the run into ``stage_dir`` dies after ``after`` steps (its checkpoint, if due, written)."""
     real = trainer.distill
+
+    def kill(record):
+        if record["step"] >= after:
+            raise Killed(record["step"])
 
     def distill(recipe, out_dir=None, **kw):
         if Path(out_dir).name == stage_dir and not kw.get("resume"):
-            kw["stop_after"] = after
+            kw["on_log"] = kill
         return real(recipe, out_dir=out_dir, **kw)
 
     return distill
@@ -186,7 +194,7 @@ def _killing(stage_dir: str, after: int):
 def test_two_stage_run_reaches_target_and_resumes_after_a_kill(teacher, corpus, tmp_path, monkeypatch, killed_stage):
     r = validate_recipe(recipe_dict(teacher, corpus, tmp_path / "run"))
     monkeypatch.setattr(trainer, "distill", _killing(killed_stage, 3))
-    with pytest.raises(trainer._Stopped):
+    with pytest.raises(Killed):
         distill_with_assistant(r)
     assert (tmp_path / "run" / assistant.SANDWICH_FILE).is_file() and not (tmp_path / "run" / "student").exists()
     assert (tmp_path / "run" / assistant.STAGE1_DIR / "report.json").is_file() == (killed_stage == assistant.STAGE2_DIR)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from homoexport.cli import app
 from homoexport.config.recipe import validate_recipe
-from homoexport.distillation.trainer import _Stopped, distill
+from homoexport.distillation.trainer import distill
 from homoexport.pruning.mask_groups import MaskedModel
 
 
@@ -94,12 +94,24 @@ def test_loss_decreases_at_fixed_width(teachers, corpus, tmp_path):
     assert all(r["widths"]["hidden"] == 32 for r in records)
 
 
+class Killed(Exception):
+    """Stands for a kill -9 after a step (its checkpoint, if due, already written)."""
+
+
+def kill_after(step: int):
+    def on_log(record):
+        if record["step"] >= step:
+            raise Killed(record["step"])
+
+    return on_log
+
+
 def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, tmp_path):
     base = recipe_dict(teachers["mlm"], corpus, tmp_path / "full", training={"steps": 16, "batch_size": 8, "log_every": 1, "checkpoint_every": 4})
     distill(validate_recipe(base))
     killed = dict(base, output=str(tmp_path / "killed"))
-    with pytest.raises(_Stopped):
-        distill(validate_recipe(killed), stop_after=10)  # "dies" after step 10; last checkpoint at 8
+    with pytest.raises(Killed):
+        distill(validate_recipe(killed), on_log=kill_after(10))  # "dies" after step 10; last checkpoint at 8
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")) == ["step-00000008.pt"]  # only the newest is kept
     assert not (tmp_path / "killed" / "student").exists()
     report = distill(validate_recipe(killed), resume=True)
@@ -130,18 +142,18 @@ def test_finished_run_drops_checkpoints_and_resume_says_finished(teachers, corpu
 def test_overwrite_replaces_the_old_run_so_resume_cannot_pick_up_stale_checkpoints(teachers, corpus, tmp_path):
     long = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 12, "batch_size": 8, "checkpoint_every": 4})
     distill(validate_recipe(long))
-    short = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4})
-    with pytest.raises(_Stopped):
-        distill(validate_recipe(short), overwrite=True, stop_after=5)
+    short = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4, "log_every": 1})
+    with pytest.raises(Killed):
+        distill(validate_recipe(short), overwrite=True, on_log=kill_after(5))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000004.pt"]
     assert not (tmp_path / "run" / "report.json").exists() and not (tmp_path / "run" / "student").exists()
     assert distill(validate_recipe(short), resume=True)["resumed_from_step"] == 4
 
 
 def test_resume_refuses_a_changed_recipe(teachers, corpus, tmp_path):
-    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4})
-    with pytest.raises(_Stopped):
-        distill(validate_recipe(r), stop_after=5)
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4, "log_every": 1})
+    with pytest.raises(Killed):
+        distill(validate_recipe(r), on_log=kill_after(5))
     changed = dict(r, optimizer={"lr": 5e-3, "warmup": 0})
     with pytest.raises(ValueError, match=r"recipe changed.*optimizer\.lr"):
         distill(validate_recipe(changed), resume=True)

@@ -29,6 +29,15 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import LossSpec, Recipe, steps_of
+from homoexport.distillation.checkpoint import (
+    check_same_recipe,
+    finished_report,
+    resolved_header,
+    resumable_fields,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
 from homoexport.distillation.models import ModelLoadError, is_sequence_classifier, load_tokenizer
 from homoexport.distillation.task_data import (
@@ -211,31 +220,17 @@ def to_dense(run: TaskRun, recipe: Recipe, total: int) -> None:
     logger.info("continuing on the dense student %s from step %d", run.pruner.widths(), run.step)
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
 def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
-    from homoexport.distillation.trainer import resumable_fields, save_checkpoint
-
     state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
              "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
-             "curve": run.curve, "rng": _rng_state()}
+             "curve": run.curve, "rng": rng_state()}
     save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
     for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
         stale.unlink()
 
 
 def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> None:
-    from homoexport.distillation.trainer import check_same_recipe
-
     state = torch.load(path, map_location="cpu", weights_only=False)
     check_same_recipe(state["recipe"], recipe, path)
     if run.pruner is not None:
@@ -247,7 +242,7 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> No
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.curve = state["step"], state["curve"]
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
 
 
 def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -267,8 +262,6 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     if overwrite and out.exists():
         shutil.rmtree(out)
     if resume:
-        from homoexport.distillation.trainer import finished_report
-
         finished = finished_report(out, recipe)
         if finished is not None:
             logger.info("%s already finished: nothing to do (use --overwrite to train it again)", out)
@@ -318,8 +311,6 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     else:  # records after the checkpoint are about to be redone
         kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= run.step] if log_path.exists() else []
         atomic_write_text(log_path, "".join(line + "\n" for line in kept))
-    from homoexport.distillation.trainer import resolved_header
-
     atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
 
     teacher_dev = evaluate(teacher, dev, data.task)

@@ -12,21 +12,28 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
+from homoexport.distillation.checkpoint import (
+    check_same_recipe,
+    finished_report,
+    latest_checkpoint,
+    resolved_header,
+    resumable_fields,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import build_student, encode, load_model, load_tokenizer
@@ -104,38 +111,6 @@ def recipe_target(recipe: Recipe, full: Widths) -> Widths:
     return target_widths(full, recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(directory: Path) -> Path | None:
-    """The newest complete checkpoint file in ``directory`` (partial writes never have the final name)."""
-    found = sorted(directory.glob("step-*.pt"))
-    return found[-1] if found else None
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save to a temporary name, fsync, then rename: a kill leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 @dataclass
 class RunPaths:
     out: Path
@@ -195,14 +170,13 @@ def distill(
     resume: bool = False,
     overwrite: bool = False,
     plan: dict | None = None,
-    stop_after: int | None = None,
     on_log: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Run a recipe end to end; returns the report (also written to ``out_dir/report.json``).
 
-    ``stop_after`` ends the process after that many steps as if killed (after the step's checkpoint, if
-    any), for resume tests. The student appears in ``out_dir/student`` only once it passed the parity
-    check, via a staging directory.
+    ``on_log`` receives every logged record (``step``, ``total``, loss terms, widths, evaluation) after
+    that step's checkpoint, if any, was written. The student appears in ``out_dir/student`` only once it
+    passed the parity check, via a staging directory.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
@@ -292,7 +266,7 @@ def distill(
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if pruner is not None:
             pruner.load_state_dict({"masks": state["masks"], "importance": state["importance"]})
-        _set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
         _score_and_prune_once(module, unwrapped, teacher, batcher, pruner, recipe, n_micro, world, rank, accelerator, t_rel)
@@ -346,28 +320,18 @@ def distill(
         ev = recipe.training.eval_every
         if ev and done % ev == 0 and done < total and is_main:
             record.update(_evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
+        ce = recipe.training.checkpoint_every
+        if (ce and done % ce == 0) or done == total:
+            _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
         if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
             with open(out.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if on_log:
                 on_log(record)
-        ce = recipe.training.checkpoint_every
-        if (ce and done % ce == 0) or done == total:
-            _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
-        if stop_after is not None and done >= stop_after and done < total:
-            raise _Stopped(done)
 
     wall = time.time() - started
     return _finish(recipe, out, accelerator, unwrapped, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps, t_rel, has_mlm,
                    last_terms, wall, start, total, tokens_per_step, plan)
-
-
-class _Stopped(Exception):
-    """Raised by ``stop_after`` to simulate a kill in tests."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped after step {step}")
-        self.step = step
 
 
 def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
@@ -378,42 +342,6 @@ def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
     gathered = accelerator.gather(flat).view(accelerator.num_processes, -1)
     if not (gathered == gathered[0]).all():
         raise RuntimeError("data-parallel ranks chose different units to prune: importance scores diverged")
-
-
-def resumable_fields(recipe: Recipe) -> dict[str, Any]:
-    """What must not change between a checkpoint and its resume (everything but the output location)."""
-    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints"}})
-
-
-def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
-    """Refuse to resume under a different recipe: the result would be neither run."""
-    current = resumable_fields(recipe)
-    if saved != current:
-        diff = sorted(_differing_keys(saved, current))
-        raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
-                         "restore those values or start over with --overwrite")
-
-
-def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
-    """The report of a run in ``run_dir`` that already finished under this same recipe, else None.
-
-    A finished run under another recipe is an error: resuming it would be neither run.
-    """
-    report, resolved = run_dir / "report.json", run_dir / "recipe.resolved.yaml"
-    if not (report.is_file() and (run_dir / "student").is_dir() and resolved.is_file()):
-        return None
-    import yaml
-
-    from homoexport.config.recipe import validate_recipe
-
-    check_same_recipe(resumable_fields(validate_recipe(yaml.safe_load(resolved.read_text()))), recipe, resolved)
-    return json.loads(report.read_text())
-
-
-def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [k for key in a.keys() | b.keys() for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
@@ -429,11 +357,11 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped
                 pruner: HomoDistilPruner | None) -> None:
     """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
     importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
-    rngs = [_rng_state()]
+    rngs = [rng_state()]
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
-        rngs = gather_object([_rng_state()])
+        rngs = gather_object([rng_state()])
     if accelerator.is_main_process:
         state = {"step": step, "recipe": resumable_fields(recipe), "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
@@ -464,13 +392,6 @@ def pruner_settings(recipe: Recipe, total: int) -> PrunerSettings:
     return PrunerSettings(total_steps=total, schedule="one_shot" if p.schedule == "one_shot" else "homotopic", importance=p.importance,
                           beta1=p.beta1, beta2=p.beta2, t_i=steps_of(p.t_i, total), t_f=steps_of(p.t_f, total),
                           interval=p.interval, multiple=p.multiple)
-
-
-def resolved_header() -> str:
-    fp = fingerprint()
-    versions = ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v)
-    return (f"# Resolved by homoexport {__version__}; loadable as a recipe.\n# versions: {versions}\n"
-            f"# machine: {fp['cpu_model']} ({fp['arch']}, {fp['physical_cores']} cores, isa {' '.join(fp['isa'])}), id {fp['id']}\n")
 
 
 def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps,

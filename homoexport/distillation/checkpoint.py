@@ -1,0 +1,94 @@
+"""Checkpoints and resume, shared by every training loop: atomic saves, RNG state, and the rule that a
+run resumes only under the recipe it was started with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from homoexport import __version__
+from homoexport.config.recipe import Recipe
+from homoexport.errors import UsageError
+from homoexport.machine import fingerprint
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    """The newest complete checkpoint file in ``directory`` (partial writes never have the final name)."""
+    found = sorted(directory.glob("step-*.pt"))
+    return found[-1] if found else None
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """torch.save to a temporary name, fsync, then rename: a kill leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def resumable_fields(recipe: Recipe) -> dict[str, Any]:
+    """What must not change between a checkpoint and its resume (everything but the output location)."""
+    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints"}})
+
+
+def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
+    """Refuse to resume under a different recipe: the result would be neither run."""
+    current = resumable_fields(recipe)
+    if saved != current:
+        diff = sorted(_differing_keys(saved, current))
+        raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
+                         "restore those values or start over with --overwrite")
+
+
+def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The report of a run in ``run_dir`` that already finished under this same recipe, else None.
+
+    A finished run under another recipe is an error: resuming it would be neither run.
+    """
+    report, resolved = run_dir / "report.json", run_dir / "recipe.resolved.yaml"
+    if not (report.is_file() and (run_dir / "student").is_dir() and resolved.is_file()):
+        return None
+    import yaml
+
+    from homoexport.config.recipe import validate_recipe
+
+    check_same_recipe(resumable_fields(validate_recipe(yaml.safe_load(resolved.read_text()))), recipe, resolved)
+    return json.loads(report.read_text())
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in a.keys() | b.keys() for k in _differing_keys(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def resolved_header() -> str:
+    fp = fingerprint()
+    versions = ", ".join(f"{k} {v}" for k, v in fp["versions"].items() if v)
+    return (f"# Resolved by homoexport {__version__}; loadable as a recipe.\n# versions: {versions}\n"
+            f"# machine: {fp['cpu_model']} ({fp['arch']}, {fp['physical_cores']} cores, isa {' '.join(fp['isa'])}), id {fp['id']}\n")
