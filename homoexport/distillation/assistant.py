@@ -48,8 +48,9 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
+from homoexport.deployment.budget import round_to
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.distillation.losses import DistillationLoss
+from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import encode, load_model, load_tokenizer
 from homoexport.distillation.trainer import (
     DistillModule,
@@ -82,14 +83,10 @@ PLOT_FILE = "assistant_tradeoff.png"
 # --- widths -----------------------------------------------------------------------------------------
 
 
-def _round_to(value: float, multiple: int) -> int:
-    return int(round(value / multiple)) * multiple if multiple > 1 else int(round(value))
-
-
 def _ffn_between(full: Widths, target: Widths, hidden: int, multiple: int) -> int:
     """FFN size at the same relative position between target and teacher as ``hidden``."""
     r = (hidden - target.hidden) / (full.hidden - target.hidden) if full.hidden != target.hidden else 0.0
-    return min(full.ffn, max(target.ffn, _round_to(target.ffn + (full.ffn - target.ffn) * r, multiple)))
+    return min(full.ffn, max(target.ffn, round_to(target.ffn + (full.ffn - target.ffn) * r, multiple)))
 
 
 def check_assistant(widths: Widths, full: Widths, target: Widths) -> None:
@@ -260,10 +257,7 @@ def _quality(metric: str, encoder: EncodeModule, overrides: dict[str, torch.Tens
         return -float(torch.nn.functional.cross_entropy(out.mlm_logits.float(), batch["mlm_labels"][positions]))
     inputs, _ = student_inputs(batch, False)
     s_last = projection(masked_call(encoder, overrides, inputs).hidden[-1])  # [B, T, H_teacher]
-    t_last = encode(teacher, inputs).hidden[-1]
-    mask = inputs["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
-    s_pool, t_pool = (s_last * mask).sum(1) / mask.sum(1), (t_last * mask).sum(1) / mask.sum(1)
-    return float(torch.nn.functional.cosine_similarity(s_pool.float(), t_pool.float(), dim=-1).mean())
+    return float(pooled_cosine(s_last, encode(teacher, inputs).hidden[-1], inputs["attention_mask"]))
 
 
 def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:

@@ -70,6 +70,14 @@ def _identity_projection(student_width: int, teacher_width: int) -> nn.Linear:
     return proj
 
 
+def pooled_cosine(student_last: torch.Tensor, teacher_last: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cosine between the mean-pooled (over valid tokens) last hidden states [B, T, H] of student and teacher."""
+    mask = token_mask.unsqueeze(-1).float()  # [B, T, 1]
+    s = (student_last * mask).sum(1) / mask.sum(1)
+    t = (teacher_last * mask).sum(1) / mask.sum(1)
+    return F.cosine_similarity(s.float(), t.float(), dim=-1).mean()
+
+
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over valid tokens only: [B, T, H] pairs, ``token_mask`` [B, T] of 0/1."""
     err = (student - teacher).pow(2).mean(-1)  # [B, T]

@@ -35,7 +35,7 @@ from homoexport.distillation.checkpoint import (
     set_rng_state,
 )
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.distillation.losses import DistillationLoss
+from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import build_student, encode, load_model, load_tokenizer
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.machine import fingerprint
@@ -151,11 +151,7 @@ def _evaluate(module: DistillModule, teacher: nn.Module, batcher: BlockBatcher |
             if positions is not None and s_out.mlm_logits is not None:
                 correct += int((s_out.mlm_logits.argmax(-1) == labels).sum())
                 total += int(positions.sum())
-            mask = inputs["attention_mask"].unsqueeze(-1).float()  # [B, T, 1]
-            s_last = loss_fn.hidden_proj[-1](s_out.hidden[-1])
-            s_pool = (s_last * mask).sum(1) / mask.sum(1)
-            t_pool = (t_out.hidden[-1] * mask).sum(1) / mask.sum(1)
-            cos = torch.nn.functional.cosine_similarity(s_pool.float(), t_pool.float(), dim=-1).mean()
+            cos = pooled_cosine(loss_fn.hidden_proj[-1](s_out.hidden[-1]), t_out.hidden[-1], inputs["attention_mask"])
             sums["cosine_to_teacher"] = sums.get("cosine_to_teacher", 0.0) + float(cos)
     student.train(was_training)
     out = {f"eval_{k}": v / steps for k, v in sums.items()}

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from datasets import Dataset, DatasetDict
 from transformers import (
@@ -44,6 +43,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
+from homoexport.deployment.bench import load_session, percentiles
 from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
 from homoexport.deployment.export import REPORT_FILE as EXPORT_REPORT_FILE
 from homoexport.errors import InputNotFoundError, UsageError
@@ -307,14 +307,15 @@ def _batches(tokenizer, ds: Dataset, max_length: int, batch_size: int) -> Iterat
 
 def _latency(times_s: Sequence[float], n_samples: int, batch_size: int, threads: int) -> dict[str, float]:
     ms = np.asarray(times_s) * 1e3
+    stats = percentiles(ms)  # the same statistics as `homoexport bench`
     return {
         "n_samples": n_samples,
         "batch_size": batch_size,
         "threads": threads,
         "n_batches": len(ms),
-        "mean_batch_ms": float(ms.mean()),
-        "p50_batch_ms": float(np.percentile(ms, 50)),
-        "p90_batch_ms": float(np.percentile(ms, 90)),
+        "mean_batch_ms": stats["mean"],
+        "p50_batch_ms": stats["p50"],
+        "p90_batch_ms": stats["p90"],
         "forward_total_s": float(ms.sum() / 1e3),
         "throughput_samples_per_s": float(n_samples / (ms.sum() / 1e3)),
     }
@@ -375,10 +376,7 @@ def evaluate_onnx(onnx_path: str | os.PathLike, task: GlueTask, dev: DatasetDict
         raise InputNotFoundError(f"ONNX file not found: {onnx_path}")
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or onnx_path.parent)
     threads = threads or physical_cores()
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    session = load_session(onnx_path, threads)  # the session options `homoexport bench` times with
     inputs = [i.name for i in session.get_inputs()]
     output = session.get_outputs()[0].name
 
