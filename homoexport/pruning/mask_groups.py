@@ -13,8 +13,8 @@ A BERT-class encoder has three kinds of prunable width:
 The *masked student* is the unpruned model with pruned slices held at exactly zero and every LayerNorm
 over the hidden stream replaced by :class:`MaskedLayerNorm`, which normalises over the kept dims only.
 With that, the masked student and its materialised copy (``homoexport.pruning.surgery``) compute the same
-function. Architectures are described by a small table of name patterns (:data:`BERT_RULES`), only BERT's table
-exists today; another model_type fails on load, naming the supported ones.
+function. Architectures are tables of name patterns registered in :data:`ARCHITECTURES` by model_type (BERT's is
+:data:`BERT_RULES`); another model_type fails on load, naming the supported ones.
 """
 
 from __future__ import annotations
@@ -74,7 +74,27 @@ BERT_RULES: list[tuple[str, list[tuple[str, int]]]] = [
 BERT_HIDDEN_LAYER_NORMS = (r"embeddings\.LayerNorm", r"encoder\.layer\.\d+\.attention\.output\.LayerNorm",
                            r"encoder\.layer\.\d+\.output\.LayerNorm", r"cls\.predictions\.transform\.LayerNorm")
 
-SUPPORTED_MODEL_TYPES = ("bert",)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How one model family lays out its prunable tensors: the slice rules, the LayerNorms over the hidden
+    stream and the self-attention modules (name patterns relative to the encoder, ``\\d+`` for a layer)."""
+
+    rules: tuple[tuple[str, tuple[tuple[str, int], ...]], ...]
+    hidden_layer_norms: tuple[str, ...]
+    attention: str  # one group: the layer index
+
+
+# model_type -> its table. Another BERT-layout encoder is supported by registering its table here.
+ARCHITECTURES: dict[str, Architecture] = {
+    "bert": Architecture(
+        rules=tuple((pattern, tuple(spec)) for pattern, spec in BERT_RULES),
+        hidden_layer_norms=BERT_HIDDEN_LAYER_NORMS,
+        attention=r"encoder\.layer\.(\d+)\.attention\.self",
+    ),
+}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 
 
 @dataclass
@@ -95,9 +115,9 @@ class Layout:
         return {HIDDEN: self.hidden, ATTN: self.num_heads * self.head_dim, FFN: self.ffn}[group]
 
 
-def _compile_rules(prefix: str) -> list[tuple[re.Pattern, list[tuple[str, int]]]]:
+def _compile_rules(arch: Architecture, prefix: str) -> list[tuple[re.Pattern, tuple[tuple[str, int], ...]]]:
     compiled = []
-    for pattern, spec in BERT_RULES:
+    for pattern, spec in arch.rules:
         body = pattern.replace("{L}", r"(?P<layer>\d+)")
         # Encoder tensors may sit under the base-model prefix ("bert."); head tensors never do.
         compiled.append((re.compile(rf"^(?:{re.escape(prefix)}\.)?{body}$"), spec))
@@ -113,8 +133,9 @@ def build_layout(model: nn.Module) -> Layout:
     config = model.config
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UsageError(f"model_type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    prefix = getattr(model, "base_model_prefix", "bert")
-    rules = _compile_rules(prefix)
+    arch = ARCHITECTURES[config.model_type]
+    prefix = getattr(model, "base_model_prefix", config.model_type)
+    rules = _compile_rules(arch, prefix)
     slices: dict[str, list[TensorSlice]] = {}
     unknown = []
     param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -132,9 +153,9 @@ def build_layout(model: nn.Module) -> Layout:
         raise UsageError(f"do not know how to prune these parameters of {type(model).__name__}: {unknown[:5]}")
 
     modules = dict(model.named_modules())
-    ln_patterns = [re.compile(rf"^(?:{re.escape(prefix)}\.)?{p}$") for p in BERT_HIDDEN_LAYER_NORMS]
+    ln_patterns = [re.compile(rf"^(?:{re.escape(prefix)}\.)?{p}$") for p in arch.hidden_layer_norms]
     layer_norms = [n for n in modules if any(p.match(n) for p in ln_patterns)]
-    attn_pattern = re.compile(rf"^(?:{re.escape(prefix)}\.)?encoder\.layer\.(\d+)\.attention\.self$")
+    attn_pattern = re.compile(rf"^(?:{re.escape(prefix)}\.)?{arch.attention}$")
     attention = sorted((n for n in modules if attn_pattern.match(n)), key=lambda n: int(attn_pattern.match(n).group(1)))
     first = modules[attention[0]]
     return Layout(
