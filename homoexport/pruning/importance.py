@@ -59,7 +59,8 @@ class ImportanceTracker:
                 self.mean[n] = torch.zeros_like(self.params[n], dtype=torch.float32)
                 self.uncertainty[n] = torch.zeros_like(self.params[n], dtype=torch.float32)
         params = [self.params[n].detach() for n in names]
-        s = torch._foreach_mul(params, [p.grad.detach() for p in (self.params[n] for n in names)])  # s = θ · ∂L/∂θ
+        grads = [g.detach() for g in (self.params[n].grad for n in names) if g is not None]  # names kept only params with a grad
+        s = list(torch._foreach_mul(params, grads))  # s = θ · ∂L/∂θ
         torch._foreach_abs_(s)
         s = [t.float() for t in s]
         mean = [self.mean[n] for n in names]

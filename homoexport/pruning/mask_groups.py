@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,7 +131,7 @@ def build_layout(model: nn.Module) -> Layout:
     Failing loudly matters: a parameter the layout does not know would silently keep its full width
     and break materialisation (or, worse, be sliced wrongly).
     """
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig (nn.Module's typing cannot say so)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise UsageError(f"model_type {config.model_type!r} is not supported yet; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     arch = ARCHITECTURES[config.model_type]
@@ -156,7 +157,8 @@ def build_layout(model: nn.Module) -> Layout:
     ln_patterns = [re.compile(rf"^(?:{re.escape(prefix)}\.)?{p}$") for p in arch.hidden_layer_norms]
     layer_norms = [n for n in modules if any(p.match(n) for p in ln_patterns)]
     attn_pattern = re.compile(rf"^(?:{re.escape(prefix)}\.)?{arch.attention}$")
-    attention = sorted((n for n in modules if attn_pattern.match(n)), key=lambda n: int(attn_pattern.match(n).group(1)))
+    layer_of = {n: int(m.group(1)) for n in modules if (m := attn_pattern.match(n))}
+    attention = sorted(layer_of, key=layer_of.__getitem__)
     first = modules[attention[0]]
     return Layout(
         num_layers=config.num_hidden_layers,
@@ -245,6 +247,7 @@ class Masks:
     def unit_mask(self, group: str, layer: int | None) -> torch.Tensor:
         if group == HIDDEN:
             return self.hidden
+        assert layer is not None, f"group {group} masks are per layer"
         return self.attn(layer) if group == ATTN else self.ffn[layer]
 
     def widths(self) -> Widths:
@@ -370,7 +373,9 @@ class MaskedModel:
         self._tensor_masks = tensor_masks(self.layout, masks)
         self._pruned = None
         for name in self.layout.layer_norms:
-            _get_module(self.model, name).set_keep(masks.hidden)
+            ln = _get_module(self.model, name)
+            assert isinstance(ln, MaskedLayerNorm)
+            ln.set_keep(masks.hidden)
         self.apply()
 
     @torch.no_grad()
@@ -424,7 +429,7 @@ def prepare(model: nn.Module, masks: Masks | None = None) -> MaskedModel:
     full = Masks.full(layout)
     for name in layout.layer_norms:
         ln = _get_module(model, name)
-        if not isinstance(ln, MaskedLayerNorm):
+        if isinstance(ln, nn.LayerNorm):
             _set_module(model, name, MaskedLayerNorm(ln, full.hidden))
     mm = MaskedModel(model, layout, full)
     if masks is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -73,8 +74,8 @@ def _resize_attention(model: nn.Module, layout: Layout, widths: Widths) -> None:
     a stock config cannot express; such models live in memory only (parity checks, evaluation).
     """
     for name in layout.attention_modules:
-        self_attn = model.get_submodule(name)
-        output = model.get_submodule(name.rsplit(".", 1)[0] + ".output")
+        self_attn: Any = model.get_submodule(name)
+        output: Any = model.get_submodule(name.rsplit(".", 1)[0] + ".output")
         self_attn.num_attention_heads = widths.heads
         self_attn.attention_head_size = widths.head_dim
         self_attn.all_head_size = widths.attn
@@ -92,7 +93,7 @@ def _instantiate(model: nn.Module, config: PretrainedConfig) -> nn.Module:
     if build_config.hidden_size % build_config.num_attention_heads:
         build_config.num_attention_heads = 1  # placeholder; _resize_attention sets the real head count
     with no_init_weights():
-        new = type(model)(build_config, **kwargs)
+        new: Any = type(model)(build_config, **kwargs)  # type: ignore[call-arg]  # a PreTrainedModel class
     new.config = config
     return new
 
@@ -104,8 +105,9 @@ def materialize(masked: MaskedModel) -> nn.Module:
     :func:`save_student` refuses them.
     """
     widths = masked.masks.widths()
-    config = student_config(masked.model.config, widths)
-    student = _instantiate(masked.model, config)
+    teacher: Any = masked.model
+    config = student_config(teacher.config, widths)
+    student: Any = _instantiate(masked.model, config)
     if not widths.is_stock:
         _resize_attention(student, masked.layout, widths)
     state = sliced_state_dict(masked.model.state_dict(), masked.layout, masked.masks)
@@ -120,11 +122,12 @@ def materialize(masked: MaskedModel) -> nn.Module:
 
 def save_student(student: nn.Module, out_dir: Path, tokenizer=None) -> Path:
     """Write a materialised student with ``save_pretrained`` (plus its tokenizer) to ``out_dir``."""
-    cfg = student.config
-    if cfg.hidden_size % cfg.num_attention_heads or student.get_submodule(_first_attention(student)).all_head_size != cfg.hidden_size:
+    cfg: Any = student.config
+    attention: Any = student.get_submodule(_first_attention(student))
+    if cfg.hidden_size % cfg.num_attention_heads or attention.all_head_size != cfg.hidden_size:
         raise UsageError("only stock shapes (heads * head_dim == hidden) can be saved as a BertConfig model")
     out_dir = Path(out_dir)
-    student.save_pretrained(out_dir, safe_serialization=True)
+    student.save_pretrained(out_dir, safe_serialization=True)  # type: ignore[operator]  # a PreTrainedModel
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
@@ -141,7 +144,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def parameter_report(model: nn.Module, widths: Widths) -> dict:
     """Shape and parameter counts of ``model`` for reports (paper split: embedding / backbone)."""
-    c = model.config
+    c: Any = model.config
     cf = closed_form_parameters(widths, c.num_hidden_layers, c.vocab_size, c.max_position_embeddings, c.type_vocab_size,
                                 pooler=getattr(getattr(model, "base_model", model), "pooler", None) is not None)
     return {"widths": widths.as_dict(), "layers": c.num_hidden_layers, "parameters": count_parameters(model),
