@@ -49,9 +49,9 @@ from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.deployment.budget import round_to
-from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
-from homoexport.distillation.models import encode, load_model, load_tokenizer
+from homoexport.distillation.models import encode
+from homoexport.distillation.setup import build_corpus_setup
 from homoexport.distillation.trainer import (
     DistillModule,
     adamw,
@@ -273,20 +273,13 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed = recipe.training.seed
     torch.manual_seed(seed)
-    teacher, has_mlm = load_model(recipe.teacher, attention="eager" if recipe.losses.attention > 0 else "sdpa")
+    setup = build_corpus_setup(recipe, note=False)
+    teacher, has_mlm, batcher, eval_batcher = setup.teacher, setup.has_mlm, setup.batcher, setup.eval_batcher
     if spec.metric == "mlm" and not has_mlm:
         raise UsageError(f"assistant.metric=mlm needs a teacher with an MLM head; {recipe.teacher} has none (use metric=representation)")
-    teacher.requires_grad_(False).eval().to(device)
-    tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
-    data = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
-                    eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
-    train_blocks, eval_blocks = build_blocks(data, tokenizer)
-    if not len(eval_blocks):
+    if eval_batcher is None:
         raise UsageError("the assistant choice needs held-out blocks: set data.eval or data.eval_blocks > 0")
-    use_mlm = has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0)
-    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=0.15 if use_mlm else None)
-    eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, len(eval_blocks))
-    eval_batcher = BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=0.15 if has_mlm else None, shuffle=False)
+    teacher.to(device)
 
     full = config_widths(teacher.config)
     target = recipe_target(recipe, full)
@@ -343,7 +336,7 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
     rows = [row(w, "candidate") for w in candidates] + [row(target, "target")]
     encoder = EncodeModule(student)
     module.eval()
-    n_eval = min(spec.eval_batches, max(1, len(eval_blocks) // eval_bs))
+    n_eval = min(spec.eval_batches, setup.eval_steps)
     sums = [0.0] * len(rows)
     for step in range(n_eval):
         batch = {k: v.to(device) for k, v in eval_batcher.batch_at(step).items()}

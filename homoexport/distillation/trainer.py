@@ -34,9 +34,10 @@ from homoexport.distillation.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
+from homoexport.distillation.data import BlockBatcher
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
-from homoexport.distillation.models import build_student, encode, load_model, load_tokenizer
+from homoexport.distillation.models import build_student, encode
+from homoexport.distillation.setup import NO_MLM_NOTE, build_corpus_setup
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import (
@@ -57,7 +58,6 @@ from homoexport.pruning.surgery import (
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4
-NO_MLM_NOTE = "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)"
 
 
 class DistillModule(nn.Module):
@@ -198,22 +198,9 @@ def distill(
     set_seed(recipe.training.seed)
 
     # Teacher, tokenizer, data.
-    need_attn = recipe.losses.attention > 0
-    teacher, has_mlm = load_model(recipe.teacher, attention="eager" if need_attn else "sdpa")
-    teacher.requires_grad_(False).eval()
-    tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
-    spec = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
-                    eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
-    with accelerator.main_process_first():
-        train_blocks, eval_blocks = build_blocks(spec, tokenizer)
-    use_mlm = has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0)
-    if not has_mlm and (recipe.losses.mlm > 0 or recipe.losses.kl > 0) and is_main:
-        logger.warning("note: %s", NO_MLM_NOTE)
-    mlm_prob = 0.15 if use_mlm else None
-    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=recipe.training.seed, mlm_probability=mlm_prob)
-    eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
-    eval_batcher = BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=recipe.training.seed + 1, mlm_probability=mlm_prob, shuffle=False) if len(eval_blocks) else None
-    eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
+    setup = build_corpus_setup(recipe, accelerator.main_process_first, note=is_main)
+    teacher, has_mlm, tokenizer = setup.teacher, setup.has_mlm, setup.tokenizer
+    batcher, eval_batcher, eval_steps = setup.batcher, setup.eval_batcher, setup.eval_steps
 
     # Student and schedule.
     c, t = teacher.config, recipe.student

@@ -1,0 +1,57 @@
+"""The recipe -> (teacher, tokenizer, training and held-out batches) setup of task-agnostic runs, shared
+by the trainer and the teacher-assistant sandwich run so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+from homoexport.config.recipe import Recipe
+from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
+from homoexport.distillation.models import load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+NO_MLM_NOTE = "teacher has no MLM head: MLM and KL terms are off (hidden/attention/embedding only)"
+MLM_PROBABILITY = 0.15
+
+
+@dataclass
+class CorpusSetup:
+    """What a task-agnostic run trains from; ``eval_batcher`` is None without held-out blocks."""
+
+    teacher: Any
+    has_mlm: bool
+    use_mlm: bool  # the teacher has an MLM head and the recipe weighs MLM or KL
+    tokenizer: Any
+    batcher: BlockBatcher
+    eval_batcher: BlockBatcher | None
+    eval_steps: int
+
+
+def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = contextlib.nullcontext, note: bool = True) -> CorpusSetup:
+    """Load the teacher (eager attention when attention maps are distilled) and pack the recipe's text.
+
+    ``first`` wraps the packing (accelerate's ``main_process_first``, so one rank fills the cache);
+    ``note`` logs that MLM/KL are off for a teacher without an MLM head.
+    """
+    teacher, has_mlm = load_model(recipe.teacher, attention="eager" if recipe.losses.attention > 0 else "sdpa")
+    teacher.requires_grad_(False).eval()
+    tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
+    spec = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
+                      eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
+    with first():
+        train_blocks, eval_blocks = build_blocks(spec, tokenizer)
+    wants_mlm = recipe.losses.mlm > 0 or recipe.losses.kl > 0
+    use_mlm = has_mlm and wants_mlm
+    if wants_mlm and not has_mlm and note:
+        logger.warning("note: %s", NO_MLM_NOTE)
+    mlm_prob = MLM_PROBABILITY if use_mlm else None
+    seed = recipe.training.seed
+    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob)
+    eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
+    eval_batcher = BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False) if len(eval_blocks) else None
+    eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
+    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps)
