@@ -202,3 +202,41 @@ def test_batches_cover_every_row_once_group_lengths_and_repeat(tmp_path: Path, t
     assert all(torch.equal(fresh.batch_at(s)["input_ids"], batcher.batch_at(s)["input_ids"]) for s in (0, 5, 13, 20))
     padded = sum(batcher.batch_at(s)["input_ids"].numel() for s in range(batcher.steps_per_epoch))
     assert padded < 1.2 * batcher.lengths.sum()  # length grouping: little padding
+
+
+def test_one_run_keeps_a_family_and_an_accuracy_drop_budget_picks_the_narrowest(tmp_path: Path, teacher_dir: Path, task_files):
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56, 48], "task.epochs": 4}))
+    report = distill_task(recipe)
+    family = report["family"]
+    kept = [m for m in family if m["requested_hidden"]]
+    assert kept and all(Path(m["path"], "config.json").is_file() for m in kept)
+    assert [m["widths"]["hidden"] for m in family] == sorted((m["widths"]["hidden"] for m in family), reverse=True)
+    assert family[-1]["path"] == str(tmp_path / "run" / "student") and report["selection"] is None
+    member = AutoModelForSequenceClassification.from_pretrained(kept[0]["path"])
+    assert member.config.hidden_size == kept[0]["widths"]["hidden"] < 64
+    generous = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.family": [56, 48], "task.max_drop": 100.0}))
+    chosen = distill_task(generous)["selection"]
+    assert chosen["met"] and chosen["chosen"] == str(tmp_path / "run2" / "student")  # every member is within 100 points: the narrowest
+
+    from homoexport.distillation.task import select_within_drop
+
+    members = [{"path": "wide", "parameters": 10, "dev": {"accuracy": 90.0}}, {"path": "mid", "parameters": 6, "dev": {"accuracy": 89.5}},
+               {"path": "narrow", "parameters": 3, "dev": {"accuracy": 85.0}}]
+    assert select_within_drop(members, 90.4, "accuracy", 1.0)["chosen"] == "mid"
+    missed = select_within_drop(members, 95.0, "accuracy", 1.0)
+    assert missed["chosen"] is None and not missed["met"] and missed["best_drop"] == pytest.approx(5.0)
+
+
+def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.deployment.budget import BudgetError, plan_for_recipe, split_accuracy_drop
+
+    assert split_accuracy_drop("latency=8ms,accuracy-drop=1") == ("latency=8ms", 1.0)
+    assert split_accuracy_drop("accuracy-drop=0.5") == (None, 0.5)
+    with pytest.raises(BudgetError, match="accuracy-drop takes points"):
+        split_accuracy_drop("accuracy-drop=abc")
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run"))
+    planned, plan = plan_for_recipe(recipe, budget="accuracy-drop=1")
+    assert plan is None and planned.task.max_drop == 1.0 and planned.student.hidden == 32
+    plain = validate_recipe({"teacher": str(teacher_dir), "student": {"hidden": 32}})
+    with pytest.raises(BudgetError, match="needs a task recipe"):
+        plan_for_recipe(plain, budget="accuracy-drop=1")

@@ -136,6 +136,12 @@ def _print_task_report(report: dict) -> None:
     console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
                   f"{report['wall_time_s']:.0f}s; dev {metric}: teacher {t['dev'][metric]:.2f}, student {s['dev'][metric]:.2f}{int8}; "
                   f"wrote {s['path']}", highlight=False)
+    for m in report.get("family", [])[:-1]:
+        console.print(f"  family: {_shape(m)} ({m['parameters']:,} params) dev {metric} {m['dev'][metric]:.2f} -> {m['path']}", highlight=False)
+    sel = report.get("selection")
+    if sel:
+        verdict = f"chose {sel['chosen']}" if sel["met"] else f"missed: the smallest drop is {sel['best_drop']:.2f} points"
+        console.print(f"accuracy-drop <= {sel['max_drop']:g} points of {metric}: {verdict}", highlight=False)
 
 
 def _shape(r: dict) -> str:

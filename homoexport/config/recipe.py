@@ -150,6 +150,10 @@ class TaskSpec(_Strict):
                               "(late steps cost what the small model costs)")
     export: bool = Field(True, description="export the student to OUT/export (optimum ONNX, O2 fusion, dynamic int8 for this "
                          "CPU) and score the int8 file on the dev set with onnxruntime")
+    family: list[int] = Field(default_factory=list, description="hidden sizes at which to keep a student on the way down "
+                              "(OUT/family/...), each scored on dev: one run gives the width-vs-score curve")
+    max_drop: Optional[float] = Field(None, gt=0, description="keep the narrowest student of the family within this many dev "
+                                      "points of the teacher (`--budget accuracy-drop=1`); it is the one exported")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskSpec":

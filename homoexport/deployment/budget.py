@@ -651,6 +651,26 @@ def apply_plan(recipe: Any, plan_report: Mapping[str, Any]) -> Any:
     return validate_recipe(data)
 
 
+def split_accuracy_drop(budget: str | None) -> tuple[str | None, float | None]:
+    """Separate ``accuracy-drop=N`` (points of the primary dev metric) from the measured constraints:
+    ``"latency=8ms,accuracy-drop=1"`` -> ``("latency=8ms", 1.0)``."""
+    if not budget:
+        return budget, None
+    rest, drop = [], None
+    for term in (t.strip() for t in budget.split(",")):
+        kind, _, value = term.partition("=")
+        if kind.strip().lower() != "accuracy-drop":
+            rest.append(term)
+            continue
+        try:
+            drop = float(value.strip().removesuffix("pt").removesuffix("points"))
+        except ValueError:
+            raise BudgetError(f"bad budget {budget!r} (term {term!r}): accuracy-drop takes points, e.g. accuracy-drop=1") from None
+        if drop <= 0:
+            raise BudgetError(f"bad budget {budget!r}: accuracy-drop must be > 0")
+    return (",".join(rest) or None), drop
+
+
 def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | None = None, cache_path: Path | None = None,
                     on_progress: ProgressFn | None = None) -> tuple[Any, dict[str, Any] | None]:
     """The recipe to train and its plan: from ``plan_file`` (a plan.json), else by planning ``budget`` (or
@@ -659,7 +679,16 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
     if plan_file is not None and budget is not None:
         raise BudgetError("give --budget or --plan, not both")
     from_command_line = budget is not None or plan_file is not None
-    budget = budget or recipe.budget
+    budget, drop = split_accuracy_drop(budget or recipe.budget)
+    if drop is not None:
+        if getattr(recipe, "task", None) is None:
+            raise BudgetError("accuracy-drop needs a task recipe (a fine-tuned teacher and its dev set to measure the drop on)")
+        from homoexport.config.recipe import validate_recipe
+
+        data = recipe.model_dump(mode="json", by_alias=True)
+        data["task"]["max_drop"] = drop
+        data["budget"] = budget
+        recipe = validate_recipe(data)
     if plan_file is None and budget is None:
         return recipe, None
     if budget is not None:

@@ -169,6 +169,7 @@ class TaskRun:
     dense: bool = False
     step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
+    family: list[dict[str, Any]] = field(default_factory=list)  # students kept on the way down (task.family)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {**{f"student.{n}": p for n, p in self.student.named_parameters()}, **{f"loss.{n}": p for n, p in self.loss.named_parameters()}}
@@ -224,7 +225,7 @@ def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
     state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
              "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
-             "curve": run.curve, "rng": rng_state()}
+             "curve": run.curve, "family": run.family, "rng": rng_state()}
     save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
     for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
         stale.unlink()
@@ -241,7 +242,7 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> No
     run.loss.load_state_dict(state["loss"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.step, run.curve = state["step"], state["curve"]
+    run.step, run.curve, run.family = state["step"], state["curve"], state["family"]
     set_rng_state(state["rng"])
 
 
@@ -326,8 +327,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         s_out = forward(run.student, batch, need_attn)
         value, terms = run.loss(s_out, t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
         value.backward()
-        if run.pruner is not None and not run.dense:
-            run.pruner.after_backward(step)
+        changed = run.pruner.after_backward(step) if run.pruner is not None and not run.dense else False
         if recipe.optimizer.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(run.named_parameters().values()), recipe.optimizer.max_grad_norm)
         run.optimizer.step()
@@ -335,6 +335,8 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         run.optimizer.zero_grad(set_to_none=True)
         if run.pruner is not None and not run.dense:
             run.pruner.after_optimizer_step()
+            if changed and ts.family:
+                keep_family_member(run, out / "family", dev, data.task, ts.family, step + 1, tokenizer)
             if ts.materialize and run.pruner.reached_target(step):
                 run.step = step + 1
                 to_dense(run, recipe, total)
@@ -359,6 +361,36 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     return _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall)
 
 
+def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: GlueTask, requested: list[int], step: int, tokenizer) -> None:
+    """Keep the current (masked) student as a dense model once it is at or below a requested hidden size.
+
+    The schedule passes through every width, so one run leaves a family of students. A width that a stock
+    config cannot express (heads x head_dim != hidden) waits for the next mask update.
+    """
+    assert run.pruner is not None
+    widths = run.pruner.widths()
+    served = {r for member in run.family for r in member["requested_hidden"]}
+    due = [h for h in requested if h not in served and widths.hidden <= h]
+    if not due or not widths.is_stock or widths == run.pruner.target:
+        return
+    dense = run.pruner.materialize()
+    metrics = evaluate(dense, dev, task)
+    path = directory / f"h{widths.hidden}-a{widths.heads}-f{widths.ffn}"
+    with staging_dir(path, overwrite=True) as tmp:
+        save_student(dense, tmp, tokenizer)
+    run.family.append({"requested_hidden": sorted(due), "step": step, "path": str(path), "dev": metrics,
+                       **parameter_report(dense, widths)})
+    logger.info("kept %s at step %d: dev %s", widths, step, metrics)
+
+
+def select_within_drop(members: list[dict[str, Any]], teacher_dev: float, metric: str, max_drop: float) -> dict[str, Any]:
+    """The narrowest member whose dev score is within ``max_drop`` points of the teacher's (None when none is)."""
+    within = [m for m in members if teacher_dev - m["dev"][metric] <= max_drop]
+    chosen = min(within, key=lambda m: m["parameters"]) if within else None
+    return {"max_drop": max_drop, "metric": metric, "chosen": chosen["path"] if chosen else None,
+            "met": chosen is not None, "best_drop": min(teacher_dev - m["dev"][metric] for m in members)}
+
+
 def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool) -> None:
     """One-shot pruning: importance from ``score_batches`` batches of the objective, then the target at once."""
     assert run.pruner is not None
@@ -374,18 +406,18 @@ def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Re
     run.pruner.prune_to_target()
 
 
-def _export_and_score(out: Path, data: TaskData, max_length: int) -> dict[str, Any]:
-    """Export the saved student as a deployment would (optimum ONNX, O2, dynamic int8) and score the int8 file."""
+def _export_and_score(student: Path, out: Path, data: TaskData, max_length: int) -> dict[str, Any]:
+    """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8) to OUT/export and score the int8 file."""
     from datasets import DatasetDict
 
     from homoexport.deployment.export import QUANTIZED_FILE, export_model
     from homoexport.evaluation.glue import evaluate_onnx
 
     logger.info("exporting the student to %s and scoring the int8 file on dev", out / "export")
-    export = export_model(out / "student", out / "export", task="text-classification", overwrite=True)
+    export = export_model(student, out / "export", task="text-classification", overwrite=True)
     result = evaluate_onnx(out / "export" / QUANTIZED_FILE, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
-    return {"path": str(out / "export" / QUANTIZED_FILE), "dev_int8": metrics, "latency": result.latency.get(data.task.primary_split),
+    return {"student": str(student), "path": str(out / "export" / QUANTIZED_FILE), "dev_int8": metrics, "latency": result.latency.get(data.task.primary_split),
             "int8_build": export.get("quantization", {}).get("order")}
 
 
@@ -406,7 +438,14 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     with staging_dir(out / "student", overwrite=True) as tmp:
         save_student(dense, tmp, tokenizer)
     primary = data.task.primary_metric
-    deployed = _export_and_score(out, data, recipe.task.max_length) if recipe.task.export else None
+    members = [*run.family, {"requested_hidden": [], "step": total, "path": str(out / "student"), "dev": student_dev,
+                             **parameter_report(dense, config_widths(dense.config))}]
+    selection = select_within_drop(members, teacher_dev[primary], primary, recipe.task.max_drop) if recipe.task.max_drop else None
+    if selection is not None and not selection["met"]:
+        logger.warning("no student is within %.2f points of the teacher (best drop %.2f): exporting the final one",
+                       selection["max_drop"], selection["best_drop"])
+    deployed_dir = Path(selection["chosen"]) if selection and selection["met"] else out / "student"
+    deployed = _export_and_score(deployed_dir, out, data, recipe.task.max_length) if recipe.task.export else None
     report = {
         "schema": REPORT_SCHEMA,
         "homoexport_version": __version__,
@@ -419,6 +458,8 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "dev_drop": teacher_dev[primary] - student_dev[primary],
         "deployed": deployed,
         "curve": run.curve,
+        "family": members,
+        "selection": selection,
         "steps": total,
         "epochs": recipe.task.epochs,
         "resumed_from_step": resumed_from or None,
