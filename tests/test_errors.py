@@ -124,3 +124,22 @@ def test_missing_inputs_are_named_before_heavy_imports(tmp_path: Path):
         exit_code, torch_loaded, _ = out.stdout.split()
         assert exit_code == "2" and torch_loaded == "False", (argv, out.stdout, out.stderr)
         assert "error:" in out.stderr and time.time() - started < 60
+
+
+def test_progress_prints_counters_first_as_plain_lines_when_not_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from homoexport.cli.progress import StepProgress
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=40, force_terminal=False)
+    with StepProgress("distill", console) as bar:
+        for step in (10, 20):
+            bar.update({"step": step, "total": 240, "loss": 0.5, "widths": {"hidden": 192, "heads": 6, "head_dim": 32, "ffn": 768}})
+        bar.update({"stage": "plan", "step": 1, "total": None, "message": "measuring h192"})
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].startswith("distill 10/240 elapsed 0:00:00 ETA ") and lines[1].startswith("distill 20/240 elapsed")
+    assert "loss 0.5" in lines[0] and "h192 a6x32 f768" in lines[0]  # the details follow the counters, not the reverse
+    assert lines[2].startswith("plan 1 elapsed") and "measuring h192" in lines[2]

@@ -106,7 +106,7 @@ def kill_after(step: int):
     return on_log
 
 
-def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, tmp_path):
+def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, tmp_path, caplog):
     base = recipe_dict(teachers["mlm"], corpus, tmp_path / "full", training={"steps": 16, "batch_size": 8, "log_every": 1, "checkpoint_every": 4})
     distill(validate_recipe(base))
     killed = dict(base, output=str(tmp_path / "killed"))
@@ -114,8 +114,9 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
         distill(validate_recipe(killed), on_log=kill_after(10))  # "dies" after step 10; last checkpoint at 8
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")) == ["step-00000008.pt"]  # only the newest is kept
     assert not (tmp_path / "killed" / "student").exists()
-    report = distill(validate_recipe(killed), resume=True)
-    assert report["resumed_from_step"] == 8
+    with caplog.at_level("INFO", logger="homoexport"):
+        report = distill(validate_recipe(killed), resume=True)
+    assert report["resumed_from_step"] == 8 and "at step 8 of 16" in caplog.text
     a = load_file(tmp_path / "full" / "student" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "student" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
