@@ -461,6 +461,41 @@ def glue_suite_command(
     console.print(f"wrote {out / 'glue_suite.json'} and {out / 'glue_suite.md'}", highlight=False)
 
 
+# --- sts -------------------------------------------------------------------------------------
+
+
+@app.command("sts")
+def sts_command(
+    model_dir: Path = typer.Argument(..., help="Encoder to score (a distilled student, or any BERT-class model directory)."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Score the teacher too, and pool every model as the teacher declares."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Export directory of MODEL_DIR (`homoexport export --task feature-extraction`): "
+                                         "score its fp32 and int8 ONNX files too."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="GLUE data directory: scores STS-B dev (1,500 pairs)."),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="Your own pairs instead: a TSV with a header naming sentence1, sentence2, score."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON (schema homoexport.sts/1)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every backend (default: all physical cores)."),
+) -> None:
+    """Zero-shot STS, as sentence-embedding users measure it: Spearman x 100 between the gold score and the cosine
+    of the two pooled sentence embeddings (pooling from the model's sentence-transformers files, mean otherwise),
+    no fine-tuning; PyTorch, ONNX fp32 and ONNX int8 beside the teacher."""
+    _check_out(out)
+    _check_model_dir(model_dir)
+    if (data_dir is None) == (pairs is None):
+        fail("give --data-dir (STS-B dev) or --pairs FILE, not both and not neither")
+    from homoexport.evaluation.sts import read_pairs, run_sts, stsb_dev
+
+    _log_to(console)
+    report = run_sts(model_dir, stsb_dev(data_dir) if data_dir else read_pairs(pairs), teacher=teacher, export_dir=onnx, threads=threads)
+    print(f"| model | STS Spearman x 100 ({report['data']}) |\n|---|---:|")
+    for r in report["results"]:
+        print(f"| {r['name']} | {r['spearman']:.2f} |")
+    if out is not None:
+        from homoexport.atomic import atomic_write_json
+
+        atomic_write_json(out, report)
+        console.print(f"wrote {out}", highlight=False)
+
+
 # --- export --------------------------------------------------------------------------------
 
 
