@@ -83,6 +83,17 @@ def test_sts_scores_pytorch_and_onnx_alike(tmp_path: Path):
     assert scores["teacher (PyTorch)"] == pytest.approx(scores["student (PyTorch)"])
     assert scores["student (ONNX fp32)"] == pytest.approx(scores["student (PyTorch)"], abs=0.5)
     assert report["schema"] == "homoexport.sts/1" and report["pooling"]["mode"] == "mean"
+    # the export declares its pooling, as a sentence-transformers folder does
+    assert read_pooling(tmp_path / "onnx").mode == "mean" and (tmp_path / "onnx" / "sentence_bert_config.json").is_file()
+
+
+def test_declared_pooling_round_trips(tmp_path: Path):
+    from homoexport.evaluation.sts import write_pooling
+
+    write_pooling(tmp_path, Pooling("cls", normalize=True), 64, 128)
+    p = read_pooling(tmp_path)
+    assert (p.mode, p.normalize) == ("cls", True)
+    assert json.loads((tmp_path / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 64
 
 
 def test_sts_command(tmp_path: Path):
@@ -101,3 +112,16 @@ def test_teacher_scores_its_published_level_on_stsb_dev(shared_dir: Path):
     teacher = shared_dir / "models" / "all-MiniLM-L6-v2"
     report = run_sts(teacher, stsb_dev(shared_dir / "data" / "glue"))
     assert 85.0 < report["results"][0]["spearman"] < 88.5  # measured 86.7 (mean pooling, no fine-tuning)
+
+
+def test_a_distilled_student_carries_its_teachers_pooling(tmp_path: Path):
+    from homoexport.evaluation.sts import carry_pooling
+
+    teacher = save_model_dir(tmp_path / "t", kind="base")
+    assert not carry_pooling(teacher, tmp_path / "s", 32, 128) and not (tmp_path / "s").exists()
+    write_st_files(teacher, "max", normalize=True)
+    (tmp_path / "s").mkdir()
+    assert carry_pooling(teacher, tmp_path / "s", 32, 128)
+    p = read_pooling(tmp_path / "s")
+    assert (p.mode, p.normalize) == ("max", True)
+    assert json.loads((tmp_path / "s" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 32

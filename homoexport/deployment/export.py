@@ -634,6 +634,10 @@ def export_model(
         shutil.rmtree(work, ignore_errors=True)
         tokenizer.save_pretrained(stage)
         config.save_pretrained(stage)
+        if task == "feature-extraction":  # the export says how its sentence embedding is pooled (sentence-transformers files)
+            from homoexport.evaluation.sts import read_pooling, write_pooling
+
+            write_pooling(stage, read_pooling(model_dir), int(config.hidden_size), max_length)
         latency = {name: measure_latency(stage / name, batch=1, seq=max_length, threads=latency_threads, repeats=latency_repeats).to_dict()
                    for name in (FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE) if (stage / name).is_file()}
         steps.done()

@@ -39,6 +39,7 @@ from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import build_student, encode
 from homoexport.distillation.setup import NO_MLM_NOTE, build_corpus_setup
 from homoexport.errors import OutputExistsError, ParityError, UsageError
+from homoexport.evaluation.sts import carry_pooling
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import (
     MaskedModel,
@@ -400,6 +401,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
         dense = dense.cpu()
         with staging_dir(out.out / "student", overwrite=True) as tmp:
             save_student(dense, tmp, tokenizer)
+            carry_pooling(recipe.teacher, tmp, widths.hidden, recipe.data.block_size)
         active = unwrapped.loss.active_terms
         report = {
             "schema": "homoexport.distill/1",

@@ -68,6 +68,35 @@ def read_pooling(model_dir: str | os.PathLike) -> Pooling:
     return Pooling(chosen[0], normalize, str(config_file))
 
 
+def write_pooling(directory: str | os.PathLike, pooling: Pooling, dimension: int, max_length: int) -> list[Path]:
+    """sentence-transformers module files (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``)
+    declaring ``pooling`` for a model of ``dimension`` hidden units, so the folder says how to pool it."""
+    root = Path(directory)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if pooling.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (root / "1_Pooling").mkdir(parents=True, exist_ok=True)
+    files = [root / "modules.json", root / "1_Pooling" / "config.json", root / "sentence_bert_config.json"]
+    files[0].write_text(json.dumps(modules, indent=2) + "\n")
+    files[1].write_text(json.dumps({"word_embedding_dimension": dimension, "pooling_mode_cls_token": pooling.mode == "cls",
+                                    "pooling_mode_mean_tokens": pooling.mode == "mean", "pooling_mode_max_tokens": pooling.mode == "max",
+                                    "pooling_mode_mean_sqrt_len_tokens": False}, indent=2) + "\n")
+    files[2].write_text(json.dumps({"max_seq_length": max_length, "do_lower_case": False}, indent=2) + "\n")
+    if pooling.normalize:
+        (root / "2_Normalize").mkdir(exist_ok=True)
+    return files
+
+
+def carry_pooling(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, dimension: int, max_length: int) -> bool:
+    """Give a student the pooling its teacher declares (sentence-transformers files at the student's width).
+    Returns False, writing nothing, when the teacher declares none."""
+    if not (Path(teacher_dir) / "modules.json").is_file():
+        return False
+    write_pooling(student_dir, read_pooling(teacher_dir), dimension, max_length)
+    return True
+
+
 def pool(hidden: np.ndarray, attention_mask: np.ndarray, pooling: Pooling) -> np.ndarray:
     """[B, T, H] token states and [B, T] mask -> [B, H] sentence embeddings."""
     mask = attention_mask[..., None].astype(hidden.dtype)
