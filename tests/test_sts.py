@@ -125,3 +125,29 @@ def test_a_distilled_student_carries_its_teachers_pooling(tmp_path: Path):
     p = read_pooling(tmp_path / "s")
     assert (p.mode, p.normalize) == ("max", True)
     assert json.loads((tmp_path / "s" / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"] == 32
+
+
+def test_sentence_embedding_loss_terms():
+    import torch
+
+    from homoexport.config.recipe import LossSpec
+    from homoexport.distillation.losses import DistillationLoss, EncoderOutputs, similarity_mse
+
+    torch.manual_seed(0)
+    mask = torch.ones(4, 6)
+    mask[-1, -2:] = 0
+    teacher = EncoderOutputs(hidden=tuple(torch.randn(4, 6, 16) for _ in range(3)))
+    spec = LossSpec(hidden=0, attention=0, embedding=0, mlm=0, kl=0, sentence=1.0, similarity=1.0)
+    loss = DistillationLoss(spec, 16, 16, 2, 2, has_mlm=False)
+    same, terms = loss(teacher, teacher, mask, None, None)
+    assert set(terms) == {"sentence", "similarity"} and float(same) == pytest.approx(0.0, abs=1e-6)
+    other = EncoderOutputs(hidden=tuple(torch.randn(4, 6, 16) for _ in range(3)))
+    value, terms = loss(other, teacher, mask, None, None)
+    assert float(terms["sentence"]) > 0 and float(terms["similarity"]) > 0
+    padded = teacher.hidden[-1].clone()
+    padded[-1, -2:] = 1e3  # padding never reaches the sentence embedding
+    assert float(loss(EncoderOutputs(hidden=(*teacher.hidden[:-1], padded)), teacher, mask, None, None)[0]) == pytest.approx(0.0, abs=1e-6)
+    # the similarity structure compares embeddings of different widths, and ignores their scale
+    s = torch.randn(5, 8)
+    assert float(similarity_mse(s * 3, s)) == pytest.approx(0.0, abs=1e-6)
+    assert float(similarity_mse(torch.randn(5, 8), torch.randn(5, 32))) > 0

@@ -241,3 +241,15 @@ def test_cli_distill_with_params_budget_plans_then_trains(teachers, corpus, tmp_
     assert report["plan"] is not None
     assert report["student"]["parameters"] <= budget < teacher_params
     assert report["student"]["widths"]["hidden"] < 64
+
+
+def test_sentence_embedding_terms_train_a_base_encoder(teachers, corpus, tmp_path):
+    """A teacher without an MLM head (a sentence encoder) distilled on its pooled embeddings and their similarity structure."""
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "run", losses={"hidden": 0.0, "attention": 0.0, "embedding": 0.0, "sentence": 1.0,
+                                                                          "similarity": 1.0},
+                    training={"steps": 8, "batch_size": 8, "log_every": 1})
+    records = []
+    report = distill(validate_recipe(r), on_log=records.append)
+    assert set(report["active_loss_terms"]) == {"sentence", "similarity"}
+    assert all("loss_sentence" in rec and "loss_similarity" in rec for rec in records)
+    assert report["parity_max_abs_diff"] <= 1e-4

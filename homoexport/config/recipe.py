@@ -56,6 +56,10 @@ class LossSpec(_Strict):
     attention: float = Field(1.0, ge=0)
     embedding: float = Field(1.0, ge=0)
     relation: float = Field(0.0, ge=0, description="MiniLMv2 Q-Q/K-K/V-V relation transfer")
+    sentence: float = Field(0.0, ge=0, description="MSE of the mean-pooled sentence embedding (through the last hidden projection) "
+                            "to the teacher's: what a sentence-embedding model is used for")
+    similarity: float = Field(0.0, ge=0, description="MSE between the in-batch cosine-similarity matrices of student and teacher "
+                              "sentence embeddings (their similarity structure, at any width)")
     relation_heads: int = Field(12, gt=0)
     relation_teacher_layer: int = Field(-1, description="teacher layer for relation transfer (negative counts from the end)")
     layer_mapping: Literal["one_to_one", "uniform", "uniform_consecutive", "uniform_last", "last", "last_k"] = "one_to_one"

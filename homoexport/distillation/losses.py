@@ -70,12 +70,22 @@ def _identity_projection(student_width: int, teacher_width: int) -> nn.Linear:
     return proj
 
 
+def mean_pool(hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] token states -> [B, H] mean over valid tokens (the default sentence-transformers pooling)."""
+    mask = token_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
 def pooled_cosine(student_last: torch.Tensor, teacher_last: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Mean cosine between the mean-pooled (over valid tokens) last hidden states [B, T, H] of student and teacher."""
-    mask = token_mask.unsqueeze(-1).float()  # [B, T, 1]
-    s = (student_last * mask).sum(1) / mask.sum(1)
-    t = (teacher_last * mask).sum(1) / mask.sum(1)
-    return F.cosine_similarity(s.float(), t.float(), dim=-1).mean()
+    return F.cosine_similarity(mean_pool(student_last, token_mask).float(), mean_pool(teacher_last, token_mask).float(), dim=-1).mean()
+
+
+def similarity_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE between the [B, B] cosine-similarity matrices of two sets of sentence embeddings [B, Hs], [B, Ht]."""
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    return F.mse_loss(s @ s.T, t @ t.T)
 
 
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -141,7 +151,8 @@ class DistillationLoss(nn.Module):
     def active_terms(self) -> dict[str, float]:
         """Terms with a non-zero weight that this teacher can provide (no MLM head: no MLM/KL)."""
         w = {"mlm": self.spec.mlm, "kl": self.spec.kl, "hidden": self.spec.hidden, "attention": self.spec.attention,
-             "embedding": self.spec.embedding, "relation": self.spec.relation}
+             "embedding": self.spec.embedding, "relation": self.spec.relation, "sentence": self.spec.sentence,
+             "similarity": self.spec.similarity}
         if not self.has_mlm:
             w["mlm"] = w["kl"] = 0.0
         return {k: v for k, v in w.items() if v > 0}
@@ -178,6 +189,13 @@ class DistillationLoss(nn.Module):
                 heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(t_heads, dtype=torch.bool)
                 per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
             terms["attention"] = torch.stack(per_layer).mean()
+        if "sentence" in active or "similarity" in active:
+            s_sent = mean_pool(student.hidden[-1], token_mask)
+            t_sent = mean_pool(teacher.hidden[-1], token_mask)
+            if "sentence" in active:
+                terms["sentence"] = F.mse_loss(self.hidden_proj[-1](s_sent).float(), t_sent.float())
+            if "similarity" in active:
+                terms["similarity"] = similarity_mse(s_sent, t_sent)
         if "relation" in active:
             rel = [relation_kl(s, t, self.spec.relation_heads, token_mask) for s, t in zip(student.relation_qkv, teacher.relation_qkv)]
             terms["relation"] = torch.stack(rel).mean()
