@@ -1,0 +1,100 @@
+"""Sentence-embedding HomoDistil, scored as its users score it: zero-shot STS-B dev Spearman x 100.
+
+Rows: the teacher; the teacher pruned once to each shape with no training (``homoexport prune``); and the
+recipe (``recipes/embedding-quick.yaml`` by default: last hidden states + pooled sentence embedding + in-batch
+similarity structure, on Wikipedia text, never on STS-B) distilled to each shape, scored in PyTorch and as its
+int8 ONNX file (feature-extraction export, O2 + dynamic int8). Every unit lands under ``--work`` and is skipped
+when there; distillations resume. Prints a table and writes ``--results``/embedding_distill.json.
+
+    python benchmarks/embedding_distill.py --shapes 192,128
+    python benchmarks/embedding_distill.py --shapes 192 --set training.steps=1200 --tag long
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from homoexport.atomic import atomic_write_json
+from homoexport.machine import fingerprint
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPES = {"192": (192, 6, 768), "128": (128, 4, 512)}
+
+
+def sts_scores(model: Path, pairs, teacher: Path, export: Path | None = None) -> dict[str, float]:
+    from homoexport.evaluation.sts import run_sts
+
+    report = run_sts(model, pairs, teacher=teacher, export_dir=export)
+    return {r["name"]: r["spearman"] for r in report["results"]}
+
+
+def unit(path: Path, make) -> dict[str, Any]:
+    """The JSON at ``path``, computed by ``make`` (and written atomically) when it is not there yet."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    started = time.time()
+    result = {**make(), "wall_s": round(time.time() - started, 1)}
+    atomic_write_json(path, result)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "embedding-quick.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
+    ap.add_argument("--shapes", default="192,128")
+    ap.add_argument("--tag", default="quick", help="names this recipe + overrides in the work and result files")
+    ap.add_argument("--glue-data", type=Path, default=Path("../shared/data/glue"))
+    ap.add_argument("--work", type=Path, default=Path("runs/embedding_bench"))
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    args = ap.parse_args(argv)
+
+    from homoexport.config.recipe import load_recipe
+    from homoexport.deployment.export import export_model
+    from homoexport.distillation.trainer import distill
+    from homoexport.evaluation.sts import stsb_dev
+    from homoexport.pruning.oneshot import prune_model
+
+    base = load_recipe(args.recipe, args.overrides)
+    teacher = Path(base.teacher)
+    pairs = stsb_dev(args.glue_data)
+    rows = [{"model": "teacher", **unit(args.work / "teacher.json", lambda: {"pytorch": sts_scores(teacher, pairs, teacher)["teacher (PyTorch)"]})}]
+    for key in args.shapes.split(","):
+        hidden, heads, ffn = SHAPES[key]
+        pruned = args.work / f"prune-{key}"
+
+        def prune_only() -> dict[str, Any]:
+            if not (pruned / "config.json").is_file():
+                prune_model(teacher, pruned, hidden=hidden, heads=heads, ffn=ffn, data=list(base.data.train), batches=8, batch_size=8,
+                            overwrite=True)
+            return {"pytorch": sts_scores(pruned, pairs, teacher)["student (PyTorch)"]}
+
+        rows.append({"model": f"prune only {key}", **unit(args.work / f"prune-{key}.json", prune_only)})
+        run = args.work / f"{args.tag}-{key}"
+        recipe = load_recipe(args.recipe, [*args.overrides, f"student.hidden={hidden}", f"student.heads={heads}", f"student.ffn={ffn}"])
+
+        def distilled() -> dict[str, Any]:
+            report = distill(recipe, out_dir=run, resume=run.exists())
+            export_model(run / "student", run / "export", task="feature-extraction", overwrite=True)
+            scores = sts_scores(run / "student", pairs, teacher, run / "export")
+            return {"pytorch": scores["student (PyTorch)"], "onnx_int8": scores.get("student (ONNX int8)"), "steps": report["steps"],
+                    "tokens": report["tokens"], "distill_wall_s": report["wall_time_s"], "parameters": report["student"]["parameters"]}
+
+        rows.append({"model": f"{args.tag} {key}", **unit(args.work / f"{args.tag}-{key}.json", distilled)})
+    result = {"schema": "homoexport.benchmark.embedding_distill/1", "recipe": str(args.recipe), "overrides": args.overrides,
+              "data": pairs.source, "metric": "STS-B dev Spearman x 100, zero-shot, mean pooling", "rows": rows, "machine": fingerprint()}
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / f"embedding_distill_{args.tag}.json", result)
+    print("| model | PyTorch | int8 ONNX | distill wall s |\n|---|---:|---:|---:|")
+    for r in rows:
+        int8 = f"{r['onnx_int8']:.2f}" if r.get("onnx_int8") is not None else "-"
+        print(f"| {r['model']} | {r['pytorch']:.2f} | {int8} | {r.get('distill_wall_s', '-')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
