@@ -12,27 +12,24 @@ from homoexport.evaluation.glue import report_rows, settings_line, suite_rows
 from homoexport.reporting.report import TRADEOFF_COLUMNS, tradeoff_rows
 
 
-def glue_table(report: dict[str, Any]) -> Table:
-    """The run's rich table (metrics in points, mean ± std over seeds; dev-set forward latency)."""
-    header, rows = report_rows(report)
-    table = Table(title=f"GLUE {report['task']} (dev)", caption=settings_line(report))
+def _grid(title: str, caption: str, header: list[str], rows: list[list[str]]) -> Table:
+    """A table whose first column is a label and the others numbers."""
+    table = Table(title=title, caption=caption)
     for i, name in enumerate(header):
         table.add_column(name, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row)
     return table
 
+
+def glue_table(report: dict[str, Any]) -> Table:
+    """The run's rich table (metrics in points, mean ± std over seeds; dev-set forward latency)."""
+    return _grid(f"GLUE {report['task']} (dev)", settings_line(report), *report_rows(report))
 
 
 def glue_suite_table(suite: dict[str, Any]) -> Table:
     """The suite's rich table, columns in the GLUE paper's order."""
-    header, rows = suite_rows(suite)
-    table = Table(title="GLUE dev", caption=suite["units"])
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    return table
+    return _grid("GLUE dev", suite["units"], *suite_rows(suite))
 
 
 def export_table(report: dict[str, Any]) -> Table:
