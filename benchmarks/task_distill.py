@@ -130,6 +130,27 @@ def primary(report: dict[str, Any], backend: str) -> float | None:
     return row[backend]
 
 
+def task_score(report: dict[str, Any], backend: str) -> float | None:
+    """GLUE's score of a task: the mean of its metrics on the main dev split (MRPC: F1 and accuracy; CoLA: MCC)."""
+    split = next(r for r in report["results"] if r["primary"])["split"]
+    values = [r[backend] for r in report["results"] if r["split"] == split]
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def metric_values(report: dict[str, Any], backend: str) -> dict[str, float | None]:
+    split = next(r for r in report["results"] if r["primary"])["split"]
+    return {r["metric"]: r[backend] for r in report["results"] if r["split"] == split}
+
+
+def int8_latency_ms(glue_dir: Path) -> float | None:
+    """p50 ms at batch 1 / seq 128 of the int8 file, from the export's own latency check."""
+    found = sorted(glue_dir.glob("seed-*/onnx/export_report.json"))
+    if not found:
+        return None
+    report = json.loads(found[0].read_text())
+    return report["latency_ms"]["by_file"].get("model_quantized.onnx", {}).get("p50_ms")
+
+
 def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
     run = work / task / f"{arm}-s{seed}"
     started = time.time()
@@ -157,23 +178,24 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str]) -> dict[str, 
         teacher = work / f"teacher-{task}" / "glue_report.json"
         if teacher.is_file():
             t = json.loads(teacher.read_text())
-            rows.append({"task": task, "arm": "teacher", "seed": 42, "pytorch": primary(t, "pytorch"), "onnx_int8": None, "onnx_fp32": None,
-                         "metric": next(r for r in t["results"] if r["primary"])["metric"], "train_s": t["runs"][0]["wall_s"]["train_s"]})
+            rows.append({"task": task, "arm": "teacher", "seed": 42, "pytorch": task_score(t, "pytorch"), "onnx_int8": None, "onnx_fp32": None,
+                         "metrics": {"pytorch": metric_values(t, "pytorch")}, "train_s": t["runs"][0]["wall_s"]["train_s"]})
         for arm in arms:
             for run in sorted((work / task).glob(f"{arm}-s*")):
-                reports = [json.loads((d / "glue_report.json").read_text()) for d in _glue_dirs(run)]
-                if not reports:
+                if not _glue_dirs(run):
                     continue
-                best = max(reports, key=lambda r: primary(r, "pytorch"))
+                pairs = [(d, json.loads((d / "glue_report.json").read_text())) for d in _glue_dirs(run)]
+                best_dir, best = max(pairs, key=lambda p: primary(p[1], "pytorch"))  # (c): the lr chosen on dev
                 distill = json.loads((run / "report.json").read_text()) if (run / "report.json").is_file() else None
-                res = next(r for r in best["results"] if r["primary"])
                 rows.append({
-                    "task": task, "arm": arm, "seed": int(run.name.rsplit("-s", 1)[1]), "metric": res["metric"],
-                    "pytorch": res["pytorch"], "onnx_fp32": res["onnx_fp32"], "onnx_int8": res["onnx_int8"],
+                    "task": task, "arm": arm, "seed": int(run.name.rsplit("-s", 1)[1]),
+                    **{b: task_score(best, b) for b in ("pytorch", "onnx_fp32", "onnx_int8")},
+                    "metrics": {b: metric_values(best, b) for b in ("pytorch", "onnx_fp32", "onnx_int8")},
                     "lr": best["settings"]["learning_rate"] if best["settings"].get("train", True) else None,
                     "distill_s": distill["wall_time_s"] if distill else None,
                     "train_s": best["runs"][0]["wall_s"].get("train_s"),
-                    "int8_latency_ms": (best.get("latency", {}).get("onnx_int8") or {}).get("ms_per_batch"),
+                    "int8_p50_ms_b1_s128": int8_latency_ms(best_dir),
+                    "load_average_1m": best.get("load_average_1m"),
                     "widths": distill["student"]["widths"] if distill else None,
                 })
     return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
@@ -216,9 +238,27 @@ def markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
                 cells.append(f"{c['mean']:.1f}" + (f" ± {c['std']:.1f}" if c["std"] is not None else "") + (f" (n={c['n']})" if c["n"] > 1 else ""))
         avg = f"{s['average']:.1f}" if s["average"] is not None else "—"
         lines.append(f"| {title.get(s['arm'], s['arm'])} | " + " | ".join(cells) + f" | {avg} |")
-    metrics = ", ".join(f"{TASK_TITLES.get(t, t)} {next((r['metric'] for r in result['rows'] if r['task'] == t), '?')}" for t in tasks)
-    return ("Dev scores in points, students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where "
-            f"n > 1. Metrics: {metrics}.\n\n" + "\n".join(lines) + "\n")
+    return ("GLUE dev scores in points (the mean of a task's metrics: MRPC F1 and accuracy, CoLA MCC, RTE and SST-2 accuracy); "
+            "students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where n > 1; — not run yet.\n\n"
+            + "\n".join(lines) + "\n" + _details(result))
+
+
+def _details(result: dict[str, Any]) -> str:
+    """Every finished run: each metric per backend, wall time, int8 latency (and the load it was measured at)."""
+    lines = ["", "| task | arm | seed | PyTorch | ONNX fp32 | ONNX int8 | lr | distill s | fine-tune s | int8 ms b1/s128 | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(values: dict | None) -> str:
+        return " / ".join(f"{k} {v:.2f}" for k, v in (values or {}).items() if v is not None) or "—"
+
+    for r in result["rows"]:
+        m = r.get("metrics", {})
+        load = r.get("load_average_1m") or {}
+        lines.append(f"| {r['task']} | {r['arm']} | {r['seed']} | {fmt(m.get('pytorch'))} | {fmt(m.get('onnx_fp32'))} | {fmt(m.get('onnx_int8'))} "
+                     f"| {r.get('lr') or '—'} | {r.get('distill_s') or '—'} | {round(r['train_s']) if r.get('train_s') else '—'} "
+                     f"| {r.get('int8_p50_ms_b1_s128') and round(r['int8_p50_ms_b1_s128'], 2) or '—'} "
+                     f"| {'%.1f-%.1f' % (load['start'], load['end']) if load else '—'} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
