@@ -10,6 +10,7 @@ import pytest
 from tiny import save_model_dir
 
 from homoexport.config.recipe import validate_recipe
+from homoexport.deployment import budget
 from homoexport.deployment.budget import (
     MB,
     BudgetError,
@@ -121,6 +122,12 @@ def test_parse_candidates_validates_reachability():
 
 
 # --- the chooser (fake measurements) --------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def steady_machine(monkeypatch):
+    """The calibration probe of a machine whose speed never changes (tests that need another script it)."""
+    monkeypatch.setattr(budget, "calibration_probe", lambda threads=None: 8.0)
 
 
 @pytest.fixture()
@@ -272,3 +279,37 @@ def test_real_plan_and_edge_round_trip(teacher_dir, tmp_path):
     assert from_file["chosen"]["name"] == candidates[0].name and from_file["chosen"]["predicted"]["source"] == "file"
     with pytest.raises(BudgetError, match="no measurement of"):
         plan(teacher_dir, "latency=10s", candidates=parse_candidates("48", t), measurements=tmp_path / "cands" / "measurements.json")
+
+
+def test_cache_entries_from_another_machine_speed_are_measured_again(minilm_dir, tmp_path, monkeypatch):
+    """The scenario of a plan after a busy minute: figures cached under load must not be reused on a quiet machine."""
+    cache = tmp_path / "cache.json"
+    monkeypatch.setattr(budget, "calibration_probe", lambda threads=None: 24.0)  # busy: 3x slower
+    busy = _plan(minilm_dir, "latency=6ms", FakeMeasure(), cache_path=cache)
+    monkeypatch.setattr(budget, "calibration_probe", lambda threads=None: 8.0)  # quiet again
+    quiet = FakeMeasure()
+    report = _plan(minilm_dir, "latency=6ms", quiet, cache_path=cache)
+    assert quiet.calls and report["cache_hits"] == 0 and report["cache"]["stale_remeasured"]
+    assert set(report["cache"]["stale_remeasured"]) <= {c["name"] for c in busy["candidates"] if c["measurement"]}
+    again = FakeMeasure()
+    assert _plan(minilm_dir, "latency=6ms", again, cache_path=cache)["cache_hits"] and not again.calls  # same speed: reused
+    fresh = FakeMeasure()
+    assert _plan(minilm_dir, "latency=6ms", fresh, cache_path=cache, fresh=True)["cache_hits"] == 0 and fresh.calls
+
+
+def test_a_measurement_whose_probe_moves_is_repeated_then_marked_contended(minilm_dir, tmp_path, monkeypatch):
+    readings = iter([8.0, 8.1] + [8.0, 20.0] * 200)  # the first measurement is steady, every later one is disturbed
+
+    monkeypatch.setattr(budget, "calibration_probe", lambda threads=None: next(readings))
+    report = _plan(minilm_dir, "latency=6ms", FakeMeasure(), cache_path=tmp_path / "cache.json")
+    measured = [c for c in report["candidates"] if c["measurement"]]
+    assert report["contended"] and all(m["measurement"]["probe_ms"] for m in measured)
+    cached = json.loads((tmp_path / "cache.json").read_text())["entries"]
+    assert len(cached) == len(measured) - len(report["contended"])  # contended figures are never cached
+
+
+def test_calibration_probe_is_a_positive_time():
+    from homoexport.deployment.bench import calibration_probe, same_speed
+
+    ms = calibration_probe(1, repeats=3)
+    assert ms > 0 and same_speed(ms, ms * 1.1) and not same_speed(ms, ms * 2) and not same_speed(None, ms)

@@ -573,6 +573,8 @@ def plan_command(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Timing passes per candidate; p50/p90 are the medians over passes (robust to bursts of load)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Measurement cache (JSON, keyed by machine fingerprint, settings and shape); default $HOMOEXPORT_CACHE/plan_cache.json or ~/.cache/homoexport/plan_cache.json."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Measure every visited candidate afresh and store nothing."),
+    fresh: bool = typer.Option(False, "--fresh", help="Measure every visited candidate afresh and store the new figures in the cache "
+                               "(cached figures are otherwise reused only when a calibration probe shows the machine at the same speed)."),
     measurements: Optional[Path] = typer.Option(None, "--measurements", help="Choose from a measurements.json written by `homoexport measure` on the target machine instead of measuring here."),
     export_candidates_dir: Optional[Path] = typer.Option(None, "--export-candidates", help="Instead of planning, write every candidate's deployed ONNX file + manifest.json to DIR, to time on the target with `homoexport measure DIR`."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the plan (chosen shape, predicted figures, every measured candidate, machine, settings) as JSON."),
@@ -612,7 +614,7 @@ def plan_command(
     with StepProgress("plan", console, enabled=progress) as bar:
         report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
                       cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot,
-                      on_progress=bar.update)
+                      on_progress=bar.update, fresh=fresh)
     from homoexport.cli.tables import plan_table
 
     Console().print(plan_table(report))
@@ -620,6 +622,11 @@ def plan_command(
     predicted = f"; predicted p50 {c['predicted']['p50_ms']:.2f} ms, file {c['predicted']['file_bytes'] / 2**20:.1f} MB" if c["predicted"] else ""
     console.print(f"chosen {c['name']} ({c['params'] / 1e6:.2f}M params){predicted}; {report['measured']} measured, "
                   f"{report['cache_hits']} from cache, {report['elapsed_s']:.0f}s", highlight=False)
+    if report["cache"]["stale_remeasured"]:
+        console.print(f"re-measured {len(report['cache']['stale_remeasured'])} cached figures taken at another machine speed", highlight=False)
+    if report["contended"]:
+        console.print(f"[yellow]warning:[/] the machine was contended while measuring {', '.join(report['contended'])}: "
+                      "those figures are unreliable; plan again on a quiet machine", highlight=False)
     for path in [p for p in (out, plot) if p]:
         console.print(f"wrote {path}", highlight=False)
 

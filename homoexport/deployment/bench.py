@@ -103,6 +103,45 @@ def load_session(model_path: str | os.PathLike, threads: int | None = None) -> "
         raise UsageError(f"cannot load ONNX model {path}: {str(err).strip().splitlines()[-1]}") from None
 
 
+PROBE_TOLERANCE = 0.15  # a probe this much slower or faster than another means the machine's speed changed
+
+
+def calibration_probe(threads: int | None = None, repeats: int = 30) -> float:
+    """Median ms of a fixed onnxruntime workload (a 256 x 1024 x 1024 fp32 MatMul) with ``threads`` threads.
+
+    Taken beside a measurement, it tells what speed the machine had at that moment: figures whose probes
+    differ by more than ``PROBE_TOLERANCE`` were taken on a machine running at different speeds (another
+    process competing for the cores) and are not comparable.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    x = {"x": rng.standard_normal((256, 1024)).astype(np.float32)}
+    for _ in range(3):
+        session.run(None, x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def same_speed(a_ms: float | None, b_ms: float | None, tolerance: float = PROBE_TOLERANCE) -> bool:
+    """True when two probe figures say the machine ran at the same speed (within ``tolerance``)."""
+    if a_ms is None or b_ms is None:
+        return False
+    return abs(a_ms / b_ms - 1) <= tolerance
+
+
 def vocab_size_near(model_path: str | os.PathLike) -> int | None:
     """``vocab_size`` from the config.json next to the model (an export dir has one), else None."""
     config = Path(model_path).parent / "config.json"
@@ -495,6 +534,7 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
     grid = [(t, b, s) for t in threads_list for b in settings.batches for s in settings.seqs]
     models: dict[str, Any] = {}
     results: list[dict[str, Any]] = []
+    probe_start = calibration_probe(max(threads_list))
     bar = Tracker(on_progress, "bench", len(targets) * (len(grid) + 1))
     for target in targets:
         bar.note(f"{target.name}: memory")
@@ -525,8 +565,12 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
                     bar.advance()
             del session
     accuracy = [{"source": label, **row} for label, path in glue_reports for row in read_glue(path)]
+    probe_end = calibration_probe(max(threads_list))
     return {
         "schema": SCHEMA,
+        # the machine's speed before and after (a fixed onnxruntime MatMul): figures of a run whose probes differ
+        # by more than PROBE_TOLERANCE were taken while something else competed for the cores
+        "probe_ms": {"start": probe_start, "end": probe_end, "steady": same_speed(probe_start, probe_end)},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": fingerprint(),
         "settings": settings.to_dict(),

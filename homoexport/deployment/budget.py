@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from homoexport.atomic import atomic_write_json, staging_dir
+from homoexport.deployment.bench import calibration_probe, same_speed
 from homoexport.errors import EXIT_BUDGET, UsageError
 from homoexport.machine import fingerprint, package_versions, physical_cores
 from homoexport.progress import ProgressFn, Tracker
@@ -296,6 +297,8 @@ class Measurement:
     file_bytes: int
     rss_mb: Optional[float] = None
     source: str = "measured"  # measured | cache | file
+    probe_ms: Optional[float] = None  # the calibration probe beside the measurement (the machine's speed then)
+    contended: bool = False  # the probe moved during the measurement and its repeats: the figure is unreliable
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -544,6 +547,7 @@ def plan(
     measurements: Path | None = None,
     measure: MeasureFn | None = None,
     machine: Mapping[str, Any] | None = None,
+    fresh: bool = False,
     out: Path | None = None,
     plot: Path | None = None,
     on_progress: ProgressFn | None = None,
@@ -567,6 +571,7 @@ def plan(
     machine = dict(machine or fingerprint())
     cache = MeasurementCache(cache_path, machine["id"], settings_key(settings, t))
     hits: list[str] = []
+    stale: list[str] = []
 
     if measurements is not None:
         data = load_measurements(measurements)
@@ -583,19 +588,41 @@ def plan(
             return by_name[shape.name]
     else:
         exporter: list[CandidateExporter] = []
+        def probe() -> float:  # every measurement is bracketed by the calibration probe (the machine's speed)
+            return calibration_probe(settings.resolved_threads())
+
+        now: list[float] = []  # this run's probe, taken once, for judging cache entries
+
+        def measure_live(shape: Shape, with_rss: bool) -> Measurement:
+            for attempt in range(3):
+                before = probe()
+                if measure is not None:
+                    m = measure(shape, with_rss)
+                else:
+                    if not exporter:
+                        exporter.append(CandidateExporter(teacher, settings))
+                    m = export_and_measure(exporter[0], shape, with_rss)
+                after = probe()
+                if same_speed(before, after):
+                    return replace(m, probe_ms=(before + after) / 2)
+                logger.info("the machine's speed moved while measuring %s (probe %.2f -> %.2f ms): measuring again", shape.name, before, after)
+            logger.warning("%s measured on a contended machine (probe %.2f -> %.2f ms): its figure is unreliable", shape.name, before, after)
+            return replace(m, probe_ms=(before + after) / 2, contended=True)
 
         def measure_one(shape: Shape, with_rss: bool) -> Measurement:
-            hit = cache.get(shape)
+            hit = None if fresh else cache.get(shape)
             if hit is not None and (hit.rss_mb is not None or not with_rss):
-                hits.append(shape.name)
-                return hit
-            if measure is not None:
-                m = measure(shape, with_rss)
-            else:
-                if not exporter:
-                    exporter.append(CandidateExporter(teacher, settings))
-                m = export_and_measure(exporter[0], shape, with_rss)
-            cache.put(shape, m)
+                if not now:
+                    now.append(probe())
+                if not same_speed(hit.probe_ms, now[0]):
+                    stale.append(shape.name)  # taken at another machine speed: never reused silently
+                    hit = None
+                if hit is not None:
+                    hits.append(shape.name)
+                    return hit
+            m = measure_live(shape, with_rss)
+            if not m.contended:
+                cache.put(shape, m)
             return m
 
     bar = Tracker(on_progress, "plan")
@@ -623,6 +650,9 @@ def plan(
         "candidates": rows,
         "measured": sum(1 for m in result.measured.values() if m.source == "measured"),
         "cache_hits": len(hits),
+        "cache": {"reused": hits, "stale_remeasured": stale, "fresh": fresh,
+                  "note": "cache entries are reused only when the calibration probe shows the machine at the same speed"},
+        "contended": [r["name"] for r in rows if (r["measurement"] or {}).get("contended")],
         "elapsed_s": None,
     }
     if result.chosen is None:
