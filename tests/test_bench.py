@@ -314,9 +314,11 @@ def test_cli_bench_report_and_exit_codes(export_dir: Path, tmp_path: Path):
     assert info["file_bytes"] > 0 and info["peak_rss_mb"] > 0 and info["load_ms"] > 0 and "tokenizer.json" in info["inputs"]
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["latency_models.png", "latency_tiny_model.png"]
 
-    # Baselines derived from the measured one: the same numbers but 1000x faster -> regression (1);
-    # an extra entry -> missing (3); another machine -> 4. The limit is 10% against the 1000x faster
-    # baseline and loose otherwise, so timing noise cannot change the outcome.
+    # Stored baselines (their model files gone, so figures are compared, probe-normalized), derived from the
+    # measured one: the same numbers but 1000x faster -> regression (1); an extra entry -> missing (3);
+    # another machine -> 4. The limit is 10% against the 1000x faster baseline and loose otherwise, so
+    # timing noise cannot change the outcome.
+    report["models"]["tiny/model"]["path"] = str(tmp_path / "gone.onnx")
     fast = copy.deepcopy(report)
     for e in fast["results"]:
         e["p50_ms"] /= 1000
@@ -382,3 +384,39 @@ def test_bench_of_a_directory_writes_its_json_there_by_default(export_dir: Path)
     assert result.exit_code == 0, result.output
     data = json.loads((export_dir / "bench.json").read_text())
     assert data["schema"] == "homoexport.bench/1" and data["results"]
+
+
+def _trivial_onnx(path: Path) -> Path:
+    """A graph with the encoder's inputs that does almost nothing: a much faster 'model' of the same name."""
+    from onnx import TensorProto, helper, save
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "seq"]) for n in ("input_ids", "attention_mask", "token_type_ids")]
+    out = helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq"])
+    graph = helper.make_graph([helper.make_node("Cast", ["input_ids"], ["last_hidden_state"], to=TensorProto.FLOAT)], "trivial", inputs, [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    save(model, str(path))
+    return path
+
+
+def test_compare_runs_baseline_and_candidate_side_by_side_when_the_files_exist(export_dir: Path, tmp_path: Path):
+    base_path = tmp_path / "base.json"
+    assert cli_bench(f"tiny={export_dir / 'model.onnx'}", "--out", str(base_path)).exit_code == 0
+    same = cli_bench(f"tiny={export_dir / 'model.onnx'}", "--compare", str(base_path), "--max-regression", "50%")
+    assert same.exit_code == 0 and "timed interleaved in this run" in " ".join(same.output.split()), same.output
+    # The baseline file is a near-empty graph: the real model is many times slower than it, measured side by side.
+    report = json.loads(base_path.read_text())
+    report["models"]["tiny"]["path"] = str(_trivial_onnx(tmp_path / "trivial.onnx"))
+    fast = tmp_path / "fast.json"
+    fast.write_text(json.dumps(report))
+    slower = cli_bench(f"tiny={export_dir / 'model.onnx'}", "--compare", str(fast), "--max-regression", "50%")
+    assert slower.exit_code == 1 and "REGRESSED" in slower.output
+
+
+def test_stored_comparison_is_normalized_by_the_calibration_probe():
+    current = {"machine": {}, "probe_ms": {"start": 16.0, "end": 16.0}, "results": [{"model": "m", "batch": 1, "seq": 8, "threads": 1, "p50_ms": 2.0}]}
+    baseline = {"machine": {}, "probe_ms": {"start": 8.0, "end": 8.0}, "results": [{"model": "m", "batch": 1, "seq": 8, "threads": 1, "p50_ms": 1.0}]}
+    c = bench.compare_reports(current, baseline, max_regression=0.05)
+    assert c.exit_code == bench.EXIT_OK and c.mode == "stored, probe-normalized"  # 2x slower on a machine running 2x slower
+    unprobed = bench.compare_reports({**current, "probe_ms": None}, {**baseline, "probe_ms": None}, max_regression=0.05)
+    assert unprobed.exit_code == bench.EXIT_REGRESSION and unprobed.mode == "stored"

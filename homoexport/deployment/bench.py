@@ -616,6 +616,7 @@ class Comparison:
     metric: str
     max_regression: float
     max_accuracy_drop: float | None
+    mode: str = "stored"  # side-by-side | stored, probe-normalized | stored
 
     @property
     def exit_code(self) -> int:
@@ -637,6 +638,7 @@ class Comparison:
             "max_accuracy_drop": self.max_accuracy_drop,
             "machine_differences": self.machine_differences,
             "latency_compared": self.latency_compared,
+            "mode": self.mode,
             "diffs": [d.to_dict() for d in self.diffs],
         }
 
@@ -652,7 +654,10 @@ class Comparison:
         limit = f"{self.metric} may grow at most {self.max_regression:.0%}"
         if self.max_accuracy_drop is not None:
             limit += f", accuracy may drop at most {self.max_accuracy_drop:g} points"
-        lines = [f"### Compare with baseline: {verdict} (exit {code})", "", limit, ""]
+        how = {"side-by-side": "baseline and current files timed interleaved in this run; the ratio is gated",
+               "stored, probe-normalized": "stored baseline figures, current figures scaled by the calibration probes' ratio",
+               "stored": "stored baseline figures"}[self.mode]
+        lines = [f"### Compare with baseline: {verdict} (exit {code})", "", f"{limit} ({how})", ""]
         if self.machine_differences:
             note = "latencies compared anyway (--allow-machine-mismatch)" if self.latency_compared else "latencies NOT compared"
             lines += [f"Machine differs from the baseline's ({note}):", ""] + [f"- {d}" for d in self.machine_differences] + [""]
@@ -710,8 +715,14 @@ def compare_reports(
     metric: str = "p50_ms",
     max_accuracy_drop: float | None = None,
     allow_machine_mismatch: bool = False,
+    side_by_side: Mapping[str, float] | None = None,
 ) -> Comparison:
     """Compare two bench reports entry by entry.
+
+    ``side_by_side`` (latency key -> current / baseline ratio, from ``interleaved_ratios``) replaces the
+    stored baseline figures: both files were timed in this run on the same machine state. Otherwise,
+    when both reports carry calibration probes, the current figures are scaled by baseline probe /
+    current probe, so a machine that runs 2x slower this minute does not read as a 2x regression.
 
     Latency: each baseline entry (model, batch, seq, threads, seq_dist) must be present in ``current``
     and its ``metric`` may grow by at most ``max_regression`` (0.10 = 10%). Only when both were measured
@@ -724,17 +735,22 @@ def compare_reports(
     if max_regression < 0 or (max_accuracy_drop is not None and max_accuracy_drop < 0):
         raise UsageError("max_regression and max_accuracy_drop must be >= 0")
     differences = machine_differences(current.get("machine", {}), baseline.get("machine", {}))
-    latency_compared = not differences or allow_machine_mismatch
+    latency_compared = side_by_side is not None or not differences or allow_machine_mismatch
+    scale, mode = 1.0, "side-by-side" if side_by_side is not None else "stored"
+    c_probe, b_probe = current.get("probe_ms") or {}, baseline.get("probe_ms") or {}
+    if side_by_side is None and c_probe and b_probe:
+        scale = ((b_probe["start"] + b_probe["end"]) / 2) / ((c_probe["start"] + c_probe["end"]) / 2)
+        mode = "stored, probe-normalized"
     diffs: list[Diff] = []
     if latency_compared:
         now = {latency_key(e): e for e in current.get("results", [])}
         base = {latency_key(e): e for e in baseline.get("results", [])}
         for key, b in base.items():
             c = now.get(key)
-            if c is None:
+            if c is None or (side_by_side is not None and key not in side_by_side):
                 diffs.append(Diff("latency", key, b[metric], None, None, "missing"))
                 continue
-            change = c[metric] / b[metric] - 1.0
+            change = side_by_side[key] - 1.0 if side_by_side is not None else c[metric] * scale / b[metric] - 1.0
             status = "regressed" if change > max_regression else "improved" if change < -max_regression else "ok"
             diffs.append(Diff("latency", key, b[metric], c[metric], change, status))
         diffs += [Diff("latency", k, None, e[metric], None, "new") for k, e in now.items() if k not in base]
@@ -750,7 +766,35 @@ def compare_reports(
             status = "regressed" if drop > max_accuracy_drop else "improved" if drop < -max_accuracy_drop else "ok"
             diffs.append(Diff("accuracy", key, b, c, drop, status))
         diffs += [Diff("accuracy", k, None, v, None, "new") for k, v in now_acc.items() if k not in base_acc]
-    return Comparison(diffs, differences, latency_compared, metric, max_regression, max_accuracy_drop)
+    return Comparison(diffs, [] if side_by_side is not None else differences, latency_compared, metric, max_regression, max_accuracy_drop, mode)
+
+
+def interleaved_ratios(pairs: Mapping[str, tuple[Path, Path]], settings: "BenchSettings", rounds: int = 5,
+                       metric: str = "p50_ms") -> dict[str, float]:
+    """Current / baseline latency ratio per entry, both files timed in alternation on the same inputs.
+
+    ``pairs`` maps a model name to (current file, baseline file). For each grid point the two sessions run
+    ``rounds`` alternating blocks of ``settings.repeats / rounds`` calls; the ratio is the median of the
+    per-round ratios, so load that comes and goes hits both files alike.
+    """
+    threads_list = settings.threads or (physical_cores(),)
+    statistic = metric.removesuffix("_ms")
+    per_round = max(1, settings.repeats // rounds)
+    out: dict[str, float] = {}
+    for name, (current, base) in pairs.items():
+        for threads in threads_list:
+            sessions = (load_session(current, threads), load_session(base, threads))
+            for batch in settings.batches:
+                for seq in settings.seqs:
+                    feeds = make_batches(sessions[0], batch, seq, settings.seq_dist, None, vocab_size_near(current), seed=settings.seed)
+                    ratios = []
+                    for _ in range(rounds):
+                        now, then = (measure_latency(path, batch, seq, threads, settings.warmup, per_round, None, feeds, session=session)
+                                     for path, session in ((current, sessions[0]), (base, sessions[1])))
+                        ratios.append(getattr(now, f"{statistic}_ms") / getattr(then, f"{statistic}_ms"))
+                    key = latency_key({"model": name, "batch": batch, "seq": seq, "threads": threads, "seq_dist": settings.seq_dist})
+                    out[key] = float(np.median(ratios))
+    return out
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -848,7 +892,11 @@ def run_bench(
     report = bench(targets, settings, glue_reports, on_progress)
     comparison = None
     if base is not None:
-        comparison = compare_reports(report, base, max_regression, metric, max_accuracy_drop, allow_machine_mismatch)
+        current_paths = {t.name: t.path for t in targets}
+        pairs = {name: (current_paths[name], Path(m["path"])) for name, m in base.get("models", {}).items()
+                 if name in current_paths and Path(m["path"]).is_file() and settings.seq_dist != "text"}
+        side = interleaved_ratios(pairs, settings, metric=metric) if pairs and len(pairs) == len(base.get("models", {})) else None
+        comparison = compare_reports(report, base, max_regression, metric, max_accuracy_drop, allow_machine_mismatch, side)
         report["comparison"] = {"baseline": str(baseline), **comparison.to_dict()}
     plots = plot_latency(report, plot_dir) if plot_dir is not None else []
     if out is not None:
