@@ -144,6 +144,10 @@ def _print_task_report(report: dict) -> None:
         console.print(f"accuracy-drop <= {sel['max_drop']:g} points of {metric}: {verdict}", highlight=False)
 
 
+def _sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
 def _shape(r: dict) -> str:
     w = r["widths"]
     return f"{r['layers']}L hidden {w['hidden']} heads {w['heads']}x{w['head_dim']} ffn {w['ffn']}"
@@ -203,7 +207,7 @@ def distill_command(
     if report:
         s, t = report["student"], report["teacher"]
         console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); "
-                      f"{report['steps']} steps in {report['wall_time_s']:.0f}s; parity {report['parity_max_abs_diff']}; "
+                      f"{report['steps']} steps in {report['wall_time_s']:.0f}s; parity max |diff| {_sci(report['parity_max_abs_diff'])}; "
                       f"wrote {s['path']}", highlight=False)
         if report.get("selection", {}).get("candidates"):
             console.print(tradeoff_table(report["selection"]))
