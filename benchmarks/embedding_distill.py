@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from homoexport.config.recipe import load_recipe
-    from homoexport.deployment.export import export_model
+    from homoexport.deployment.export import ExportSettings, export_model
     from homoexport.distillation.trainer import distill
     from homoexport.evaluation.sts import stsb_dev
     from homoexport.pruning.oneshot import prune_model
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def distilled() -> dict[str, Any]:
             report = distill(recipe, out_dir=run, resume=run.exists())
-            export_model(run / "student", run / "export", task="feature-extraction", overwrite=True)
+            export_model(run / "student", run / "export", ExportSettings(task="feature-extraction"), overwrite=True)
             scores = sts_scores(run / "student", pairs, teacher, run / "export")
             return {"pytorch": scores["student (PyTorch)"], "onnx_int8": scores.get("student (ONNX int8)"), "steps": report["steps"],
                     "tokens": report["tokens"], "distill_wall_s": report["wall_time_s"], "parameters": report["student"]["parameters"]}

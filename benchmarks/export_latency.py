@@ -37,7 +37,7 @@ from rich.table import Table
 
 from homoexport.atomic import atomic_write_json
 from homoexport.deployment.bench import load_session, measure_latency, percentiles, random_token_ids
-from homoexport.deployment.export import FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE, detect_target, export_model
+from homoexport.deployment.export import FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE, ExportSettings, detect_target, export_model
 from homoexport.machine import cpu_info, fingerprint, physical_cores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,7 +182,7 @@ def main() -> None:
         exports = {}
         for name, src in (("teacher", args.teacher), ("student", student_dir)):
             console.log(f"exporting the {name}")
-            exports[name] = export_model(src, work / f"{name}_onnx", task="feature-extraction", overwrite=True, latency_threads=args.threads)
+            exports[name] = export_model(src, work / f"{name}_onnx", ExportSettings(task="feature-extraction", latency_threads=args.threads), overwrite=True)
         console.log("optimum-cli export + quantize of the teacher")
         cli_int8 = optimum_cli_baseline(args.teacher, work, target)
 

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from homoexport.atomic import atomic_write_json
 from homoexport.deployment.bench import load_session, measure_latency
-from homoexport.deployment.export import QUANTIZED_FILE, export_model
+from homoexport.deployment.export import QUANTIZED_FILE, ExportSettings, export_model
 from homoexport.evaluation.glue import evaluate_onnx, load_data
 from homoexport.evaluation.glue_data import get_task
 from homoexport.machine import fingerprint
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         files: dict[str, Path] = {}
         for name, groups in VARIANTS.items():
             out = Path(tmp) / name.replace(" ", "-")
-            report = export_model(args.model, out, task="text-classification", keep_fp32=groups)
+            report = export_model(args.model, out, ExportSettings(task="text-classification", keep_fp32=groups))
             if not files:
                 files["fp32 (O2)"] = out / "model_optimized.onnx"
                 rows["fp32 (O2)"] = {"kept_fp32_nodes": None}

@@ -36,7 +36,7 @@ def encoder_export(tmp_path_factory) -> tuple[Path, Path, dict]:
     """A head_dim-12 encoder exported with the defaults (O2, dynamic int8, order auto)."""
     root = tmp_path_factory.mktemp("enc")
     src = model_dir(root / "model", "base", hidden=48, heads=4)
-    report = ex.export_model(src, root / "export", **FAST)
+    report = ex.export_model(src, root / "export", ex.ExportSettings(**FAST))
     return src, root / "export", report
 
 
@@ -48,7 +48,7 @@ def classifier_export(tmp_path_factory) -> tuple[Path, Path, dict]:
     sentences = synthetic_sentences(40, seed=1)
     tsv = root / "calib.tsv"
     tsv.write_text("sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t0\n" for a, b in zip(sentences[::2], sentences[1::2])))
-    report = ex.export_model(src, root / "export", quantize="static", calibration_data=tsv, **FAST)
+    report = ex.export_model(src, root / "export", ex.ExportSettings(quantize="static", calibration_data=tsv, **FAST))
     return src, root / "export", report
 
 
@@ -125,7 +125,7 @@ def test_static_classifier_export_agrees_with_fp32(classifier_export):
 def test_fill_mask_fp32_export_of_pruned_head_dims(tmp_path, hidden, heads):
     """head_dim 4 and 12 with an odd head count; MLM head tied to the embeddings; quantization off."""
     src = model_dir(tmp_path / "m", "mlm", hidden=hidden, heads=heads)
-    report = ex.export_model(src, tmp_path / "out", quantize="none", **FAST)
+    report = ex.export_model(src, tmp_path / "out", ex.ExportSettings(quantize="none", **FAST))
     assert report["task"] == "fill-mask"
     assert report["parity"]["onnx_fp32_vs_pytorch"]["max_abs_diff"] <= 1e-4
     assert report["fusion"]["attention_nodes"] == 2
@@ -135,7 +135,7 @@ def test_fill_mask_fp32_export_of_pruned_head_dims(tmp_path, hidden, heads):
 
 def test_o1_reports_why_attention_is_not_fused(tmp_path):
     src = model_dir(tmp_path / "m", "base")
-    report = ex.export_model(src, tmp_path / "out", optimize="O1", quantize="dynamic", order="quantize-first", **FAST)
+    report = ex.export_model(src, tmp_path / "out", ex.ExportSettings(optimize="O1", quantize="dynamic", order="quantize-first", **FAST))
     assert report["fusion"]["attention_nodes"] == 0 and not report["fusion"]["all_layers_fused"]
     assert "O1" in report["fusion"]["reason"]
     assert report["quantization"]["order"] == "quantize-first"
@@ -158,7 +158,7 @@ def test_tokenizer_larger_than_vocab_fails_and_leaves_nothing(tmp_path):
     src = model_dir(tmp_path / "m", "base")
     make_model("base", vocab_size=20, hidden=48, heads=4, ffn=96).save_pretrained(src)  # same tokenizer, smaller embedding
     with pytest.raises(ex.ExportError, match=r"tokenizer .* ids up to \d+ but the model's vocab_size is 20"):
-        ex.export_model(src, tmp_path / "out", **FAST)
+        ex.export_model(src, tmp_path / "out", ex.ExportSettings(**FAST))
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
 
@@ -167,7 +167,7 @@ def test_corrupted_weights_file_fails_and_leaves_nothing(tmp_path):
     weights = src / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ex.ExportError, match="cannot load a feature-extraction model from"):
-        ex.export_model(src, tmp_path / "out", **FAST)
+        ex.export_model(src, tmp_path / "out", ex.ExportSettings(**FAST))
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
 
@@ -181,14 +181,14 @@ def test_nan_weights_fail_before_export(tmp_path):
         model.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
     model.save_pretrained(src)
     with pytest.raises(ex.ExportError, match="NaN/inf"):
-        ex.export_model(src, tmp_path / "out", **FAST)
+        ex.export_model(src, tmp_path / "out", ex.ExportSettings(**FAST))
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
 
 def test_task_without_trained_head_is_refused(tmp_path):
     src = model_dir(tmp_path / "m", "base")
     with pytest.raises(ex.ExportError, match="lacks weights for task 'text-classification'.*classifier"):
-        ex.export_model(src, tmp_path / "out", task="text-classification", **FAST)
+        ex.export_model(src, tmp_path / "out", ex.ExportSettings(task="text-classification", **FAST))
     assert not (tmp_path / "out").exists()
 
 
@@ -201,14 +201,14 @@ def test_parity_failure_stops_and_keeps_the_previous_export(tmp_path, monkeypatc
     reference = ex.torch_outputs
     monkeypatch.setattr(ex, "torch_outputs", lambda model, batch: reference(model, batch) + 1e-3)
     with pytest.raises(ex.ExportError, match="fp32 ONNX differs from PyTorch: max abs diff 0.001 > atol 0.0001"):
-        ex.export_model(src, out, quantize="none", optimize="none", overwrite=True, **FAST)
+        ex.export_model(src, out, ex.ExportSettings(quantize="none", optimize="none", **FAST), overwrite=True)
     assert (out / "keep.txt").read_text() == "previous export" and no_partial_dirs(tmp_path)
 
 
 def test_int8_tolerance_is_enforced(tmp_path):
     src = model_dir(tmp_path / "m", "base")
     with pytest.raises(ex.ExportError, match="no int8 model met the tolerance"):
-        ex.export_model(src, tmp_path / "out", int8_min_cosine=1.0 + 1e-9, order="quantize-first", **FAST)
+        ex.export_model(src, tmp_path / "out", ex.ExportSettings(int8_min_cosine=1.0 + 1e-9, order="quantize-first", **FAST))
     assert not (tmp_path / "out").exists() and no_partial_dirs(tmp_path)
 
 
@@ -218,7 +218,7 @@ def test_keep_fp32_leaves_the_ffn_down_projections_unquantized(tmp_path, order):
     import onnx
 
     src = model_dir(tmp_path / "m", "cls", hidden=48, heads=4)
-    report = ex.export_model(src, tmp_path / "out", keep_fp32=("ffn-output",), order=order, **FAST)
+    report = ex.export_model(src, tmp_path / "out", ex.ExportSettings(keep_fp32=("ffn-output",), order=order, **FAST))
     kept = report["quantization"]["kept_fp32"]
     assert kept["groups"] == ["ffn-output"] and len(kept["nodes"]) == 2  # one per layer
     assert all("/output/dense/MatMul" in name and "attention" not in name for name in kept["nodes"])
@@ -233,18 +233,18 @@ def test_keep_fp32_leaves_the_ffn_down_projections_unquantized(tmp_path, order):
 def test_keep_fp32_errors_are_named(tmp_path):
     src = model_dir(tmp_path / "m", "base")
     with pytest.raises(ex.ExportError, match="invalid keep-fp32 group 'ffn': expected one of ffn-output"):
-        ex.export_model(src, tmp_path / "o", keep_fp32=("ffn",))
+        ex.export_model(src, tmp_path / "o", ex.ExportSettings(keep_fp32=("ffn",)))
     with pytest.raises(ex.ExportError, match="only applies to an int8 export"):
-        ex.export_model(src, tmp_path / "o", keep_fp32=("ffn-output",), quantize="none")
+        ex.export_model(src, tmp_path / "o", ex.ExportSettings(keep_fp32=("ffn-output",), quantize="none"))
     assert not (tmp_path / "o").exists()
 
 
 def test_bad_options_are_named(tmp_path):
     src = model_dir(tmp_path / "m", "base")
     with pytest.raises(ex.ExportError, match="invalid optimize level 'O9': expected one of none, O1, O2, O3"):
-        ex.export_model(src, tmp_path / "o", optimize="O9")
+        ex.export_model(src, tmp_path / "o", ex.ExportSettings(optimize="O9"))
     with pytest.raises(ex.ExportError, match="needs --calibration-data"):
-        ex.export_model(src, tmp_path / "o", quantize="static")
+        ex.export_model(src, tmp_path / "o", ex.ExportSettings(quantize="static"))
     with pytest.raises(ex.ExportError, match="not a model directory"):
         ex.export_model(tmp_path / "missing", tmp_path / "o")
     (tmp_path / "exists").mkdir()

@@ -13,7 +13,7 @@ from tiny import save_model_dir, synthetic_sentences
 from typer.testing import CliRunner
 
 from homoexport.cli import app
-from homoexport.deployment.export import export_model
+from homoexport.deployment.export import ExportSettings, export_model
 from homoexport.evaluation import glue, glue_data
 from homoexport.evaluation.glue import GlueSettings, aggregate_results, evaluate_onnx, evaluate_pytorch, load_classifier, run_glue, run_glue_suite
 from homoexport.evaluation.glue_data import GLUE_ORDER, TASKS, GlueDataError, get_task, load_tsv, predictions, read_tsv, score
@@ -204,12 +204,13 @@ def encoder_dir(tmp_path):
 FAST = GlueSettings(epochs=2, batch_size=8, eval_batch_size=8, learning_rate=1e-3, seeds=(1,), export=False, threads=1)
 
 
-def test_new_head_is_explained_and_regression_has_one_output(encoder_dir, capsys):
+def test_new_head_is_explained_and_regression_has_one_output(encoder_dir, caplog):
     model = load_classifier(encoder_dir, TASKS["stsb"])
     assert model.config.num_labels == 1 and model.config.problem_type == "regression"
-    model = load_classifier(encoder_dir, TASKS["mnli"])
+    with caplog.at_level("INFO", logger="homoexport"):
+        model = load_classifier(encoder_dir, TASKS["mnli"])
     assert model.config.id2label == {0: "entailment", 1: "neutral", 2: "contradiction"}
-    assert "new mnli head: initialised classifier.bias, classifier.weight" in capsys.readouterr().err.replace("\n", " ")
+    assert "new mnli head: initialised classifier.bias, classifier.weight" in caplog.text
 
 
 def test_onnx_scores_match_pytorch(tmp_path, encoder_dir):
@@ -221,7 +222,7 @@ def test_onnx_scores_match_pytorch(tmp_path, encoder_dir):
 
     tokenizer = AutoTokenizer.from_pretrained(encoder_dir)
     tokenizer.save_pretrained(tmp_path / "cls")
-    export_model(tmp_path / "cls", tmp_path / "onnx", task="text-classification")
+    export_model(tmp_path / "cls", tmp_path / "onnx", ExportSettings(task="text-classification"))
     dev = DatasetDict({"validation": data["validation"]})
     pt = evaluate_pytorch(model, tokenizer, task, dev, max_length=32, batch_size=8, threads=1)
     fp32 = evaluate_onnx(tmp_path / "onnx" / "model.onnx", task, dev, max_length=32, batch_size=8, threads=1)

@@ -72,10 +72,10 @@ def test_pair_files_are_checked(tmp_path: Path):
 
 
 def test_sts_scores_pytorch_and_onnx_alike(tmp_path: Path):
-    from homoexport.deployment.export import export_model
+    from homoexport.deployment.export import ExportSettings, export_model
 
     model = save_model_dir(tmp_path / "m", kind="base")
-    export_model(model, tmp_path / "onnx", task="feature-extraction", quantize="none", latency_repeats=2)
+    export_model(model, tmp_path / "onnx", ExportSettings(task="feature-extraction", quantize="none", latency_repeats=2))
     pairs = read_pairs(write_pairs(tmp_path / "p.tsv"))
     report = run_sts(model, pairs, teacher=model, export_dir=tmp_path / "onnx", threads=1)
     scores = {r["name"]: r["spearman"] for r in report["results"]}

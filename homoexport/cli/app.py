@@ -532,7 +532,7 @@ def export_command(
     _check_out(out)
     _check_model_dir(model_dir)
     from homoexport.cli.tables import export_table
-    from homoexport.deployment.export import export_model
+    from homoexport.deployment.export import ExportSettings, export_model
     from homoexport.distillation.models import quiet_transformers
 
     quiet_transformers()
@@ -541,12 +541,11 @@ def export_command(
     from homoexport.cli.progress import StepProgress
 
     with StepProgress("export", console, enabled=progress) as bar:
-        report = export_model(
-            model_dir, out, task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel,
-            keep_fp32=_groups(keep_fp32), calibration_data=calibration_data, opset=opset, overwrite=overwrite, order=order, atol=atol,
-            int8_min_cosine=int8_min_cosine, int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples,
-            latency_threads=threads, on_progress=bar.update,
-        )
+        report = export_model(model_dir, out, ExportSettings(
+            task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel, keep_fp32=_groups(keep_fp32),
+            calibration_data=calibration_data, opset=opset, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
+            int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads
+        ), overwrite=overwrite, on_progress=bar.update)
     Console().print(export_table(report))
     console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)
 

@@ -407,16 +407,17 @@ class CandidateExporter:
 
     def export(self, shape: Shape, work: Path) -> Path:
         """Build and export ``shape`` under ``work``; returns the deployed file (int8, or fp32 optimized)."""
-        from homoexport.deployment.export import deployed_model_path, export_model
+        from homoexport.deployment.export import ExportSettings, deployed_model_path, export_model
         from homoexport.distillation.models import quiet_transformers
 
         quiet_transformers()
         s = self.settings
         model_dir = self.build(shape, work / "model")
         export_dir = work / "export"
-        export_model(model_dir, export_dir, task=s.task, optimize=s.optimize, quantize=s.quantize, target=s.target, per_channel=s.per_channel,
-                     overwrite=True, int8_min_cosine=0.0, int8_min_agreement=0.0, latency_threads=s.resolved_threads(), latency_repeats=1,
-                     )
+        export_model(model_dir, export_dir, ExportSettings(
+            task=s.task, optimize=s.optimize, quantize=s.quantize, target=s.target, per_channel=s.per_channel, int8_min_cosine=0.0,
+            int8_min_agreement=0.0, latency_threads=s.resolved_threads(), latency_repeats=1
+        ), overwrite=True)
         return deployed_model_path(export_dir)
 
 

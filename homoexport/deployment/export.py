@@ -511,55 +511,69 @@ class _Steps:
         self.tracker.advance()
 
 
-def export_model(
-    model_dir: Path,
-    out_dir: Path,
-    task: str = "auto",
-    optimize: str = "O2",
-    quantize: str = "dynamic",
-    target: str = "auto",
-    per_channel: bool = True,
-    keep_fp32: Sequence[str] = (),
-    calibration_data: Path | None = None,
-    opset: int | None = None,
-    overwrite: bool = False,
-    order: str = "auto",
-    atol: float = 1e-4,
-    int8_min_cosine: float = 0.97,
-    int8_min_agreement: float = 0.9,
-    calibration_samples: int = 200,
-    validation_texts: Sequence[str] = VALIDATION_TEXTS,
-    latency_threads: int | None = None,
-    latency_repeats: int = 50,
-    on_progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Export ``model_dir`` to ONNX in ``out_dir`` (fp32, optimized, int8), validate, and return the report.
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a model is exported, fused, quantized and checked; validated on creation, recorded in the report.
 
     ``keep_fp32`` names ``FP32_GROUPS`` whose MatMuls stay fp32 in the int8 file (accuracy for some speed).
     ``order`` builds the int8 file from the fused graph ("fuse-first"), from the plain graph then fuses
     what ORT can ("quantize-first"), or tries both and keeps the faster at batch 1 / seq 128 ("auto").
+    """
+
+    task: str = "auto"
+    optimize: str = "O2"
+    quantize: str = "dynamic"
+    target: str = "auto"
+    per_channel: bool = True
+    keep_fp32: tuple[str, ...] = ()
+    calibration_data: Path | None = None
+    calibration_samples: int = 200
+    opset: int | None = None
+    order: str = "auto"
+    atol: float = 1e-4
+    int8_min_cosine: float = 0.97
+    int8_min_agreement: float = 0.9
+    validation_texts: tuple[str, ...] = VALIDATION_TEXTS
+    latency_threads: int | None = None
+    latency_repeats: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
+        object.__setattr__(self, "validation_texts", tuple(self.validation_texts))
+        for name, value, allowed in (("task", self.task, ("auto", *TASKS)), ("optimize level", self.optimize, OPTIMIZE_LEVELS),
+                                     ("quantize mode", self.quantize, QUANTIZE_MODES), ("target", self.target, TARGETS),
+                                     ("order", self.order, ORDERS)):
+            _check_choice(name, value, allowed)
+        for group in self.keep_fp32:
+            _check_choice("keep-fp32 group", group, tuple(FP32_GROUPS))
+        if self.keep_fp32 and self.quantize == "none":
+            raise ExportInputError("--keep-fp32 only applies to an int8 export (got --quantize none)")
+        if self.quantize == "static" and self.calibration_data is None:
+            raise ExportInputError("--quantize static needs --calibration-data (a .txt file, one text per line, or a GLUE .tsv)")
+        if self.quantize != "static" and self.calibration_data is not None:
+            raise ExportInputError(f"--calibration-data is only used by --quantize static (got --quantize {self.quantize})")
+        if self.order == "fuse-first" and self.optimize == "none":
+            raise ExportInputError("--order fuse-first needs an --optimize level other than none")
+        if len(self.validation_texts) < 2:
+            raise ExportInputError(f"validation needs at least 2 texts (got {len(self.validation_texts)}): they are also paired to check token types")
+
+
+def export_model(model_dir: Path, out_dir: Path, settings: ExportSettings = ExportSettings(), overwrite: bool = False,
+                 on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Export ``model_dir`` to ONNX in ``out_dir`` (fp32, optimized, int8), validate, and return the report.
+
     Raises ``ExportError`` (out_dir untouched) when the model, tokenizer or any parity check is wrong.
     """
-    for name, value, allowed in (("task", task, ("auto", *TASKS)), ("optimize level", optimize, OPTIMIZE_LEVELS),
-                                 ("quantize mode", quantize, QUANTIZE_MODES), ("target", target, TARGETS), ("order", order, ORDERS)):
-        _check_choice(name, value, allowed)
-    for group in keep_fp32:
-        _check_choice("keep-fp32 group", group, tuple(FP32_GROUPS))
-    if keep_fp32 and quantize == "none":
-        raise ExportInputError("--keep-fp32 only applies to an int8 export (got --quantize none)")
+    s = settings
+    task, optimize, quantize, target, per_channel, keep_fp32 = s.task, s.optimize, s.quantize, s.target, s.per_channel, s.keep_fp32
+    calibration_data, opset, order, atol = s.calibration_data, s.opset, s.order, s.atol
+    int8_min_cosine, int8_min_agreement, calibration_samples = s.int8_min_cosine, s.int8_min_agreement, s.calibration_samples
+    validation_texts, latency_threads, latency_repeats = s.validation_texts, s.latency_threads, s.latency_repeats
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise ExportInputError(f"not a model directory (no config.json): {model_dir}")
-    if quantize == "static" and calibration_data is None:
-        raise ExportInputError("--quantize static needs --calibration-data (a .txt file, one text per line, or a GLUE .tsv)")
-    if quantize != "static" and calibration_data is not None:
-        raise ExportInputError(f"--calibration-data is only used by --quantize static (got --quantize {quantize})")
-    if order == "fuse-first" and optimize == "none":
-        raise ExportInputError("--order fuse-first needs an --optimize level other than none")
     if out_dir.exists() and not overwrite:
         raise ExportInputError(f"output directory already exists: {out_dir} (pass --overwrite to replace it)")
-    if len(validation_texts) < 2:
-        raise ExportInputError(f"validation needs at least 2 texts (got {len(validation_texts)}): they are also paired to check token types")
 
     from transformers import AutoConfig
 

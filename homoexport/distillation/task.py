@@ -410,11 +410,11 @@ def _export_and_score(student: Path, out: Path, data: TaskData, max_length: int)
     """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8) to OUT/export and score the int8 file."""
     from datasets import DatasetDict
 
-    from homoexport.deployment.export import QUANTIZED_FILE, export_model
+    from homoexport.deployment.export import QUANTIZED_FILE, ExportSettings, export_model
     from homoexport.evaluation.glue import evaluate_onnx
 
     logger.info("exporting the student to %s and scoring the int8 file on dev", out / "export")
-    export = export_model(student, out / "export", task="text-classification", overwrite=True)
+    export = export_model(student, out / "export", ExportSettings(task="text-classification"), overwrite=True)
     result = evaluate_onnx(out / "export" / QUANTIZED_FILE, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
     return {"student": str(student), "path": str(out / "export" / QUANTIZED_FILE), "dev_int8": metrics, "latency": result.latency.get(data.task.primary_split),

@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.deployment.bench import load_session, percentiles
-from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, export_model
+from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, ExportSettings, export_model
 from homoexport.deployment.export import REPORT_FILE as EXPORT_REPORT_FILE
 from homoexport.errors import InputNotFoundError, UsageError
 from homoexport.evaluation.glue_data import (
@@ -404,10 +404,10 @@ def _export(model_dir: Path, onnx_dir: Path, settings: GlueSettings, train: Data
         header = ["sentence"] if len(columns) == 1 else ["sentence1", "sentence2"]
         lines = ["\t".join(header)] + ["\t".join(row[c].replace("\t", " ") for c in columns) for row in rows]
         atomic_write_text(calibration, "\n".join(lines) + "\n")
-    return export_model(
-        model_dir, onnx_dir, task="text-classification", optimize=settings.optimize, quantize=settings.quantize,
-        keep_fp32=settings.keep_fp32, calibration_data=calibration, calibration_samples=CALIBRATION_ROWS,
-    )
+    return export_model(model_dir, onnx_dir, ExportSettings(
+        task="text-classification", optimize=settings.optimize, quantize=settings.quantize, keep_fp32=settings.keep_fp32,
+        calibration_data=calibration, calibration_samples=CALIBRATION_ROWS
+    ))
 
 
 # ------------------------------------------------------------------------------------------ one seed
