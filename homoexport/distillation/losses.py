@@ -148,6 +148,11 @@ class DistillationLoss(nn.Module):
             proj.in_features = int(kept.numel())
 
     @property
+    def uses_mlm(self) -> bool:
+        """True when the student sees MLM-corrupted inputs: the teacher has an MLM head and MLM or KL is weighed."""
+        return self.has_mlm and bool({"mlm", "kl"} & set(self.active_terms))
+
+    @property
     def active_terms(self) -> dict[str, float]:
         """Terms with a non-zero weight that this teacher can provide (no MLM head: no MLM/KL)."""
         w = {"mlm": self.spec.mlm, "kl": self.spec.kl, "hidden": self.spec.hidden, "attention": self.spec.attention,

@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ from homoexport.distillation.checkpoint import (
 from homoexport.distillation.data import BlockBatcher
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import build_student, encode
-from homoexport.distillation.setup import NO_MLM_NOTE, build_corpus_setup
+from homoexport.distillation.setup import NO_MLM_NOTE, CorpusSetup, build_corpus_setup
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.evaluation.sts import carry_pooling
 from homoexport.machine import fingerprint
@@ -71,7 +71,7 @@ class DistillModule(nn.Module):
         self.relation_layer = relation_layer
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_out, kept_heads: torch.Tensor | None):
-        inputs, mlm_positions = student_inputs(batch, self.loss.has_mlm and bool({"mlm", "kl"} & set(self.loss.active_terms)))
+        inputs, mlm_positions = student_inputs(batch, self.loss.uses_mlm)
         out = encode(self.student, inputs, attentions="attention" in self.loss.active_terms,
                      mlm_positions=mlm_positions, relation_layer=self.relation_layer)
         labels = batch["mlm_labels"][mlm_positions] if mlm_positions is not None else None
@@ -94,7 +94,7 @@ def adamw(params: Any, o: OptimizerSpec, device: torch.device) -> torch.optim.Ad
 
 def teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], loss: DistillationLoss, relation_layer: int | None):
     """The teacher's view of the same (possibly corrupted) inputs the student sees."""
-    use_mlm = loss.has_mlm and bool({"mlm", "kl"} & set(loss.active_terms))
+    use_mlm = loss.uses_mlm
     inputs, positions = student_inputs(batch, use_mlm)
     return encode(teacher, inputs, attentions="attention" in loss.active_terms,
                   mlm_positions=positions if "kl" in loss.active_terms else None, relation_layer=relation_layer)
@@ -110,6 +110,23 @@ def relation_layers(recipe: Recipe, teacher_layers: int) -> tuple[int | None, in
 def recipe_target(recipe: Recipe, full: Widths) -> Widths:
     """The recipe's student shape, defaulting unspecified widths to the teacher's."""
     return target_widths(full, recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
+
+
+@dataclass
+class AgnosticRun:
+    """What the task-agnostic loop trains and reports on: the (unwrapped) student + loss module, its pruner,
+    the data setup, the relation layer, and where the run stands."""
+
+    module: DistillModule
+    pruner: HomoDistilPruner | None
+    setup: CorpusSetup
+    teacher_relation_layer: int | None
+    start: int
+    total: int
+    last_terms: dict[str, float] = field(default_factory=dict)
+
+    def kept_heads(self) -> torch.Tensor | None:
+        return self.pruner.kept_heads() if self.pruner is not None else None
 
 
 @dataclass
@@ -133,7 +150,7 @@ def _evaluate(module: DistillModule, teacher: nn.Module, batcher: BlockBatcher |
         return {}
     student, loss_fn = module.student, module.loss
     device = next(student.parameters()).device
-    use_mlm = loss_fn.has_mlm and bool({"mlm", "kl"} & set(loss_fn.active_terms))
+    use_mlm = loss_fn.uses_mlm
     was_training = student.training
     student.eval()
     sums: dict[str, float] = {}
@@ -200,7 +217,7 @@ def distill(
 
     # Teacher, tokenizer, data.
     setup = build_corpus_setup(recipe, accelerator.main_process_first, note=is_main)
-    teacher, has_mlm, tokenizer = setup.teacher, setup.has_mlm, setup.tokenizer
+    teacher, has_mlm = setup.teacher, setup.has_mlm
     batcher, eval_batcher, eval_steps = setup.batcher, setup.eval_batcher, setup.eval_steps
 
     # Student and schedule.
@@ -314,8 +331,8 @@ def distill(
                 on_log(record)
 
     wall = time.time() - started
-    return _finish(recipe, out, accelerator, unwrapped, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps, t_rel, has_mlm,
-                   last_terms, wall, start, total, tokens_per_step, plan)
+    run = AgnosticRun(unwrapped, pruner, setup, t_rel, start, total, last_terms)
+    return _finish(recipe, out, accelerator, run, wall, tokens_per_step, plan)
 
 
 def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
@@ -378,18 +395,18 @@ def pruner_settings(recipe: Recipe, total: int) -> PrunerSettings:
                           interval=p.interval, multiple=p.multiple)
 
 
-def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teacher, tokenizer, masked, batcher, eval_batcher, eval_steps,
-            t_rel, has_mlm, last_terms, wall, start, total, tokens_per_step, plan) -> dict[str, Any]:
+def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: float, tokens_per_step: int, plan: dict | None) -> dict[str, Any]:
     """Evaluate, materialise, check parity, save the student and the report (main process only)."""
     report: dict[str, Any] = {}
+    setup, unwrapped, masked = run.setup, run.module, run.pruner.masked if run.pruner is not None else None
+    teacher, has_mlm, start, total = setup.teacher, setup.has_mlm, run.start, run.total
     if accelerator.is_main_process:
         student = unwrapped.student
         student.eval()
-        kept = masked.masks.heads if masked is not None else None
-        evaluation = _evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept, t_rel)
+        evaluation = _evaluate(unwrapped, teacher, setup.eval_batcher, setup.eval_steps, run.kept_heads(), run.teacher_relation_layer)
         if masked is not None:
             dense = materialize(masked)
-            probe = (eval_batcher or batcher).batch_at(0)
+            probe = (setup.eval_batcher or setup.batcher).batch_at(0)
             probe_inputs = {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")}
             parity = parity_max_abs_diff(masked, dense, probe_inputs)
             if parity > PARITY_TOLERANCE:
@@ -400,7 +417,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
             widths = config_widths(student.config)
         dense = dense.cpu()
         with staging_dir(out.out / "student", overwrite=True) as tmp:
-            save_student(dense, tmp, tokenizer)
+            save_student(dense, tmp, setup.tokenizer)
             carry_pooling(recipe.teacher, tmp, widths.hidden, recipe.data.block_size)
         active = unwrapped.loss.active_terms
         report = {
@@ -413,7 +430,7 @@ def _finish(recipe, out: RunPaths, accelerator, unwrapped: DistillModule, teache
             "tokens": total * tokens_per_step,
             "wall_time_s": round(wall, 2),
             "processes": accelerator.num_processes,
-            "final_loss_terms": last_terms,
+            "final_loss_terms": run.last_terms,
             "active_loss_terms": active,
             "mlm_kl_active": "mlm" in active or "kl" in active,
             "mlm_kl_note": None if has_mlm else NO_MLM_NOTE,
