@@ -142,13 +142,13 @@ def metric_values(report: dict[str, Any], backend: str) -> dict[str, float | Non
     return {r["metric"]: r[backend] for r in report["results"] if r["split"] == split}
 
 
-def int8_latency_ms(glue_dir: Path) -> float | None:
-    """p50 ms at batch 1 / seq 128 of the int8 file, from the export's own latency check."""
+def export_latency_ms(glue_dir: Path, file: str = "model_quantized.onnx") -> float | None:
+    """p50 ms at batch 1 / seq 128 of one exported file, from the export's own latency check."""
     found = sorted(glue_dir.glob("seed-*/onnx/export_report.json"))
     if not found:
         return None
     report = json.loads(found[0].read_text())
-    return report["latency_ms"]["by_file"].get("model_quantized.onnx", {}).get("p50_ms")
+    return report["latency_ms"]["by_file"].get(file, {}).get("p50_ms")
 
 
 def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
@@ -194,7 +194,9 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str]) -> dict[str, 
                     "lr": best["settings"]["learning_rate"] if best["settings"].get("train", True) else None,
                     "distill_s": distill["wall_time_s"] if distill else None,
                     "train_s": best["runs"][0]["wall_s"].get("train_s"),
-                    "int8_p50_ms_b1_s128": int8_latency_ms(best_dir),
+                    "int8_p50_ms_b1_s128": export_latency_ms(best_dir),
+                    "fp32_p50_ms_b1_s128": export_latency_ms(best_dir, "model.onnx"),
+                    "dev_curve": distill["curve"] if distill else None,  # (step, widths, dev metrics) during distillation
                     "load_average_1m": best.get("load_average_1m"),
                     "widths": distill["student"]["widths"] if distill else None,
                 })
