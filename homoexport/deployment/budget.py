@@ -38,13 +38,16 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.deployment.bench import calibration_probe, same_speed
 from homoexport.errors import EXIT_BUDGET, UsageError
 from homoexport.machine import fingerprint, package_versions, physical_cores
 from homoexport.progress import ProgressFn, Tracker
+
+if TYPE_CHECKING:
+    from homoexport.pruning.mask_groups import Widths
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +147,7 @@ class TeacherShape:
 
 @dataclass(frozen=True, order=True)
 class Shape:
-    """A uniform student shape; a stock BertConfig (heads x head_dim == hidden)."""
+    """A planner candidate: the student's ``Widths`` (stock: heads x head_dim == hidden) and its depth."""
 
     hidden: int
     heads: int
@@ -154,6 +157,12 @@ class Shape:
     @property
     def head_dim(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def widths(self) -> "Widths":
+        from homoexport.pruning.mask_groups import Widths  # lazy: `homoexport measure` runs where torch is absent
+
+        return Widths(self.hidden, self.heads, self.head_dim, self.ffn)
 
     @property
     def name(self) -> str:
@@ -242,11 +251,9 @@ def parse_candidates(text: str, teacher: TeacherShape, multiple: int = 16, ffn_r
 
 def parameters(shape: Shape, teacher: TeacherShape) -> int:
     """Parameter count of the student (encoder with pooler, no task head), by closed form."""
-    from homoexport.pruning.mask_groups import Widths
     from homoexport.pruning.surgery import closed_form_parameters
 
-    widths = Widths(shape.hidden, shape.heads, shape.head_dim, shape.ffn)
-    return closed_form_parameters(widths, shape.layers, teacher.vocab, teacher.max_positions, teacher.type_vocab)["total"]
+    return closed_form_parameters(shape.widths, shape.layers, teacher.vocab, teacher.max_positions, teacher.type_vocab)["total"]
 
 
 # --------------------------------------------------------------------------------------------------
