@@ -420,3 +420,9 @@ def test_stored_comparison_is_normalized_by_the_calibration_probe():
     assert c.exit_code == bench.EXIT_OK and c.mode == "stored, probe-normalized"  # 2x slower on a machine running 2x slower
     unprobed = bench.compare_reports({**current, "probe_ms": None}, {**baseline, "probe_ms": None}, max_regression=0.05)
     assert unprobed.exit_code == bench.EXIT_REGRESSION and unprobed.mode == "stored"
+
+
+def test_the_edge_measure_command_needs_no_torch():
+    """`homoexport measure` runs on an edge box with onnxruntime and numpy only: its module imports without torch."""
+    r = run_python(NO_TORCH + "import homoexport.deployment.budget as b\nassert callable(b.measure_candidates) and callable(b.calibration_probe)\n")
+    assert r.returncode == 0, r.stderr
