@@ -151,3 +151,35 @@ def test_sentence_embedding_loss_terms():
     s = torch.randn(5, 8)
     assert float(similarity_mse(s * 3, s)) == pytest.approx(0.0, abs=1e-6)
     assert float(similarity_mse(torch.randn(5, 8), torch.randn(5, 32))) > 0
+
+
+@pytest.mark.parametrize("mode,normalize", [("mean", False), ("cls", True), ("max", False)])
+def test_export_puts_the_declared_pooling_in_the_graph(tmp_path: Path, mode: str, normalize: bool):
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from homoexport.deployment.export import ExportSettings, export_model
+
+    model_dir = save_model_dir(tmp_path / "m", kind="base")
+    write_st_files(model_dir, mode, normalize)
+    report = export_model(model_dir, tmp_path / "onnx", ExportSettings(quantize="none", latency_repeats=2, sentence_embedding=True))
+    assert report["parity"]["sentence_embedding_vs_pytorch"]["passed"]
+    session = ort.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["last_hidden_state", "sentence_embedding"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(["the cat sat on the mat.", "a dog"], padding=True, return_tensors="np")
+    feeds = {i.name: batch[i.name].astype(np.int64) for i in session.get_inputs()}
+    got = session.run(["sentence_embedding"], feeds)[0]
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(model_dir)(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    expected = pool(hidden, batch["attention_mask"], Pooling(mode, normalize))
+    assert got.shape == (2, 64) and np.allclose(got, expected, atol=1e-4)
+    assert read_pooling(tmp_path / "onnx").mode == mode  # and the folder still declares it
+
+
+def test_sentence_embedding_needs_a_feature_extraction_export():
+    from homoexport.deployment.export import ExportInputError, ExportSettings
+
+    with pytest.raises(ExportInputError, match="needs a feature-extraction export"):
+        ExportSettings(task="text-classification", sentence_embedding=True)

@@ -525,6 +525,9 @@ def export_command(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime threads for the report's latency figures (default: all physical cores)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace EXPORT_DIR if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    sentence_embedding: bool = typer.Option(False, "--sentence-embedding", help="Feature-extraction models: add the pooled sentence "
+                                            "embedding (the model's declared pooling, mean by default, L2-normalised when declared) as the graph "
+                                            "output sentence_embedding, checked against PyTorch, so any runtime gets the embedding directly."),
 ) -> None:
     """Export MODEL_DIR to ONNX through optimum, fuse it (ORTOptimizer), quantize it to int8 (ORTQuantizer), and validate
     every file: fp32 vs PyTorch, int8 vs fp32, fused Attention count; latency at batch 1 / seq 128. Any failed check stops
@@ -544,7 +547,8 @@ def export_command(
         report = export_model(model_dir, out, ExportSettings(
             task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel, keep_fp32=_groups(keep_fp32),
             calibration_data=calibration_data, opset=opset, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
-            int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads
+            int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads,
+            sentence_embedding=sentence_embedding,
         ), overwrite=overwrite, on_progress=bar.update)
     Console().print(export_table(report))
     console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)

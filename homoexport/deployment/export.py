@@ -536,6 +536,7 @@ class ExportSettings:
     validation_texts: tuple[str, ...] = VALIDATION_TEXTS
     latency_threads: int | None = None
     latency_repeats: int = 50
+    sentence_embedding: bool = False  # feature-extraction: add the pooled (normalised) sentence embedding as a graph output
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp32", tuple(self.keep_fp32))
@@ -554,6 +555,8 @@ class ExportSettings:
             raise ExportInputError(f"--calibration-data is only used by --quantize static (got --quantize {self.quantize})")
         if self.order == "fuse-first" and self.optimize == "none":
             raise ExportInputError("--order fuse-first needs an --optimize level other than none")
+        if self.sentence_embedding and self.task not in ("auto", "feature-extraction"):
+            raise ExportInputError(f"--sentence-embedding needs a feature-extraction export (got --task {self.task})")
         if len(self.validation_texts) < 2:
             raise ExportInputError(f"validation needs at least 2 texts (got {len(self.validation_texts)}): they are also paired to check token types")
 
@@ -651,7 +654,12 @@ def export_model(model_dir: Path, out_dir: Path, settings: ExportSettings = Expo
         if task == "feature-extraction":  # the export says how its sentence embedding is pooled (sentence-transformers files)
             from homoexport.evaluation.sts import read_pooling, write_pooling
 
-            write_pooling(stage, read_pooling(model_dir), int(config.hidden_size), max_length)
+            pooling = read_pooling(model_dir)
+            write_pooling(stage, pooling, int(config.hidden_size), max_length)
+            if settings.sentence_embedding:
+                parity["sentence_embedding_vs_pytorch"] = _add_sentence_embedding(stage, pooling, batches, reference, atol)
+        elif settings.sentence_embedding:
+            raise ExportInputError(f"--sentence-embedding needs a feature-extraction model, and {model_dir} exports as {task}")
         latency = {name: measure_latency(stage / name, batch=1, seq=max_length, threads=latency_threads, repeats=latency_repeats).to_dict()
                    for name in (FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE) if (stage / name).is_file()}
         steps.done()
@@ -694,6 +702,24 @@ def _export_fp32(model: Any, tokenizer: Any, stage: Path, task: str, opset: int 
         raise ExportError(f"optimum could not export the {task} model: {type(e).__name__}: {e}") from e
     if not (stage / FP32_FILE).is_file():
         raise ExportError(f"optimum produced no {FP32_FILE} for task {task}")
+
+
+def _add_sentence_embedding(stage: Path, pooling: Any, batches: list, reference: list, atol: float) -> dict[str, Any]:
+    """Append the pooling to every exported file and check the fp32 file's sentence embedding against PyTorch's."""
+    from homoexport.deployment.pooling_graph import OUTPUT, add_pooling
+    from homoexport.evaluation.sts import pool
+
+    for name in (FP32_FILE, OPTIMIZED_FILE, QUANTIZED_FILE):
+        if (stage / name).is_file():
+            add_pooling(stage / name, pooling)
+    session = load_session(stage / FP32_FILE)
+    diff = 0.0
+    for batch, ref in zip(batches, reference):
+        got = session.run([OUTPUT], {i.name: batch[i.name] for i in session.get_inputs()})[0]
+        diff = max(diff, float(np.max(np.abs(got - pool(ref, batch["attention_mask"], pooling)))))
+    if not np.isfinite(diff) or diff > atol:
+        raise ExportError(f"the in-graph sentence embedding differs from PyTorch's pooled one by {diff:.3g} > atol {atol:g}; nothing was written")
+    return {"max_abs_diff": diff, "atol": atol, "pooling": pooling.mode, "normalize": pooling.normalize, "passed": True}
 
 
 def _check_parity(path: Path, batches: list, reference: list, masks: list, atol: float, what: str) -> dict[str, Any]:
