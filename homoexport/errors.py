@@ -14,6 +14,7 @@ keeps its traceback. Each class also derives from the built-in it refines (``Val
 | 5 | an output cannot be written (permissions, a file in the way, disk full) |
 | 6 | a check failed: masked vs materialised parity, ONNX vs PyTorch parity, int8 accuracy gate, export failure |
 | 7 | no student shape fits the budget |
+| 8 | the machine stayed contended while measuring (``plan`` in CI mode): the figures are unreliable |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ EXIT_MACHINE = 4
 EXIT_OUTPUT = 5
 EXIT_CHECK = 6
 EXIT_BUDGET = 7
+EXIT_CONTENDED = 8
 
 
 class HomoexportError(Exception):
@@ -59,3 +61,9 @@ class CheckError(HomoexportError, RuntimeError):
 
 class ParityError(CheckError):
     """Two computations that must agree (masked vs materialised student, ONNX vs PyTorch) differ."""
+
+
+class ContendedMachineError(HomoexportError):
+    """Measurements were taken while something else competed for the cores, and stayed so when repeated."""
+
+    exit_code = EXIT_CONTENDED

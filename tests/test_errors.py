@@ -104,7 +104,7 @@ def test_killed_writer_leaves_staging_that_the_next_run_removes(tmp_path: Path):
     assert not staged.exists() and (tmp_path / "out").is_dir()
 
 
-@pytest.mark.parametrize("code", [errors.EXIT_USAGE, errors.EXIT_OUTPUT, errors.EXIT_CHECK, errors.EXIT_BUDGET])
+@pytest.mark.parametrize("code", [errors.EXIT_USAGE, errors.EXIT_OUTPUT, errors.EXIT_CHECK, errors.EXIT_BUDGET, errors.EXIT_CONTENDED])
 def test_exit_codes_are_in_the_readme(code):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert f"| {code} |" in readme
@@ -143,3 +143,21 @@ def test_progress_prints_counters_first_as_plain_lines_when_not_a_terminal():
     assert lines[0].startswith("distill 10/240 elapsed 0:00:00 ETA ") and lines[1].startswith("distill 20/240 elapsed")
     assert "loss 0.5" in lines[0] and "h192 a6x32 f768" in lines[0]  # the details follow the counters, not the reverse
     assert lines[2].startswith("plan 1 elapsed") and "measuring h192" in lines[2]
+
+
+def test_plan_in_ci_mode_exits_8_on_a_contended_machine(tmp_path: Path, monkeypatch):
+    import homoexport.deployment.budget as budget
+
+    teacher = save_model_dir(tmp_path / "t", kind="base")
+    chosen = {"name": "h32-a2-f64-l2", "hidden": 32, "heads": 2, "ffn": 64, "layers": 2, "params": 1000,
+              "predicted": {"p50_ms": 1.0, "p90_ms": 1.2, "file_bytes": 1 << 20, "rss_mb": None, "source": "measured", "probe_ms": 8.0,
+                            "contended": True}}
+    fake = {"budget": "latency=8ms", "statistic": "p50_ms", "margin": 0.05, "constraints": [],
+            "settings": {"batch": 1, "seq": 128, "threads_resolved": 2, "precision": "int8"},
+            "candidates": [{**chosen, "measurement": chosen["predicted"], "fits": True}], "chosen": chosen, "measured": 1, "cache_hits": 0,
+            "cache": {"reused": [], "stale_remeasured": [], "fresh": False}, "contended": [chosen["name"]], "elapsed_s": 1.0}
+    monkeypatch.setattr(budget, "plan", lambda *a, **k: fake)
+    ci = CliRunner().invoke(app, ["plan", "--teacher", str(teacher), "--budget", "latency=8ms", "--no-cache", "--ci"])
+    assert ci.exit_code == errors.EXIT_CONTENDED == 8 and "contended" in ci.output
+    local = CliRunner().invoke(app, ["plan", "--teacher", str(teacher), "--budget", "latency=8ms", "--no-cache", "--no-ci"])
+    assert local.exit_code == 0 and "warning" in local.output

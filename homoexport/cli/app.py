@@ -7,6 +7,7 @@ No work is done here that a Python user could not do by calling the same functio
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -588,6 +589,9 @@ def plan_command(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of the budgeted figure vs parameters with the budget line and the chosen shape."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --export-candidates directory if it exists."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress."),
+    ci: bool = typer.Option(os.environ.get("CI", "").lower() in ("1", "true", "yes"), "--ci/--no-ci",
+                            help="CI mode (default: on when $CI is set): exit 8 when the machine stayed contended while measuring, "
+                                 "instead of a warning."),
 ) -> None:
     """Choose the largest student shape of TEACHER whose cost, measured on this machine through onnxruntime on random-weight
     candidates exported exactly as `homoexport export` does, fits the budget. Bisects the candidates by size, caches every
@@ -632,8 +636,13 @@ def plan_command(
     if report["cache"]["stale_remeasured"]:
         console.print(f"re-measured {len(report['cache']['stale_remeasured'])} cached figures taken at another machine speed", highlight=False)
     if report["contended"]:
-        console.print(f"[yellow]warning:[/] the machine was contended while measuring {', '.join(report['contended'])}: "
-                      "those figures are unreliable; plan again on a quiet machine", highlight=False)
+        message = (f"the machine was contended while measuring {', '.join(report['contended'])}: those figures are unreliable; "
+                   "plan again on a quiet machine")
+        if ci:
+            from homoexport.errors import ContendedMachineError
+
+            raise ContendedMachineError(message)
+        console.print(f"[yellow]warning:[/] {message}", highlight=False)
     for path in [p for p in (out, plot) if p]:
         console.print(f"wrote {path}", highlight=False)
 
