@@ -192,6 +192,8 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str]) -> dict[str, 
                     **{b: task_score(best, b) for b in ("pytorch", "onnx_fp32", "onnx_int8")},
                     "metrics": {b: metric_values(best, b) for b in ("pytorch", "onnx_fp32", "onnx_int8")},
                     "lr": best["settings"]["learning_rate"] if best["settings"].get("train", True) else None,
+                    "every_lr": {str(r["settings"]["learning_rate"]): {b: metric_values(r, b) for b in ("pytorch", "onnx_int8")}
+                                 for _, r in pairs} if len(pairs) > 1 else None,
                     "distill_s": distill["wall_time_s"] if distill else None,
                     "train_s": best["runs"][0]["wall_s"].get("train_s"),
                     "int8_p50_ms_b1_s128": export_latency_ms(best_dir),
