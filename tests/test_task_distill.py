@@ -240,3 +240,10 @@ def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir:
     plain = validate_recipe({"teacher": str(teacher_dir), "student": {"hidden": 32}})
     with pytest.raises(BudgetError, match="needs a task recipe"):
         plan_for_recipe(plain, budget="accuracy-drop=1")
+
+
+def test_task_recipe_refuses_terms_the_task_loop_cannot_compute(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.config.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="losses.relation"):
+        validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"losses.relation": 1.0}))

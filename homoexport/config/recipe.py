@@ -211,6 +211,8 @@ class Recipe(_Strict):
             raise UsageError(f"truncate_layers has {len(self.truncate_layers)} entries but student.layers is {self.student.layers}")
         if self.task is not None and (self.init != "copy" or self.assistant.mode != "off"):
             raise UsageError("a task recipe starts from a copy of the fine-tuned teacher: init must be copy and assistant off")
+        if self.task is not None and self.losses.relation > 0:
+            raise UsageError("losses.relation (MiniLMv2 relations) is not available in task recipes: use hidden/attention/embedding")
         return self
 
     def output_dir(self) -> Path:
