@@ -11,6 +11,7 @@ that CI gates on.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -106,13 +107,9 @@ def load_session(model_path: str | os.PathLike, threads: int | None = None) -> "
 PROBE_TOLERANCE = 0.15  # a probe this much slower or faster than another means the machine's speed changed
 
 
-def calibration_probe(threads: int | None = None, repeats: int = 30) -> float:
-    """Median ms of a fixed onnxruntime workload (a 256 x 1024 x 1024 fp32 MatMul) with ``threads`` threads.
-
-    Taken beside a measurement, it tells what speed the machine had at that moment: figures whose probes
-    differ by more than ``PROBE_TOLERANCE`` were taken on a machine running at different speeds (another
-    process competing for the cores) and are not comparable.
-    """
+@functools.lru_cache(maxsize=4)
+def _probe_session(threads: int | None) -> tuple[Any, dict[str, np.ndarray]]:
+    """The probe's session and input, built once per thread count (a planner probes twice per candidate)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -124,7 +121,17 @@ def calibration_probe(threads: int | None = None, repeats: int = 30) -> float:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
-    x = {"x": rng.standard_normal((256, 1024)).astype(np.float32)}
+    return session, {"x": rng.standard_normal((256, 1024)).astype(np.float32)}
+
+
+def calibration_probe(threads: int | None = None, repeats: int = 30) -> float:
+    """Median ms of a fixed onnxruntime workload (a 256 x 1024 x 1024 fp32 MatMul) with ``threads`` threads.
+
+    Taken beside a measurement, it tells what speed the machine had at that moment: figures whose probes
+    differ by more than ``PROBE_TOLERANCE`` were taken on a machine running at different speeds (another
+    process competing for the cores) and are not comparable.
+    """
+    session, x = _probe_session(threads)
     for _ in range(3):
         session.run(None, x)
     times = []
