@@ -36,6 +36,7 @@ class StepProgress:
         self.label, self.console, self.enabled = label, console, enabled
         self.progress = None
         self.tasks: dict[str, object] = {}
+        self.entered = time.time()
 
     def __enter__(self) -> "StepProgress":
         if self.enabled and self.console.is_terminal:
@@ -63,13 +64,14 @@ class StepProgress:
                 self.tasks[label] = self.progress.add_task(label, total=total, completed=step, info="", label=label)
             self.progress.update(self.tasks[label], completed=step, info=describe(record))
             return
-        if label not in self.tasks:  # a new stage (or a resumed run): the ETA counts from its first record
-            self.tasks[label] = (step - 1, time.time())
-        first, started = self.tasks[label]
-        elapsed = time.time() - started
-        done = step - first
+        now = time.time()
+        if label not in self.tasks:  # a new stage (or a resumed run): the rate counts from its first record
+            self.tasks[label] = (step, now, self.entered if not self.tasks else now)
+        first, first_at, started = self.tasks[label]
+        elapsed = now - started
         if total:
-            eta = _clock(elapsed / done * (total - step)) if done > 0 else "?"
+            # The first record carries no rate yet (setup and a resume's skipped steps are not step time): "?"
+            eta = _clock((now - first_at) / (step - first) * (total - step)) if step > first else "?"
             counters = f"{label} {step}/{total} elapsed {_clock(elapsed)} ETA {eta}"
         else:
             counters = f"{label} {step} elapsed {_clock(elapsed)}"
