@@ -434,7 +434,9 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     else:
         dense = run.student
     dense = dense.eval()
-    student_dev = evaluate(dense, dev, data.task)
+    # The loop scored the last step already; the dense student computes what was scored (parity above).
+    last = run.curve[-1] if run.curve else None
+    student_dev = last["dev"] if last is not None and last["step"] == total else evaluate(dense, dev, data.task)
     with staging_dir(out / "student", overwrite=True) as tmp:
         save_student(dense, tmp, tokenizer)
     primary = data.task.primary_metric
