@@ -24,8 +24,10 @@ from homoexport.deployment.budget import (
     enumerate_candidates,
     export_candidates,
     measure_candidates,
+    pareto_front,
     parse_budget,
     parse_candidates,
+    parse_depths,
     plan,
     plan_for_recipe,
     teacher_shape,
@@ -101,7 +103,7 @@ def test_enumeration_respects_divisibility_and_rounding():
     assert Shape(48, 2, 192, 6) in shapes  # 48 = 2 heads x 24
     assert {s.hidden for s in enumerate_candidates(MINILM, multiple=8)} >= {s.hidden for s in shapes}
     assert all(s.ffn == round(s.hidden * 2 / 16) * 16 for s in enumerate_candidates(MINILM, 16, ffn_ratio=2.0))
-    assert {s.layers for s in enumerate_candidates(MINILM, 16, layers=4)} == {4}
+    assert {s.layers for s in enumerate_candidates(MINILM, 16, depths=[4])} == {4}
     with pytest.raises(BudgetError, match="multiple must be one of"):
         enumerate_candidates(MINILM, multiple=12)
 
@@ -229,6 +231,66 @@ def test_plan_writes_json_and_plot(minilm_dir, tmp_path):
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["chosen"] == report["chosen"] and saved["statistic"] == "p50_ms" and saved["settings"]["threads_resolved"] >= 1
     assert (tmp_path / "plan.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- depth -----------------------------------------------------------------------------------------
+
+
+def test_depths_parse_enumerate_and_refuse_the_unreachable():
+    assert parse_depths("6, 4,3") == [6, 4, 3] and parse_depths(None) is None
+    with pytest.raises(BudgetError, match="bad --layers '6,x'"):
+        parse_depths("6,x")
+    shapes = enumerate_candidates(MINILM, depths=[6, 3])
+    assert {s.layers for s in shapes} == {6, 3}
+    assert len(shapes) == 2 * len(enumerate_candidates(MINILM))
+    assert {s.layers for s in parse_candidates("128,256", MINILM, depths=[6, 2])} == {6, 2}
+    with pytest.raises(BudgetError, match="depth 7 is not reachable from a 6-layer teacher"):
+        enumerate_candidates(MINILM, depths=[7])
+
+
+def batch1_cost(shape: Shape) -> float:
+    """Batch-1 latency with a fixed cost per layer (kernel launches, LayerNorms): shallow students get wider."""
+    return 0.2 + shape.layers * (0.6 + shape.hidden * shape.ffn * 6 * 128 / 2e9)
+
+
+def test_depth_search_bisects_each_depth_and_picks_the_most_backbone(minilm_dir):
+    fake = FakeMeasure(batch1_cost)
+    report = _plan(minilm_dir, "latency=4ms", fake, margin=0.0, candidates=enumerate_candidates(MINILM, depths=[6, 3]))
+    by_depth = {d["layers"]: d for d in report["depths"]}
+    assert set(by_depth) == {6, 3}
+    for depth in (6, 3):
+        at = [s for s in enumerate_candidates(MINILM, depths=[depth]) if batch1_cost(s) <= 4.0]
+        assert by_depth[depth]["best"] == at[-1].name  # each depth's own bisection finds its widest fit
+        assert sum(1 for s in fake.calls if s.layers == depth) < len(at)  # bisection, not a sweep
+    backbone = {d: by_depth[d]["best_backbone_params"] for d in (6, 3)}
+    assert report["chosen"]["layers"] == max(backbone, key=lambda d: (backbone[d], d))
+    for d in report["depths"]:  # every front member was measured and none dominates another
+        rows = [r for r in report["candidates"] if r["name"] in d["pareto"]]
+        assert rows and all(r["measurement"] and r["layers"] == d["layers"] for r in rows)
+    # Deeper wins ties and wins whenever it keeps more non-embedding parameters.
+    deep_only = _plan(minilm_dir, "latency=4ms", FakeMeasure(batch1_cost), margin=0.0)
+    assert deep_only["chosen"]["layers"] == 6 and len(deep_only["depths"]) == 1
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    def row(name, params, ms):
+        return {"name": name, "params": params, "measurement": {"p50_ms": ms}}
+
+    rows = [row("a", 10, 1.0), row("b", 20, 2.0), row("c", 15, 2.5), row("d", 20, 3.0), {"name": "e", "params": 5, "measurement": None}]
+    assert pareto_front(rows) == ["a", "b"]
+
+
+def test_a_shallower_plan_truncates_the_teacher_with_a_layer_mapping(minilm_dir, tmp_path):
+    recipe = validate_recipe({"teacher": str(minilm_dir), "student": {}})
+    report = _plan(minilm_dir, "latency=4ms", FakeMeasure(lambda s: batch1_cost(s) if s.layers == 3 else 99.0), margin=0.0,
+                   candidates=enumerate_candidates(MINILM, depths=[6, 3]))
+    assert report["chosen"]["layers"] == 3
+    planned = apply_plan(recipe, report)
+    assert (planned.init, planned.student.layers, planned.losses.layer_mapping) == ("truncate", 3, "uniform")
+    assert planned.student.hidden == report["chosen"]["hidden"]
+    (tmp_path / "plan.json").write_text(json.dumps(report))
+    with pytest.raises(BudgetError, match="need a budget"):
+        plan_for_recipe(recipe, plan_file=tmp_path / "plan.json", depths=[6, 3])
 
 
 # --- recipes ----------------------------------------------------------------------------------------

@@ -94,16 +94,16 @@ def test_task_loss_classification_and_regression():
     spec = LossSpec(kl=1.0, temperature=2.0, hidden=0.0, attention=0.0, embedding=0.0)
     mask = torch.ones(2, 5)
     t = _outputs(torch.tensor([[2.0, -1.0], [0.0, 1.0]]))
-    same, terms = TaskLoss(spec, 0.0, False, 8, 8, 2)(t, t, mask, torch.tensor([0, 1]), None)
+    same, terms = TaskLoss(spec, 0.0, False, 8, 8, 2, 2)(t, t, mask, torch.tensor([0, 1]), None)
     assert float(same) == pytest.approx(0.0, abs=1e-6) and set(terms) == {"prediction"}
     s = _outputs(torch.tensor([[0.0, 0.0], [0.0, 0.0]]))
-    loss, terms = TaskLoss(spec, 0.5, False, 8, 8, 2)(s, t, mask, torch.tensor([0, 1]), None)
+    loss, terms = TaskLoss(spec, 0.5, False, 8, 8, 2, 2)(s, t, mask, torch.tensor([0, 1]), None)
     p_t = torch.softmax(t.logits / 2, -1)
     kl = (p_t * (p_t.log() - torch.log(torch.tensor(0.5)))).sum(-1).mean() * 4
     assert float(terms["prediction"]) == pytest.approx(float(kl), rel=1e-5)
     assert float(terms["label"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)
     assert float(loss) == pytest.approx(float(kl) + 0.5 * float(terms["label"]), rel=1e-5)
-    reg = TaskLoss(spec, 1.0, True, 8, 8, 2)
+    reg = TaskLoss(spec, 1.0, True, 8, 8, 2, 2)
     loss, terms = reg(_outputs(torch.tensor([[1.0], [2.0]])), _outputs(torch.tensor([[3.0], [2.0]])), mask, torch.tensor([1.0, 4.0]), None)
     assert float(terms["prediction"]) == pytest.approx(2.0) and float(terms["label"]) == pytest.approx(2.0)
 
@@ -247,3 +247,21 @@ def test_task_recipe_refuses_terms_the_task_loop_cannot_compute(tmp_path: Path, 
 
     with pytest.raises(RecipeError, match="losses.relation"):
         validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"losses.relation": 1.0}))
+
+
+def test_a_shallower_task_student_starts_from_teacher_layers_and_maps_them(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.config.recipe import RecipeError
+    from homoexport.errors import UsageError
+
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", init="truncate", truncate_layers=[1],
+                                         **{"student.layers": 1, "losses.layer_mapping": "uniform", "task.epochs": 2}))
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    report = distill_task(recipe)
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.num_hidden_layers == 1 and student.config.hidden_size == 32
+    assert report["student"]["layers"] == 1 and report["student"]["dev"]
+    assert teacher.config.num_hidden_layers == 2
+    with pytest.raises(RecipeError, match="init must be copy"):
+        validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "r2", init="random"))
+    with pytest.raises(UsageError, match="one_to_one needs equal depths"):
+        distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "r3", init="truncate", **{"student.layers": 1})))

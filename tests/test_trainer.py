@@ -243,6 +243,24 @@ def test_cli_distill_with_params_budget_plans_then_trains(teachers, corpus, tmp_
     assert report["student"]["widths"]["hidden"] < 64
 
 
+def test_cli_distill_budget_over_depths_trains_a_shallower_student(teachers, corpus, tmp_path, monkeypatch):
+    """`distill --budget … --layers 1` plans at depth 1 and trains that student from a teacher layer (init truncate)."""
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "run", training={"steps": 6, "batch_size": 8, "log_every": 1})
+    r["student"] = {}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(r))
+    monkeypatch.setenv("HOMOEXPORT_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", "params=50M", "--layers", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["plan"]["chosen"]["layers"] == 1 and [d["layers"] for d in report["plan"]["depths"]] == [1]
+    assert AutoModel.from_pretrained(tmp_path / "run" / "student").config.num_hidden_layers == 1
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
+    assert (resolved["init"], resolved["student"]["layers"], resolved["losses"]["layer_mapping"]) == ("truncate", 1, "uniform")
+    bad = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--layers", "1"])
+    assert bad.exit_code == 2 and "need a budget" in bad.output
+
+
 def test_sentence_embedding_terms_train_a_base_encoder(teachers, corpus, tmp_path):
     """A teacher without an MLM head (a sentence encoder) distilled on its pooled embeddings and their similarity structure."""
     r = recipe_dict(teachers["base"], corpus, tmp_path / "run", losses={"hidden": 0.0, "attention": 0.0, "embedding": 0.0, "sentence": 1.0,

@@ -167,6 +167,9 @@ def distill_command(
                                          "overrides the recipe's budget. The plan goes into report.json."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="Take the student widths from a plan.json written by `homoexport plan` "
                                              "(e.g. from measurements on the target device) instead of planning here."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="With --budget: student depths the planner may choose from, e.g. 6,4,3 "
+                                         "(default: the recipe's depth). A shallower winner starts from evenly spaced teacher layers "
+                                         "(init truncate, uniform layer mapping); see the README on width vs depth."),
     assistant: Optional[str] = typer.Option(None, "--assistant", help="Teacher assistant (MiniDisc): auto = choose its width with one "
                                             "weight-shared sandwich run and the λ-tradeoff of the recipe's assistant section; HIDDEN = use that "
                                             "hidden size; off = none. Then distills teacher -> assistant -> student (OUT/stage1-assistant, "
@@ -182,14 +185,15 @@ def distill_command(
     r = with_assistant_option(load_recipe(recipe, set_), assistant)  # recipe errors come before the heavy imports
     from homoexport.cli.progress import StepProgress
     from homoexport.cli.tables import tradeoff_table
-    from homoexport.deployment.budget import default_cache_path, plan_for_recipe
+    from homoexport.deployment.budget import default_cache_path, parse_depths, plan_for_recipe
     from homoexport.distillation.assistant import distill_with_assistant
     from homoexport.distillation.models import quiet_transformers
     from homoexport.distillation.trainer import distill
 
     quiet_transformers()
     with StepProgress("plan", console, enabled=progress) as bar:
-        r, plan = plan_for_recipe(r, budget=budget, plan_file=plan_file, cache_path=default_cache_path(), on_progress=bar.update)
+        r, plan = plan_for_recipe(r, budget=budget, plan_file=plan_file, cache_path=default_cache_path(), on_progress=bar.update,
+                                  depths=parse_depths(layers))
     if plan:
         console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
     _log_to(console)
@@ -573,7 +577,9 @@ def plan_command(
     candidates: Optional[str] = typer.Option(None, "--candidates", help="Only these shapes, comma-separated: HIDDEN (heads and FFN derived) or HIDDEN:HEADS:FFN, e.g. 128,256:8:1024."),
     multiple: int = typer.Option(16, "--multiple", help="Hidden sizes and FFN are multiples of this (8, 16, 32 or 64)."),
     ffn_ratio: Optional[float] = typer.Option(None, "--ffn-ratio", min=0.01, help="FFN = hidden x this (default: the teacher's FFN/hidden)."),
-    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Student depth (default: the teacher's, as HomoDistil keeps it)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Student depths to search, comma-separated, e.g. 6,4,3 (default: the "
+                                         "teacher's, as HomoDistil keeps it). Each depth is searched on its own; the fitting shape with the most "
+                                         "non-embedding parameters wins, and the report keeps every depth's best and Pareto front."),
     margin: float = typer.Option(0.05, "--margin", min=0.0, max=0.5, help="Safety margin on measured figures (latency, rss): a shape fits when it measures at most budget x (1 - margin)."),
     refine: int = typer.Option(2, "--refine", min=0, help="After bisection, also measure this many shapes just above the boundary (catches non-monotone steps)."),
     repeats: int = typer.Option(50, "--repeats", min=1, help="Timed runs per candidate (after --warmup untimed runs)."),
@@ -603,6 +609,7 @@ def plan_command(
         default_cache_path,
         export_candidates,
         parse_candidates,
+        parse_depths,
         plan,
         teacher_shape,
     )
@@ -610,12 +617,13 @@ def plan_command(
 
     quiet_transformers()
     settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
-    shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, layers) if candidates else None
+    depths = parse_depths(layers)
+    shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, depths) if candidates else None
     from homoexport.cli.progress import StepProgress
 
     if export_candidates_dir is not None:
         with StepProgress("export candidates", console, enabled=progress) as bar:
-            manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, layers, overwrite=overwrite,
+            manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, depths, overwrite=overwrite,
                                          on_progress=bar.update)
         console.print(f"wrote {len(manifest['candidates'])} candidates to {export_candidates_dir}; on the target run "
                       f"`homoexport measure {export_candidates_dir}`, then `homoexport plan --measurements .../measurements.json`", highlight=False)
@@ -623,12 +631,14 @@ def plan_command(
     if budget is None:
         raise BudgetError("--budget is required (or --export-candidates DIR)")
     with StepProgress("plan", console, enabled=progress) as bar:
-        report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, layers, margin, refine,
+        report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, depths, margin, refine,
                       cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot,
                       on_progress=bar.update, fresh=fresh)
-    from homoexport.cli.tables import plan_table
+    from homoexport.cli.tables import depth_lines, plan_table
 
     Console().print(plan_table(report))
+    for line in depth_lines(report):
+        console.print(line, highlight=False)
     c = report["chosen"]
     predicted = f"; predicted p50 {c['predicted']['p50_ms']:.2f} ms, file {c['predicted']['file_bytes'] / 2**20:.1f} MB" if c["predicted"] else ""
     console.print(f"chosen {c['name']} ({c['params'] / 1e6:.2f}M params){predicted}; {report['measured']} measured, "

@@ -71,16 +71,17 @@ def plan_table(report: Mapping[str, Any]) -> Table:
     title = (f"plan for {report['budget']} ({report['statistic']}, batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, "
              f"{s['precision']}, margin {report['margin']:.0%})")
     table = Table(title=title)
-    for col in ("shape", "params", "p50 ms", "p90 ms", "file MB", "rss MB", "source", "fits"):
+    for col in ("shape", "params", "backbone", "p50 ms", "p90 ms", "file MB", "rss MB", "source", "fits", "front"):
         table.add_column(col, justify="left" if col in ("shape", "source") else "right", no_wrap=col == "shape")
     chosen = (report.get("chosen") or {}).get("name")
+    front = {name for d in report.get("depths", []) for name in d["pareto"]}
     for r in report["candidates"]:
         m = r["measurement"] or {}
         if not m and r["fits"] is None:
             continue
-        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
+        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['backbone_params'] / 1e6:.2f}M", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
                  _num(m["file_bytes"] / MB if m else None), _num(m.get("rss_mb")), m.get("source", "-"),
-                 {True: "yes", False: "no", None: "-"}[r["fits"]]]
+                 {True: "yes", False: "no", None: "-"}[r["fits"]], "*" if r["name"] in front else ""]
         table.add_row(*cells, style="bold green" if r["name"] == chosen else None)
     return table
 
@@ -88,6 +89,15 @@ def plan_table(report: Mapping[str, Any]) -> Table:
 
 def _num(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def depth_lines(report: Mapping[str, Any]) -> list[str]:
+    """One line per searched depth (only when more than one was searched): its best fitting shape."""
+    depths = report.get("depths", [])
+    if len(depths) < 2:
+        return []
+    return [f"{d['layers']} layers: " + (f"best {d['best']} ({d['best_backbone_params'] / 1e6:.2f}M non-embedding params)" if d["best"]
+                                         else "nothing fits") for d in depths] + [f"choice: {report['depth_rule']}"]
 
 
 def tradeoff_table(selection: dict[str, Any]) -> Table:

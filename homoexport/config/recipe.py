@@ -209,8 +209,9 @@ class Recipe(_Strict):
             raise UsageError("init=copy keeps the teacher's depth: leave student.layers unset or use init=truncate|random")
         if self.init == "truncate" and self.truncate_layers and self.student.layers and len(self.truncate_layers) != self.student.layers:
             raise UsageError(f"truncate_layers has {len(self.truncate_layers)} entries but student.layers is {self.student.layers}")
-        if self.task is not None and (self.init != "copy" or self.assistant.mode != "off"):
-            raise UsageError("a task recipe starts from a copy of the fine-tuned teacher: init must be copy and assistant off")
+        if self.task is not None and (self.init == "random" or self.assistant.mode != "off"):
+            raise UsageError("a task recipe starts from the fine-tuned teacher's own weights: init must be copy (or truncate, for a "
+                             "shallower student) and assistant off")
         if self.task is not None and self.losses.relation > 0:
             raise UsageError("losses.relation (MiniLMv2 relations) is not available in task recipes: use hidden/attention/embedding")
         return self

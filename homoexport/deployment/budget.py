@@ -10,11 +10,13 @@ A budget is one or more comma-separated constraints, all of which must hold:
   batch / seq (``bench.measure_footprint().session_rss_mb``: weights, pre-packed kernels, arena).
 - ``params=20M``: parameter count of the student by closed form (embedding + backbone).
 
-Candidates are the shapes reachable from the teacher by HomoDistil (same depth, uniform widths, hidden
-a multiple of 16 or 8, the teacher's head_dim where it divides hidden, FFN = hidden x the teacher's
-FFN/hidden ratio). Cost grows with width, so the search bisects the candidate list (sorted by size)
-instead of timing every shape, then times the few shapes just above the boundary to catch
-non-monotone steps (e.g. a change of head count). Measured figures must fit with a safety ``margin``
+Candidates are the shapes reachable from the teacher by HomoDistil (uniform widths, hidden a multiple
+of 16 or 8, the teacher's head_dim where it divides hidden, FFN = hidden x the teacher's FFN/hidden
+ratio) at the teacher's depth, or at each of several depths (a shallower student starts from evenly
+spaced teacher layers). At a fixed depth cost grows with width, so the search bisects each depth's
+candidates (sorted by size) instead of timing every shape, then times the few shapes just above the
+boundary to catch non-monotone steps (e.g. a change of head count). Across depths the fitting shape
+with the most non-embedding parameters wins; the report keeps each depth's best and Pareto front. Measured figures must fit with a safety ``margin``
 (timing noise), so the returned shape never violates the budget. Measurements are cached per machine
 fingerprint, settings and shape.
 
@@ -208,27 +210,48 @@ def round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-def enumerate_candidates(teacher: TeacherShape, multiple: int = 16, ffn_ratio: float | None = None, layers: int | None = None) -> list[Shape]:
-    """Every reachable shape with hidden a multiple of ``multiple`` (plus the teacher's own), sorted by size."""
+def resolve_depths(teacher: TeacherShape, depths: Sequence[int] | None) -> list[int]:
+    """The student depths to search, deepest first (default: the teacher's own, as HomoDistil keeps it)."""
+    chosen = sorted(set(depths or [teacher.layers]), reverse=True)
+    bad = [d for d in chosen if not 1 <= d <= teacher.layers]
+    if bad:
+        raise BudgetError(f"depth {bad[0]} is not reachable from a {teacher.layers}-layer teacher: give layers between 1 and {teacher.layers}")
+    return chosen
+
+
+def parse_depths(text: str | None) -> list[int] | None:
+    """``"6,4,3"`` -> [6, 4, 3]; None or empty -> None (the teacher's depth)."""
+    if not text or not text.strip():
+        return None
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise BudgetError(f"bad --layers {text!r}: expected positive layer counts, comma-separated, e.g. 6 or 6,4,3")
+    return [int(p) for p in parts]
+
+
+def enumerate_candidates(teacher: TeacherShape, multiple: int = 16, ffn_ratio: float | None = None, depths: Sequence[int] | None = None) -> list[Shape]:
+    """Every reachable shape with hidden a multiple of ``multiple`` (plus the teacher's own) at each of
+    ``depths`` (default: the teacher's), sorted by size."""
     if multiple not in (8, 16, 32, 64):
         raise BudgetError(f"multiple must be one of 8, 16, 32, 64, got {multiple}")
     ratio = ffn_ratio if ffn_ratio is not None else teacher.ffn / teacher.hidden
     if ratio <= 0:
         raise BudgetError(f"ffn ratio must be > 0, got {ratio}")
-    depth = layers or teacher.layers
     shapes = []
-    for hidden in sorted(set(range(multiple, teacher.hidden + 1, multiple)) | {teacher.hidden}):
-        heads = choose_heads(hidden, teacher)
-        if heads is not None:
-            shapes.append(Shape(hidden, heads, min(teacher.ffn, round_to(hidden * ratio, multiple)), depth))
+    for depth in resolve_depths(teacher, depths):
+        for hidden in sorted(set(range(multiple, teacher.hidden + 1, multiple)) | {teacher.hidden}):
+            heads = choose_heads(hidden, teacher)
+            if heads is not None:
+                shapes.append(Shape(hidden, heads, min(teacher.ffn, round_to(hidden * ratio, multiple)), depth))
     return sorted(shapes)
 
 
-def parse_candidates(text: str, teacher: TeacherShape, multiple: int = 16, ffn_ratio: float | None = None, layers: int | None = None) -> list[Shape]:
+def parse_candidates(text: str, teacher: TeacherShape, multiple: int = 16, ffn_ratio: float | None = None,
+                     depths: Sequence[int] | None = None) -> list[Shape]:
     """``"128,256:8:1024"``: hidden sizes (heads and FFN derived as in ``enumerate_candidates``) or
-    HIDDEN:HEADS:FFN triples; each must be reachable from the teacher."""
+    HIDDEN:HEADS:FFN triples, each at every one of ``depths``; each must be reachable from the teacher."""
     ratio = ffn_ratio if ffn_ratio is not None else teacher.ffn / teacher.hidden
-    depth = layers or teacher.layers
+    levels = resolve_depths(teacher, depths)
     shapes = set()
     for spec in (s.strip() for s in text.split(",") if s.strip()):
         parts = spec.split(":")
@@ -243,7 +266,7 @@ def parse_candidates(text: str, teacher: TeacherShape, multiple: int = 16, ffn_r
                 f"ffn {teacher.ffn}): need hidden <= {teacher.hidden}, heads <= {teacher.heads} dividing hidden, head_dim <= {teacher.head_dim}, "
                 f"ffn <= {teacher.ffn}"
             )
-        shapes.add(Shape(hidden, heads, ffn, depth))
+        shapes.update(Shape(hidden, heads, ffn, depth) for depth in levels)
     if not shapes:
         raise BudgetError(f"--candidates {text!r} names no shape")
     return sorted(shapes)
@@ -254,6 +277,18 @@ def parameters(shape: Shape, teacher: TeacherShape) -> int:
     from homoexport.pruning.surgery import closed_form_parameters
 
     return closed_form_parameters(shape.widths, shape.layers, teacher.vocab, teacher.max_positions, teacher.type_vocab)["total"]
+
+
+def backbone_parameters(shape: Shape, teacher: TeacherShape) -> int:
+    """Parameters outside the embedding tables: the capacity measure that decides between depths.
+
+    Total parameters would favour wide, shallow students only because the vocabulary table grows with
+    hidden; non-embedding parameters are what predicts quality in Kaplan et al. (2020), "Scaling Laws for
+    Neural Language Models".
+    """
+    from homoexport.pruning.surgery import closed_form_parameters
+
+    return closed_form_parameters(shape.widths, shape.layers, teacher.vocab, teacher.max_positions, teacher.type_vocab)["backbone"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,6 +544,14 @@ def search(
     return SearchResult(order[best] if best >= 0 else None, measured)
 
 
+def pareto_front(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Names of the measured candidates no other candidate beats on both counts: at least as many
+    parameters at no more p50 latency (one strictly better)."""
+    timed = [(r["params"], r["measurement"]["p50_ms"], r["name"]) for r in rows if (r.get("measurement") or {}).get("p50_ms") is not None]
+    return [name for p, ms, name in sorted(timed)
+            if not any(q >= p and t <= ms and (q > p or t < ms) for q, t, _ in timed)]
+
+
 def no_fit_message(constraints: Sequence[Constraint], smallest: Shape, m: Measurement | None, params: int, margin: float, settings: PlanSettings) -> str:
     """Why nothing fits: the smallest candidate's figure for each violated constraint."""
     parts = []
@@ -521,7 +564,7 @@ def no_fit_message(constraints: Sequence[Constraint], smallest: Shape, m: Measur
                 parts.append(f"{c.kind} {c.describe(value)} > {c.text}{room}")
     where = f"batch {settings.batch}, seq {settings.seq}, {settings.resolved_threads()} threads, {settings.precision}"
     return (f"no candidate fits the budget: the smallest achievable, {smallest.name} ({params / 1e6:.2f}M params), measures "
-            f"{'; '.join(parts)} at {where}; raise the budget, lower --multiple, or reduce layers")
+            f"{'; '.join(parts)} at {where}; raise the budget, lower --multiple, or search shallower depths (--layers)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -548,7 +591,7 @@ def plan(
     candidates: Sequence[Shape] | None = None,
     multiple: int = 16,
     ffn_ratio: float | None = None,
-    layers: int | None = None,
+    depths: Sequence[int] | None = None,
     margin: float = 0.05,
     refine: int = 2,
     cache_path: Path | None = None,
@@ -574,7 +617,7 @@ def plan(
     t = teacher_shape(teacher)
     if settings.seq > t.max_positions:
         raise BudgetError(f"seq {settings.seq} exceeds the teacher's max_position_embeddings {t.max_positions}")
-    shapes = list(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, layers)
+    shapes = list(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, depths)
     params = {s: parameters(s, t) for s in shapes}
     machine = dict(machine or fingerprint())
     cache = MeasurementCache(cache_path, machine["id"], settings_key(settings, t))
@@ -634,14 +677,22 @@ def plan(
             return m
 
     bar = Tracker(on_progress, "plan")
-    result = search(shapes, constraints, params, measure_one, margin, refine,
-                    on_measure=lambda s: bar.advance(message=f"measuring {s.name} (export + time)"))
+    result = SearchResult(None)
+    per_depth: dict[int, Shape | None] = {}
+    for depth in sorted({s.layers for s in shapes}, reverse=True):
+        # Cost grows with width only at a fixed depth: bisect each depth on its own.
+        found = search([s for s in shapes if s.layers == depth], constraints, params, measure_one, margin, refine,
+                       on_measure=lambda s: bar.advance(message=f"measuring {s.name} (export + time)"))
+        result.measured.update(found.measured)
+        per_depth[depth] = found.chosen
+    winners = [s for s in per_depth.values() if s is not None]
+    result.chosen = max(winners, key=lambda s: (backbone_parameters(s, t), s.layers)) if winners else None
+    needs = any(c.kind != "params" for c in constraints)
     rows = []
-    for s in sorted(shapes):
+    for s in sorted(shapes, key=lambda s: (-s.layers, s)):
         m = result.measured.get(s)
-        needs = any(c.kind != "params" for c in constraints)
-        rows.append({"name": s.name, **s.to_dict(), "params": params[s], "measurement": m.to_dict() if m else None,
-                     "fits": fits(constraints, m, params[s], margin) if (m or not needs) else None})
+        rows.append({"name": s.name, **s.to_dict(), "params": params[s], "backbone_params": backbone_parameters(s, t),
+                     "measurement": m.to_dict() if m else None, "fits": fits(constraints, m, params[s], margin) if (m or not needs) else None})
     report = {
         "schema": SCHEMA,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -656,6 +707,9 @@ def plan(
         "measurements_file": str(measurements) if measurements else None,
         "chosen": None,
         "candidates": rows,
+        "depths": [{"layers": d, "best": w.name if w else None, "best_backbone_params": backbone_parameters(w, t) if w else None,
+                    "pareto": pareto_front([r for r in rows if r["layers"] == d])} for d, w in per_depth.items()],
+        "depth_rule": "the fitting shape with the most non-embedding parameters over all searched depths (ties: the deeper)",
         "measured": sum(1 for m in result.measured.values() if m.source == "measured"),
         "cache_hits": len(hits),
         "cache": {"reused": hits, "stale_remeasured": stale, "fresh": fresh,
@@ -664,7 +718,7 @@ def plan(
         "elapsed_s": None,
     }
     if result.chosen is None:
-        smallest = sorted(shapes)[0]
+        smallest = min(shapes, key=lambda s: (params[s], s))
         raise NoFitError(no_fit_message(constraints, smallest, result.measured.get(smallest), params[smallest], margin, settings))
     m = result.measured.get(result.chosen)
     report["chosen"] = {"name": result.chosen.name, **result.chosen.to_dict(), "params": params[result.chosen],
@@ -684,8 +738,20 @@ def apply_plan(recipe: Any, plan_report: Mapping[str, Any]) -> Any:
     chosen = plan_report.get("chosen")
     if not chosen:
         raise BudgetError("the plan has no chosen shape")
-    data = recipe.model_dump(mode="json")
+    data = recipe.model_dump(mode="json", by_alias=True)
     data["student"] = {**data["student"], "hidden": chosen["hidden"], "heads": chosen["heads"], "ffn": chosen["ffn"]}
+    teacher_layers = plan_report["teacher_shape"]["layers"]
+    if chosen["layers"] != (data["student"].get("layers") or teacher_layers):
+        # A shallower student starts from evenly spaced teacher layers (DistilBERT's initialisation), and its
+        # layer-to-layer terms need a mapping between unequal depths.
+        data["student"]["layers"] = chosen["layers"] if chosen["layers"] != teacher_layers else None
+        if data["student"]["layers"] is not None:
+            data["init"] = "truncate" if data["init"] == "copy" else data["init"]
+            data["truncate_layers"] = None
+            if data["losses"]["layer_mapping"] == "one_to_one":
+                data["losses"]["layer_mapping"] = "uniform"
+            logger.info("the plan chose %d layers: the student starts from teacher layers %s with the uniform layer mapping",
+                        chosen["layers"], data["init"])
     return validate_recipe(data)
 
 
@@ -710,10 +776,10 @@ def split_accuracy_drop(budget: str | None) -> tuple[str | None, float | None]:
 
 
 def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | None = None, cache_path: Path | None = None,
-                    on_progress: ProgressFn | None = None) -> tuple[Any, dict[str, Any] | None]:
+                    on_progress: ProgressFn | None = None, depths: Sequence[int] | None = None) -> tuple[Any, dict[str, Any] | None]:
     """The recipe to train and its plan: from ``plan_file`` (a plan.json), else by planning ``budget`` (or
-    the recipe's own ``budget``) for the recipe's teacher and depth at the default settings. Without a
-    budget, the recipe unchanged and None."""
+    the recipe's own ``budget``) for the recipe's teacher at ``depths`` (default: the recipe's depth) at
+    the default settings. Without a budget, the recipe unchanged and None."""
     if plan_file is not None and budget is not None:
         raise BudgetError("give --budget or --plan, not both")
     from_command_line = budget is not None or plan_file is not None
@@ -727,6 +793,8 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
         data["task"]["max_drop"] = drop
         data["budget"] = budget
         recipe = validate_recipe(data)
+    if depths and (plan_file is not None or budget is None):
+        raise BudgetError("student depths to choose from (--layers) need a budget to plan, not a finished plan: give --budget")
     if plan_file is None and budget is None:
         return recipe, None
     if budget is not None:
@@ -752,7 +820,8 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
     else:
         # A task recipe deploys a classifier: time candidates with its head, as `homoexport export` will export it.
         settings = PlanSettings(task="text-classification" if getattr(recipe, "task", None) is not None else "feature-extraction")
-        report = plan(recipe.teacher, budget, settings=settings, layers=s.layers, cache_path=cache_path, on_progress=on_progress)
+        report = plan(recipe.teacher, budget, settings=settings, depths=depths or ([s.layers] if s.layers else None), cache_path=cache_path,
+                      on_progress=on_progress)
     return apply_plan(recipe, report), report
 
 
@@ -767,14 +836,14 @@ def export_candidates(
     candidates: Sequence[Shape] | None = None,
     multiple: int = 16,
     ffn_ratio: float | None = None,
-    layers: int | None = None,
+    depths: Sequence[int] | None = None,
     overwrite: bool = False,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Write every candidate's deployed ONNX file (+ config.json, which ``bench`` reads the vocabulary
     from) to ``out_dir/<name>/`` and a manifest, for ``measure_candidates`` on the target machine."""
     t = teacher_shape(teacher)
-    shapes = sorted(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, layers)
+    shapes = sorted(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, depths)
     exporter = CandidateExporter(teacher, settings)
     entries = []
     bar = Tracker(on_progress, "export candidates", len(shapes))
@@ -841,7 +910,9 @@ def plot_plan(report: Mapping[str, Any], path: Path) -> Path:
                          "rss": ("rss_mb", 1.0, "session RSS (MB)")}[kind]
     rows = [r for r in report["candidates"] if r["measurement"] and r["measurement"].get(key) is not None]
     fig, (ax,) = figure(1)
-    ax.plot([r["params"] / 1e6 for r in rows], [r["measurement"][key] * scale for r in rows], "o", label="measured candidates")
+    for depth in sorted({r["layers"] for r in rows}, reverse=True):
+        at = [r for r in rows if r["layers"] == depth]
+        ax.plot([r["params"] / 1e6 for r in at], [r["measurement"][key] * scale for r in at], "o", label=f"measured, {depth} layers")
     limit = next((c["limit"] for c in report["constraints"] if c["kind"] == kind), None)
     if limit is not None:
         ax.axhline(limit / MB if kind in ("memory", "rss") else limit, color="red", linestyle="--", label=f"budget {report['budget']}")

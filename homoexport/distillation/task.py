@@ -39,7 +39,7 @@ from homoexport.distillation.checkpoint import (
     set_rng_state,
 )
 from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
-from homoexport.distillation.models import ModelLoadError, is_sequence_classifier, load_tokenizer
+from homoexport.distillation.models import ModelLoadError, build_student, is_sequence_classifier, load_tokenizer
 from homoexport.distillation.task_data import (
     TaskBatcher,
     TaskData,
@@ -71,10 +71,11 @@ class TaskLoss(nn.Module):
     meaning on task data and is ignored.
     """
 
-    def __init__(self, spec: LossSpec, hard_label: float, regression: bool, student_hidden: int, teacher_hidden: int, layers: int):
+    def __init__(self, spec: LossSpec, hard_label: float, regression: bool, student_hidden: int, teacher_hidden: int,
+                 student_layers: int, teacher_layers: int):
         super().__init__()
         self.spec, self.hard_label, self.regression = spec, hard_label, regression
-        self.inner = DistillationLoss(spec, student_hidden, teacher_hidden, layers, layers, has_mlm=False)
+        self.inner = DistillationLoss(spec, student_hidden, teacher_hidden, student_layers, teacher_layers, has_mlm=False)
 
     @property
     def active_terms(self) -> dict[str, float]:
@@ -281,9 +282,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     dev = TaskBatcher(data.dev, tokenizer, ts.eval_batch_size, ts.max_length, shuffle=False)
     total = max(1, round(ts.epochs * train.steps_per_epoch))
 
-    import copy
-
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    student = build_student(teacher, recipe.init, recipe.student.layers, recipe.truncate_layers).train().requires_grad_(True)
     pruner = None
     if recipe.pruning.schedule != "none":
         from homoexport.distillation.trainer import pruner_settings
@@ -292,7 +291,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         target = target_widths(config_widths(teacher.config), recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
         pruner = HomoDistilPruner(student, target, pruner_settings(recipe, total))
     hidden = teacher.config.hidden_size
-    loss = TaskLoss(recipe.losses, ts.hard_label, regression, hidden, hidden, teacher.config.num_hidden_layers)
+    loss = TaskLoss(recipe.losses, ts.hard_label, regression, hidden, hidden, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     params = {**{f"student.{n}": p for n, p in student.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
     optimizer = _optimizer(params, recipe)
     run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner)
