@@ -359,6 +359,27 @@ def test_cache_entries_from_another_machine_speed_are_measured_again(minilm_dir,
     assert _plan(minilm_dir, "latency=6ms", fresh, cache_path=cache, fresh=True)["cache_hits"] == 0 and fresh.calls
 
 
+def test_steady_load_reuses_quiet_figures_and_flags_what_it_measures(minilm_dir, tmp_path, monkeypatch):
+    """A machine that stays busy measures consistently slow: only its quiet speed on record can tell."""
+    cache = tmp_path / "cache.json"
+    quiet = _plan(minilm_dir, "latency=6ms", FakeMeasure(), cache_path=cache)
+    assert json.loads(cache.read_text())["references"] == {f"testmachine|t{PlanSettings().resolved_threads()}": 8.0}
+    monkeypatch.setattr(budget, "calibration_probe", lambda threads=None: 12.0)  # steady load: 1.5x slower throughout
+
+    def slow(shape):
+        return fake_cost(shape) * 1.5
+
+    busy_cached = FakeMeasure(slow)
+    report = _plan(minilm_dir, "latency=6ms", busy_cached, cache_path=cache)
+    assert report["chosen"]["name"] == quiet["chosen"]["name"] and not busy_cached.calls and not report["contended"]
+    assert report["machine_speed"] == {"probe_ms": 12.0, "quiet_probe_ms": 8.0, "load_avg_1m": report["machine_speed"]["load_avg_1m"]}
+    busy_fresh = FakeMeasure(slow)
+    report = _plan(minilm_dir, "latency=6ms", busy_fresh, cache_path=cache, fresh=True)
+    measured = [c for c in report["candidates"] if c["measurement"]]
+    assert set(report["contended"]) == {c["name"] for c in measured}  # every busy figure is flagged, none silently used
+    assert len(busy_fresh.calls) == 3 * len(measured)  # each was tried three times first
+
+
 def test_a_measurement_whose_probe_moves_is_repeated_then_marked_contended(minilm_dir, tmp_path, monkeypatch):
     readings = iter([8.0, 8.1] + [8.0, 20.0] * 200)  # the first measurement is steady, every later one is disturbed
 

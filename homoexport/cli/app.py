@@ -635,6 +635,7 @@ def plan_command(
                       cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot,
                       on_progress=bar.update, fresh=fresh)
     from homoexport.cli.tables import depth_lines, plan_table
+    from homoexport.deployment.bench import same_speed
 
     Console().print(plan_table(report))
     for line in depth_lines(report):
@@ -645,6 +646,10 @@ def plan_command(
                   f"{report['cache_hits']} from cache, {report['elapsed_s']:.0f}s", highlight=False)
     if report["cache"]["stale_remeasured"]:
         console.print(f"re-measured {len(report['cache']['stale_remeasured'])} cached figures taken at another machine speed", highlight=False)
+    speed = report.get("machine_speed") or {}
+    if report["cache_hits"] and speed.get("probe_ms") and speed.get("quiet_probe_ms") and not same_speed(speed["probe_ms"], speed["quiet_probe_ms"]):
+        console.print(f"the machine runs {speed['probe_ms'] / speed['quiet_probe_ms'] - 1:.0%} slower than its quiet speed now; the "
+                      f"{report['cache_hits']} cached figures were taken at the quiet speed and were reused", highlight=False)
     if report["contended"]:
         message = (f"the machine was contended while measuring {', '.join(report['contended'])}: those figures are unreliable; "
                    "plan again on a quiet machine")

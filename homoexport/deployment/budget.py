@@ -340,10 +340,19 @@ class Measurement:
     rss_mb: Optional[float] = None
     source: str = "measured"  # measured | cache | file
     probe_ms: Optional[float] = None  # the calibration probe beside the measurement (the machine's speed then)
-    contended: bool = False  # the probe moved during the measurement and its repeats: the figure is unreliable
+    contended: bool = False  # the probe moved, or stayed slower than the machine's quiet speed: the figure is unreliable
+    load_avg_1m: Optional[float] = None  # the OS load average when it was taken (None where the OS has none)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def load_average() -> float | None:
+    """The 1-minute OS load average (None on systems without one)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def figure(kind: str, m: Measurement | None, params: int) -> float | None:
@@ -388,27 +397,42 @@ class MeasurementCache:
     """
 
     def __init__(self, path: Path | None, machine_id: str, settings: str):
-        self.path, self.prefix = path, f"{machine_id}|{settings}|"
+        self.path, self.machine_id, self.prefix = path, machine_id, f"{machine_id}|{settings}|"
 
     def _read(self) -> dict[str, Any]:
         if self.path is None or not self.path.is_file():
-            return {}
+            return {"entries": {}, "references": {}}
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
-            return {}  # an unreadable cache is only a slower plan
-        return data.get("entries", {}) if data.get("schema") == CACHE_SCHEMA else {}
+            data = {}  # an unreadable cache is only a slower plan
+        if data.get("schema") != CACHE_SCHEMA:
+            data = {}
+        return {"entries": data.get("entries", {}), "references": data.get("references", {})}
+
+    def _write(self, data: dict[str, Any]) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"schema": CACHE_SCHEMA, **data})
 
     def get(self, shape: Shape) -> Measurement | None:
-        entry = self._read().get(self.prefix + shape.name)
+        entry = self._read()["entries"].get(self.prefix + shape.name)
         return Measurement(**{**entry, "source": "cache"}) if entry else None
 
     def put(self, shape: Shape, m: Measurement) -> None:
-        if self.path is None:
-            return
-        entries = self._read()
-        entries[self.prefix + shape.name] = {**m.to_dict(), "source": "measured"}
-        atomic_write_json(self.path, {"schema": CACHE_SCHEMA, "entries": entries})
+        data = self._read()
+        data["entries"][self.prefix + shape.name] = {**m.to_dict(), "source": "measured"}
+        self._write(data)
+
+    def quiet_probe(self, threads: int) -> float | None:
+        """The fastest calibration probe ever seen on this machine at ``threads`` threads: its quiet speed."""
+        return self._read()["references"].get(f"{self.machine_id}|t{threads}")
+
+    def note_probe(self, threads: int, ms: float) -> None:
+        data = self._read()
+        key = f"{self.machine_id}|t{threads}"
+        if ms < data["references"].get(key, float("inf")):
+            data["references"][key] = ms
+            self._write(data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -624,6 +648,8 @@ def plan(
     hits: list[str] = []
     stale: list[str] = []
 
+    quiet: list[float | None] = [None]  # the machine's quiet speed: the fastest probe known (cache, then this run)
+    now: list[float] = []  # this run's probe, taken once, for judging cache entries
     if measurements is not None:
         data = load_measurements(measurements)
         if data["teacher_shape"] != asdict(t):
@@ -639,10 +665,19 @@ def plan(
             return by_name[shape.name]
     else:
         exporter: list[CandidateExporter] = []
-        def probe() -> float:  # every measurement is bracketed by the calibration probe (the machine's speed)
-            return calibration_probe(settings.resolved_threads())
+        threads = settings.resolved_threads()
+        quiet[0] = cache.quiet_probe(threads)
 
-        now: list[float] = []  # this run's probe, taken once, for judging cache entries
+        def probe() -> float:  # every measurement is bracketed by the calibration probe (the machine's speed)
+            ms = calibration_probe(threads)
+            if quiet[0] is None or ms < quiet[0]:
+                quiet[0] = ms
+                cache.note_probe(threads, ms)
+            return ms
+
+        def slowed(ms: float) -> bool:
+            """Slower than the machine's quiet speed: steady load that a before/after comparison cannot see."""
+            return quiet[0] is not None and ms > quiet[0] and not same_speed(ms, quiet[0])
 
         def measure_live(shape: Shape, with_rss: bool) -> Measurement:
             for attempt in range(3):
@@ -654,19 +689,24 @@ def plan(
                         exporter.append(CandidateExporter(teacher, settings))
                     m = export_and_measure(exporter[0], shape, with_rss)
                 after = probe()
-                if same_speed(before, after):
-                    return replace(m, probe_ms=(before + after) / 2)
-                logger.info("the machine's speed moved while measuring %s (probe %.2f -> %.2f ms): measuring again", shape.name, before, after)
-            logger.warning("%s measured on a contended machine (probe %.2f -> %.2f ms): its figure is unreliable", shape.name, before, after)
-            return replace(m, probe_ms=(before + after) / 2, contended=True)
+                m = replace(m, probe_ms=(before + after) / 2, load_avg_1m=load_average())
+                if same_speed(before, after) and not slowed(m.probe_ms):
+                    return m
+                logger.info("the machine's speed moved or stayed below its quiet speed while measuring %s (probe %.2f -> %.2f ms, "
+                            "quiet %.2f ms): measuring again", shape.name, before, after, quiet[0])
+            logger.warning("%s measured on a contended machine (probe %.2f -> %.2f ms, quiet %.2f ms): its figure is unreliable",
+                           shape.name, before, after, quiet[0])
+            return replace(m, contended=True)
 
         def measure_one(shape: Shape, with_rss: bool) -> Measurement:
             hit = None if fresh else cache.get(shape)
             if hit is not None and (hit.rss_mb is not None or not with_rss):
                 if not now:
                     now.append(probe())
-                if not same_speed(hit.probe_ms, now[0]):
-                    stale.append(shape.name)  # taken at another machine speed: never reused silently
+                # A figure taken at the machine's quiet speed stays true while the machine is busy now; one taken at
+                # another speed (under load, or before the machine got faster) is never reused silently.
+                if not same_speed(hit.probe_ms, quiet[0]):
+                    stale.append(shape.name)
                     hit = None
                 if hit is not None:
                     hits.append(shape.name)
@@ -713,7 +753,9 @@ def plan(
         "measured": sum(1 for m in result.measured.values() if m.source == "measured"),
         "cache_hits": len(hits),
         "cache": {"reused": hits, "stale_remeasured": stale, "fresh": fresh,
-                  "note": "cache entries are reused only when the calibration probe shows the machine at the same speed"},
+                  "note": "cache entries are reused only when they were taken at the machine's quiet speed (the fastest calibration "
+                          "probe known for it)"},
+        "machine_speed": {"probe_ms": now[0] if now else None, "quiet_probe_ms": quiet[0], "load_avg_1m": load_average()},
         "contended": [r["name"] for r in rows if (r["measurement"] or {}).get("contended")],
         "elapsed_s": None,
     }
