@@ -150,7 +150,7 @@ def test_plan_in_ci_mode_exits_8_on_a_contended_machine(tmp_path: Path, monkeypa
     import homoexport.deployment.budget as budget
 
     teacher = save_model_dir(tmp_path / "t", kind="base")
-    chosen = {"name": "h32-a2-f64-l2", "hidden": 32, "heads": 2, "ffn": 64, "layers": 2, "params": 1000,
+    chosen = {"name": "h32-a2-f64-l2", "hidden": 32, "heads": 2, "ffn": 64, "layers": 2, "params": 1000, "backbone_params": 600,
               "predicted": {"p50_ms": 1.0, "p90_ms": 1.2, "file_bytes": 1 << 20, "rss_mb": None, "source": "measured", "probe_ms": 8.0,
                             "contended": True}}
     fake = {"budget": "latency=8ms", "statistic": "p50_ms", "margin": 0.05, "constraints": [],
