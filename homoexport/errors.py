@@ -63,6 +63,12 @@ class ParityError(CheckError):
     """Two computations that must agree (masked vs materialised student, ONNX vs PyTorch) differ."""
 
 
+class RegressionError(HomoexportError):
+    """A gated figure (accuracy, STS, latency) moved beyond its allowed limit."""
+
+    exit_code = EXIT_REGRESSION
+
+
 class ContendedMachineError(HomoexportError):
     """Measurements were taken while something else competed for the cores, and stayed so when repeated."""
 

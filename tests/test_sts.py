@@ -87,6 +87,32 @@ def test_sts_scores_pytorch_and_onnx_alike(tmp_path: Path):
     assert read_pooling(tmp_path / "onnx").mode == "mean" and (tmp_path / "onnx" / "sentence_bert_config.json").is_file()
 
 
+def test_int8_gate_speaks_in_sentence_embedding_terms(tmp_path: Path, monkeypatch):
+    from homoexport.deployment.export import ExportSettings, export_model
+
+    model = save_model_dir(tmp_path / "m", kind="base")
+    export_model(model, tmp_path / "onnx", ExportSettings(task="feature-extraction", latency_repeats=2))
+    pairs = write_pairs(tmp_path / "p.tsv")
+    report = run_sts(model, read_pairs(pairs), export_dir=tmp_path / "onnx", threads=1)
+    scores = {r["name"]: r["spearman"] for r in report["results"]}
+    int8 = report["int8"]
+    assert int8["spearman_drop_vs_pytorch"] == pytest.approx(scores["student (PyTorch)"] - scores["student (ONNX int8)"])
+    assert 0.9 < int8["cosine_to_fp32_min"] <= int8["cosine_to_fp32_mean"] <= 1.0 + 1e-6
+    ok = CliRunner().invoke(app, ["sts", str(model), "--pairs", str(pairs), "--onnx", str(tmp_path / "onnx"), "--max-int8-drop", "100"])
+    assert ok.exit_code == 0, ok.output
+    assert "int8 vs fp32 sentence embeddings: cosine mean" in ok.output
+    import homoexport.evaluation.sts as sts
+
+    # A drop beyond the limit is a regression (exit 1), said in one line, after the report is written.
+    monkeypatch.setattr(sts, "run_sts", lambda *a, **k: {**report, "int8": {**int8, "spearman_drop_vs_pytorch": 1.5}})
+    failed = CliRunner().invoke(app, ["sts", str(model), "--pairs", str(pairs), "--onnx", str(tmp_path / "onnx"), "--max-int8-drop", "1",
+                                      "--out", str(tmp_path / "gated.json")])
+    assert failed.exit_code == 1 and "error: the int8 file scores 1.50 STS" in failed.output
+    assert (tmp_path / "gated.json").is_file()
+    no_onnx = CliRunner().invoke(app, ["sts", str(model), "--pairs", str(pairs), "--max-int8-drop", "1"])
+    assert no_onnx.exit_code == 2 and "needs --onnx" in no_onnx.output
+
+
 def test_declared_pooling_round_trips(tmp_path: Path):
     from homoexport.evaluation.sts import write_pooling
 
@@ -183,3 +209,33 @@ def test_sentence_embedding_needs_a_feature_extraction_export():
 
     with pytest.raises(ExportInputError, match="needs a feature-extraction export"):
         ExportSettings(task="text-classification", sentence_embedding=True)
+
+
+def test_sentence_transformers_and_optimum_load_the_export_as_is(tmp_path: Path):
+    """The export folder is a drop-in: SentenceTransformer(dir, backend="onnx") and ORTModelForFeatureExtraction load
+    it with no conversion, and their sentence embeddings are the PyTorch student's (fp32) or close to it (int8)."""
+    import torch
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel, AutoTokenizer
+
+    from homoexport.deployment.export import ExportSettings, export_model
+
+    model_dir = save_model_dir(tmp_path / "m", kind="base")
+    write_st_files(model_dir, "mean", normalize=True)
+    out = tmp_path / "onnx"
+    export_model(model_dir, out, ExportSettings(latency_repeats=2, sentence_embedding=True))
+    texts = ["the cat sat on the mat.", "a dog ran", "cats and dogs and mats"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(model_dir)(**batch).last_hidden_state.numpy()
+    expected = pool(hidden, batch["attention_mask"].numpy(), Pooling("mean", True))
+    fp32 = SentenceTransformer(str(out), backend="onnx", device="cpu", model_kwargs={"file_name": "model.onnx"})
+    assert np.allclose(fp32.encode(texts), expected, atol=1e-4)
+    int8 = SentenceTransformer(str(out), backend="onnx", device="cpu", model_kwargs={"file_name": "model_quantized.onnx"})
+    cosine = np.sum(int8.encode(texts) * expected, axis=1)  # both are unit vectors
+    assert cosine.min() > 0.98
+    ort_model = ORTModelForFeatureExtraction.from_pretrained(out, file_name="model.onnx")
+    ort_hidden = ort_model(**tok(texts, padding=True, return_tensors="pt")).last_hidden_state.numpy()
+    assert np.allclose(pool(ort_hidden, batch["attention_mask"].numpy(), Pooling("mean", True)), expected, atol=1e-4)

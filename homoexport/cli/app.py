@@ -483,6 +483,9 @@ def sts_command(
     pairs: Optional[Path] = typer.Option(None, "--pairs", help="Your own pairs instead: a TSV with a header naming sentence1, sentence2, score."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the report as JSON (schema homoexport.sts/1)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for every backend (default: all physical cores)."),
+    max_int8_drop: Optional[float] = typer.Option(None, "--max-int8-drop", min=0.0, help="Gate (exit 1): the int8 file may score at most this many "
+                                                  "STS points below the PyTorch student (needs --onnx). The report also gives the cosine of every "
+                                                  "int8 sentence embedding to the fp32 one."),
 ) -> None:
     """Zero-shot STS, as sentence-embedding users measure it: Spearman x 100 between the gold score and the cosine
     of the two pooled sentence embeddings (pooling from the model's sentence-transformers files, mean otherwise),
@@ -491,6 +494,8 @@ def sts_command(
     _check_model_dir(model_dir)
     if (data_dir is None) == (pairs is None):
         fail("give --data-dir (STS-B dev) or --pairs FILE, not both and not neither")
+    if max_int8_drop is not None and onnx is None:
+        fail("--max-int8-drop needs --onnx EXPORT_DIR (the int8 file to gate)")
     from homoexport.evaluation.sts import read_pairs, run_sts, stsb_dev
 
     _log_to(console)
@@ -498,11 +503,23 @@ def sts_command(
     print(f"| model | STS Spearman x 100 ({report['data']}) |\n|---|---:|")
     for r in report["results"]:
         print(f"| {r['name']} | {r['spearman']:.2f} |")
+    int8 = report["int8"]
+    if int8:
+        print(f"\nint8 vs fp32 sentence embeddings: cosine mean {int8['cosine_to_fp32_mean']:.4f}, min {int8['cosine_to_fp32_min']:.4f}; "
+              f"STS {-int8['spearman_drop_vs_pytorch']:+.2f} points against the PyTorch student")
     if out is not None:
         from homoexport.atomic import atomic_write_json
 
         atomic_write_json(out, report)
         console.print(f"wrote {out}", highlight=False)
+    if max_int8_drop is not None:
+        from homoexport.errors import RegressionError
+
+        if int8 is None:
+            fail(f"no int8 file in {onnx} to gate")
+        if int8["spearman_drop_vs_pytorch"] > max_int8_drop:
+            raise RegressionError(f"the int8 file scores {int8['spearman_drop_vs_pytorch']:.2f} STS points below the PyTorch student "
+                                  f"(allowed {max_int8_drop:g})")
 
 
 # --- export --------------------------------------------------------------------------------

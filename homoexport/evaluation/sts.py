@@ -173,14 +173,27 @@ def embed(encode: Encoder, tokenizer, texts: Sequence[str], pooling: Pooling, ba
     return np.concatenate(out).astype(np.float64)
 
 
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity."""
+    return (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+
+
 def spearman(encode: Encoder, tokenizer, pairs: Pairs, pooling: Pooling, batch_size: int = 64, max_length: int = 128) -> float:
     """Spearman x 100 between gold scores and the cosine of the pooled embeddings of each pair."""
+    return pair_spearman(*pair_embeddings(encode, tokenizer, pairs, pooling, batch_size, max_length), pairs.scores)
+
+
+def pair_embeddings(encode: Encoder, tokenizer, pairs: Pairs, pooling: Pooling, batch_size: int = 64,
+                    max_length: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """The pooled embeddings of every first and every second sentence."""
+    return (embed(encode, tokenizer, pairs.first, pooling, batch_size, max_length),
+            embed(encode, tokenizer, pairs.second, pooling, batch_size, max_length))
+
+
+def pair_spearman(a: np.ndarray, b: np.ndarray, scores: Sequence[float]) -> float:
     from scipy.stats import spearmanr
 
-    a = embed(encode, tokenizer, pairs.first, pooling, batch_size, max_length)
-    b = embed(encode, tokenizer, pairs.second, pooling, batch_size, max_length)
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-    return float(100 * spearmanr(cos, pairs.scores)[0])
+    return float(100 * spearmanr(cosines(a, b), scores)[0])
 
 
 def torch_encoder(model_dir: str | os.PathLike, threads: int | None = None) -> Encoder:
@@ -255,11 +268,24 @@ def run_sts(model_dir: str | os.PathLike, pairs: Pairs, teacher: str | os.PathLi
                 entries.append((label, lambda path=path: onnx_encoder(path, threads)))
         if len(entries) == (2 if teacher is not None else 1):
             raise InputNotFoundError(f"no {FP32_FILE} or {QUANTIZED_FILE} in {export_dir}")
-    results = []
+    results, embeddings = [], {}
     for label, make in entries:
         logger.info("zero-shot STS: %s on %d pairs", label, len(pairs.scores))
-        results.append(StsResult(label, spearman(make(), tokenizer, pairs, pooling, max_length=max_length), len(pairs.scores), asdict(pooling)))
+        embeddings[label] = pair_embeddings(make(), tokenizer, pairs, pooling, max_length=max_length)
+        results.append(StsResult(label, pair_spearman(*embeddings[label], pairs.scores), len(pairs.scores), asdict(pooling)))
     return {"schema": REPORT_SCHEMA, "model_dir": str(model_dir), "teacher": str(teacher) if teacher else None,
             "export_dir": str(export_dir) if export_dir else None, "data": pairs.source, "pooling": asdict(pooling),
             "metric": "Spearman x 100 of cosine(pooled embeddings) vs gold score, no fine-tuning",
-            "results": [r.to_dict() for r in results], "machine": fingerprint()}
+            "results": [r.to_dict() for r in results], "int8": int8_effect(embeddings, results), "machine": fingerprint()}
+
+
+def int8_effect(embeddings: dict[str, tuple[np.ndarray, np.ndarray]], results: Sequence[StsResult]) -> dict[str, float] | None:
+    """What int8 did to the sentence embedding, in its users' terms: cosine of every int8 sentence embedding to the
+    fp32 one, and the STS points int8 lost against the PyTorch student. None without an int8 file."""
+    int8, fp32 = embeddings.get("student (ONNX int8)"), embeddings.get("student (ONNX fp32)") or embeddings.get("student (PyTorch)")
+    if int8 is None or fp32 is None:
+        return None
+    cos = np.concatenate([cosines(int8[0], fp32[0]), cosines(int8[1], fp32[1])])
+    score = {r.name: r.spearman for r in results}
+    return {"cosine_to_fp32_mean": float(cos.mean()), "cosine_to_fp32_min": float(cos.min()),
+            "spearman_drop_vs_pytorch": score["student (PyTorch)"] - score["student (ONNX int8)"]}
