@@ -6,8 +6,12 @@ similarity structure, on Wikipedia text, never on STS-B) distilled to each shape
 int8 ONNX file (feature-extraction export, O2 + dynamic int8). Every unit lands under ``--work`` and is skipped
 when there; distillations resume. Prints a table and writes ``--results``/embedding_distill.json.
 
+With --curve-every N the run also saves its student every N steps (``training.snapshot_every``) and each
+snapshot at the final width is scored in PyTorch: Spearman against distillation steps, tokens and wall time
+(wall time since the run's start, as logged; a resumed run counts from its resume).
+
     python benchmarks/embedding_distill.py --shapes 192,128
-    python benchmarks/embedding_distill.py --shapes 192 --set training.steps=1200 --tag long
+    python benchmarks/embedding_distill.py --shapes 192 --set training.steps=2400 --tag long --curve-every 400
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ def sts_scores(model: Path, pairs, teacher: Path, export: Path | None = None) ->
     return {r["name"]: r["spearman"] for r in report["results"]}
 
 
+def curve(run: Path, report: dict[str, Any], pairs, teacher: Path, hidden: int) -> list[dict[str, Any]]:
+    """PyTorch STS of every snapshot at the final width: the quality-vs-time curve (the final student is the row itself)."""
+    log = {r["step"]: r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())}
+    tokens_per_step = report["tokens"] // report["steps"]
+    points = []
+    for snap in sorted((run / "snapshots").glob("step-*")):
+        step = int(snap.name.removeprefix("step-"))
+        if json.loads((snap / "config.json").read_text())["hidden_size"] != hidden:
+            continue
+        points.append({"step": step, "tokens": step * tokens_per_step, "elapsed_s": log.get(step, {}).get("elapsed_s"),
+                       "pytorch": sts_scores(snap, pairs, teacher)["student (PyTorch)"]})
+    return points
+
+
 def unit(path: Path, make) -> dict[str, Any]:
     """The JSON at ``path``, computed by ``make`` (and written atomically) when it is not there yet."""
     if path.is_file():
@@ -48,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
     ap.add_argument("--shapes", default="192,128")
     ap.add_argument("--tag", default="quick", help="names this recipe + overrides in the work and result files")
+    ap.add_argument("--curve-every", type=int, default=0, help="save and score the student every N steps (0: only the final one)")
     ap.add_argument("--glue-data", type=Path, default=Path("../shared/data/glue"))
     ap.add_argument("--work", type=Path, default=Path("runs/embedding_bench"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -75,14 +94,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rows.append({"model": f"prune only {key}", **unit(args.work / f"prune-{key}.json", prune_only)})
         run = args.work / f"{args.tag}-{key}"
-        recipe = load_recipe(args.recipe, [*args.overrides, f"student.hidden={hidden}", f"student.heads={heads}", f"student.ffn={ffn}"])
+        snapshots = [f"training.snapshot_every={args.curve_every}"] if args.curve_every else []
+        recipe = load_recipe(args.recipe, [*args.overrides, *snapshots, f"student.hidden={hidden}", f"student.heads={heads}", f"student.ffn={ffn}"])
 
         def distilled() -> dict[str, Any]:
             report = distill(recipe, out_dir=run, resume=run.exists())
             export_model(run / "student", run / "export", ExportSettings(task="feature-extraction"), overwrite=True)
             scores = sts_scores(run / "student", pairs, teacher, run / "export")
             return {"pytorch": scores["student (PyTorch)"], "onnx_int8": scores.get("student (ONNX int8)"), "steps": report["steps"],
-                    "tokens": report["tokens"], "distill_wall_s": report["wall_time_s"], "parameters": report["student"]["parameters"]}
+                    "tokens": report["tokens"], "distill_wall_s": report["wall_time_s"], "parameters": report["student"]["parameters"],
+                    "curve": curve(run, report, pairs, teacher, hidden)}
 
         rows.append({"model": f"{args.tag} {key}", **unit(args.work / f"{args.tag}-{key}.json", distilled)})
     result = {"schema": "homoexport.benchmark.embedding_distill/1", "recipe": str(args.recipe), "overrides": args.overrides,
@@ -93,6 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in rows:
         int8 = f"{r['onnx_int8']:.2f}" if r.get("onnx_int8") is not None else "-"
         print(f"| {r['model']} | {r['pytorch']:.2f} | {int8} | {r.get('distill_wall_s', '-')} |")
+    for r in rows:
+        if r.get("curve"):
+            print(f"\n{r['model']}: | step | tokens | wall s | PyTorch |\n|---:|---:|---:|---:|")
+            for p in [*r["curve"], {"step": r["steps"], "tokens": r["tokens"], "elapsed_s": r["distill_wall_s"], "pytorch": r["pytorch"]}]:
+                print(f"| {p['step']} | {p['tokens']} | {p['elapsed_s']} | {p['pytorch']:.2f} |")
     return 0
 
 

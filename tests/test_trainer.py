@@ -271,3 +271,20 @@ def test_sentence_embedding_terms_train_a_base_encoder(teachers, corpus, tmp_pat
     assert set(report["active_loss_terms"]) == {"sentence", "similarity"}
     assert all("loss_sentence" in rec and "loss_similarity" in rec for rec in records)
     assert report["parity_max_abs_diff"] <= 1e-4
+
+
+def test_snapshots_keep_the_student_along_the_run_without_changing_it(teachers, corpus, tmp_path):
+    """snapshot_every saves the materialised student at those steps; the run itself is the same as without them."""
+    base = recipe_dict(teachers["base"], corpus, tmp_path / "plain", training={"steps": 8, "batch_size": 8, "log_every": 1})
+    distill(validate_recipe(base))
+    snap = {**base, "output": str(tmp_path / "snap"), "training": {**base["training"], "snapshot_every": 1}}
+    distill(validate_recipe(snap))
+    records = [json.loads(line) for line in (tmp_path / "snap" / "train_log.jsonl").read_text().splitlines()]
+    stock = {r["step"] for r in records if r["widths"]["heads"] * r["widths"]["head_dim"] == r["widths"]["hidden"]}
+    shots = sorted(p.name for p in (tmp_path / "snap" / "snapshots").iterdir())
+    assert shots == [f"step-{s:08d}" for s in sorted(stock) if s < 8] and "step-00000007" in shots  # none at non-stock widths
+    last = AutoModel.from_pretrained(tmp_path / "snap" / "snapshots" / "step-00000007")  # at the target from step 7
+    assert last.config.hidden_size == validate_recipe(base).student.hidden
+    a = load_file(tmp_path / "plain" / "student" / "model.safetensors")
+    b = load_file(tmp_path / "snap" / "student" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -182,6 +182,9 @@ class TrainingSpec(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_checkpoints: bool = Field(False, description="keep the newest checkpoint after a finished run (to train it further); "
                                    "by default it is removed once the student is saved, since resume then has nothing left to do")
+    snapshot_every: int = Field(0, ge=0, description="task-agnostic runs: also save the materialised student every N steps under "
+                                "snapshots/step-N whenever its widths are a stock BERT shape (always once the target is reached): quality against "
+                                "distillation time from one run; 0 = none")
 
 
 class Recipe(_Strict):

@@ -53,7 +53,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 def resumable_fields(recipe: Recipe) -> dict[str, Any]:
     """What must not change between a checkpoint and its resume (everything but the output location)."""
-    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints"}})
+    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints", "snapshot_every"}})
 
 
 def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:

@@ -10,6 +10,7 @@ pruned weights. The same code runs on one CPU process, several gloo processes, o
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import shutil
@@ -316,7 +317,7 @@ def distill(
         last_terms = _all_reduce_mean(accelerator, terms_sum)
         record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in unwrapped.loss.active_terms.items()),
                   **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": lr_scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9),
+                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "elapsed_s": round(time.time() - started, 1),
                   **({"widths": masked.masks.widths().as_dict()} if masked is not None else {})}
         ev = recipe.training.eval_every
         if ev and done % ev == 0 and done < total and is_main:
@@ -324,6 +325,9 @@ def distill(
         ce = recipe.training.checkpoint_every
         if (ce and done % ce == 0) or done == total:
             _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
+        se = recipe.training.snapshot_every
+        if se and done % se == 0 and done < total and is_main and (masked is None or masked.masks.widths().is_stock):
+            _snapshot(out.out / "snapshots" / f"step-{done:08d}", unwrapped.student, masked, setup.tokenizer, recipe)
         if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
             with open(out.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -333,6 +337,16 @@ def distill(
     wall = time.time() - started
     run = AgnosticRun(unwrapped, pruner, setup, t_rel, start, total, last_terms)
     return _finish(recipe, out, accelerator, run, wall, tokens_per_step, plan)
+
+
+def _snapshot(path: Path, student: nn.Module, masked: MaskedModel | None, tokenizer, recipe: Recipe) -> None:
+    """The student as it is at this step, materialised and saved like the final one (pooling files included)."""
+    was_training = student.training
+    dense = (materialize(masked) if masked is not None else copy.deepcopy(student)).cpu().eval()
+    with staging_dir(path, overwrite=True) as tmp:
+        save_student(dense, tmp, tokenizer)
+        carry_pooling(recipe.teacher, tmp, dense.config.hidden_size, recipe.data.block_size)
+    student.train(was_training)
 
 
 def _check_same_on_all_ranks(accelerator, masks: Masks) -> None:
