@@ -307,3 +307,23 @@ def test_two_wikipedia_shards_with_the_real_tokenizer(shared_dir, tmp_path):
     assert tok.decode(train[0, 1:-1]).startswith("jarred shaw ( born september 28, 1990 ) is an american")
     batch = BlockBatcher(train, tok, batch_size=32, seed=0).batch_at(0)
     assert batch["mlm_input_ids"].shape == (32, 128) and (batch["mlm_labels"] != -100).float().mean() > 0.1
+
+
+def test_sentence_rows_split_documents_pad_and_mask(tmp_path, tok):
+    doc = ("The red cat sat on the mat. It ran under the old tree! Short one. Does the blue bird fly in the city? "
+           "The cat and the dog and the bird and the tree and the city and the mat sat.")
+    assert data.split_sentences(doc)[:3] == ["The red cat sat on the mat.", "It ran under the old tree!", "Does the blue bird fly in the city?"]
+    path = tmp_path / "doc.txt"
+    path.write_text(doc + "\n")
+    rows = load_or_pack([str(path)], tok, block_size=12, unit="sentence", cache_dir=tmp_path / "cache")
+    assert rows.shape == (4, 12) and (rows[:, 0] == tok.cls_token_id).all()
+    first = tok("The red cat sat on the mat.", add_special_tokens=False)["input_ids"]
+    assert list(rows[0, 1:len(first) + 2]) == first + [tok.sep_token_id] and (rows[0, len(first) + 2:] == tok.pad_token_id).all()
+    assert rows[3, -1] == tok.sep_token_id and tok.pad_token_id not in rows[3]  # the long sentence is truncated to the row
+    blocks = load_or_pack([str(path)], tok, block_size=12, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and tok.pad_token_id not in blocks  # one cache entry per unit
+    batch = BlockBatcher(rows, tok, 4, mlm_probability=0.15, shuffle=False, padded=True).batch_at(0)
+    assert torch.equal(batch["attention_mask"], (batch["input_ids"] != tok.pad_token_id).long())
+    assert (batch["mlm_labels"][batch["input_ids"] == tok.pad_token_id] == -100).all()  # padding is never a prediction target
+    with pytest.raises(DataError, match="unit must be one of block, sentence"):
+        CorpusSpec(sources=[str(path)], unit="paragraph")

@@ -271,6 +271,11 @@ def test_sentence_embedding_terms_train_a_base_encoder(teachers, corpus, tmp_pat
     assert set(report["active_loss_terms"]) == {"sentence", "similarity"}
     assert all("loss_sentence" in rec and "loss_similarity" in rec for rec in records)
     assert report["parity_max_abs_diff"] <= 1e-4
+    # The same on sentence rows (one padded row per sentence): padding never counts, parity holds.
+    r["data"] = {**r["data"], "unit": "sentence"}
+    r["output"] = str(tmp_path / "sentences")
+    report = distill(validate_recipe(r))
+    assert report["parity_max_abs_diff"] <= 1e-4 and report["student"]["widths"]["hidden"] == 32
 
 
 def test_snapshots_keep_the_student_along_the_run_without_changing_it(teachers, corpus, tmp_path):

@@ -40,7 +40,9 @@ class StudentSpec(_Strict):
 class DataSpec(_Strict):
     train: list[str] = Field(default_factory=list, description="text/jsonl/parquet/WikiExtractor .txt.gz files, globs or dirs, or a hub dataset name")
     eval: list[str] = Field(default_factory=list, description="held-out text; empty = take eval_blocks from the training data")
-    block_size: int = Field(128, ge=8, le=4096)
+    block_size: int = Field(128, ge=8, le=4096, description="tokens per block; with unit sentence, the longest sentence row")
+    unit: Literal["block", "sentence"] = Field("block", description="block: text packed into full blocks; sentence: one padded row per "
+                                                "sentence split from each document (for sentence-embedding objectives)")
     eval_blocks: int = Field(256, ge=0)
     max_blocks: Optional[int] = Field(None, gt=0, description="cap on training blocks (for quick runs)")
     cache_dir: Optional[str] = None

@@ -10,7 +10,9 @@ Pipeline:
 2. **Packing**: documents are tokenized with the teacher's fast tokenizer and concatenated with a
    ``[SEP]`` after each one; the stream is cut into blocks of ``block_size`` tokens, each
    ``[CLS] <block_size-2 tokens> [SEP]`` with no padding; the final partial block is dropped.
-   Blocks are written to ``cache_dir`` (raw int32 + meta.json, keyed by the files' paths, sizes and
+   With ``unit="sentence"`` each document is split into sentences instead and each sentence is one
+   row ``[CLS] sentence [SEP] [PAD]...`` (truncated to the block), for objectives on sentence
+   embeddings. Blocks are written to ``cache_dir`` (raw int32 + meta.json, keyed by the files' paths, sizes and
    mtimes, the tokenizer's serialized definition and the block size) and memory-mapped on reuse, so a
    corpus is tokenized once and corpora larger than RAM work.
 3. **Batches**: :class:`BlockBatcher` maps a global step to a global batch with no hidden state:
@@ -47,6 +49,11 @@ logger = logging.getLogger(__name__)
 SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet")
 HUB_PREFIX = "hub:"
 CACHE_FORMAT = 1  # bump when packing or cleaning changes, so old caches are not reused
+UNITS = ("block", "sentence")
+# Sentence boundaries by rule (end punctuation, space, then an upper-case letter, digit or opening quote):
+# encyclopedic prose is regular enough that a model-based splitter buys little here.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[]?[A-Z0-9])")
+MIN_SENTENCE_WORDS = 4  # shorter "sentences" are headings, list items and abbreviations cut off
 _DOC_START = re.compile(r"<doc[\s>]")
 _WORD = re.compile(r"\w")
 _TOKENIZE_BATCH = 1000  # documents per tokenizer call: large enough to amortise the Python overhead
@@ -65,7 +72,8 @@ class CorpusSpec:
     sources: files, directories, globs or ``hub:NAME[:CONFIG]`` entries for training.
     eval_sources: separate held-out text; when empty, the evaluation blocks are the last blocks of
         ``sources`` (the tail, so no article is split across train and eval except at one boundary).
-    block_size: tokens per block, [CLS] and [SEP] included.
+    block_size: tokens per block, [CLS] and [SEP] included (with ``unit="sentence"``: the longest row).
+    unit: ``block`` packs text into full blocks; ``sentence`` makes one padded row per sentence.
     eval_blocks: how many evaluation blocks: a count (int >= 0) or a fraction (0 < float < 1) of the
         evaluation pool (``eval_sources`` when given, else the blocks read from ``sources``).
     max_blocks: stop reading ``sources`` after this many blocks (held-out tail included); needed to
@@ -79,8 +87,11 @@ class CorpusSpec:
     eval_blocks: int | float = 0.01
     max_blocks: int | None = None
     cache_dir: str | Path | None = None
+    unit: str = "block"
 
     def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise DataError(f"unit must be one of {', '.join(UNITS)}, got {self.unit!r}")
         if not self.sources:
             raise DataError("no data sources given: pass at least one file, directory, glob or hub:NAME")
         if self.block_size < 3:
@@ -272,8 +283,30 @@ def pack_blocks(tokens: Iterable[np.ndarray], block_size: int, cls_id: int, sep_
         carry = ids[n * width:]
 
 
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a document with at least ``MIN_SENTENCE_WORDS`` words."""
+    return [s.strip() for s in _SENTENCE_END.split(text) if len(s.split()) >= MIN_SENTENCE_WORDS]
+
+
+def pack_sentences(docs: Iterable[list[str]], tokenizer: PreTrainedTokenizerFast, block_size: int) -> Iterator[np.ndarray]:
+    """[n, block_size] int32 rows ``[CLS] sentence [SEP] [PAD]...``, one per sentence, truncated to the block."""
+    width = block_size - 2
+    for texts in docs:
+        sentences = [s for text in texts for s in split_sentences(text)]
+        if not sentences:
+            continue
+        ids = tokenizer(sentences, add_special_tokens=False, truncation=True, max_length=width, return_attention_mask=False,
+                        return_token_type_ids=False, verbose=False)["input_ids"]
+        rows = np.full((len(ids), block_size), tokenizer.pad_token_id, dtype=np.int32)
+        rows[:, 0] = tokenizer.cls_token_id
+        for i, x in enumerate(ids):
+            rows[i, 1:len(x) + 1] = x
+            rows[i, len(x) + 1] = tokenizer.sep_token_id
+        yield rows
+
+
 def _pack_inputs(inputs: list[Source], tokenizer: PreTrainedTokenizerFast, block_size: int,
-                 max_blocks: int | None, out: IO[bytes], label: str) -> dict:
+                 max_blocks: int | None, out: IO[bytes], label: str, unit: str = "block") -> dict:
     """Stream every input through tokenization and packing into ``out``; return counts."""
     n_blocks = n_docs = n_tokens = 0
     start = time.perf_counter()
@@ -292,7 +325,20 @@ def _pack_inputs(inputs: list[Source], tokenizer: PreTrainedTokenizerFast, block
             n_tokens += len(ids)
             yield ids
 
-    for blocks in pack_blocks(counted_tokens(), block_size, tokenizer.cls_token_id, tokenizer.sep_token_id):
+    if unit == "sentence":
+        pad = tokenizer.pad_token_id
+        packed = (rows for rows in pack_sentences(counted_docs(), tokenizer, block_size))
+
+        def counting(rows_iter: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+            nonlocal n_tokens
+            for rows in rows_iter:
+                n_tokens += int((rows != pad).sum())
+                yield rows
+
+        packed = counting(packed)
+    else:
+        packed = pack_blocks(counted_tokens(), block_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    for blocks in packed:
         if max_blocks is not None:
             blocks = blocks[: max_blocks - n_blocks]
         out.write(blocks.tobytes())
@@ -311,8 +357,8 @@ def _pack_inputs(inputs: list[Source], tokenizer: PreTrainedTokenizerFast, block
 
 def load_or_pack(sources: list[str], tokenizer: PreTrainedTokenizerFast, block_size: int = 128,
                  max_blocks: int | None = None, cache_dir: str | Path | None = None,
-                 label: str = "training") -> np.ndarray:
-    """[n_blocks, block_size] int32 blocks of ``sources``: memory-mapped from the cache, else packed now."""
+                 label: str = "training", unit: str = "block") -> np.ndarray:
+    """[n_blocks, block_size] int32 blocks (or sentence rows) of ``sources``: memory-mapped from the cache, else packed now."""
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"a fast (Rust) tokenizer is needed, got {type(tokenizer).__name__}")
     if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None:
@@ -322,17 +368,18 @@ def load_or_pack(sources: list[str], tokenizer: PreTrainedTokenizerFast, block_s
         import io
 
         buffer = io.BytesIO()
-        _pack_inputs(inputs, tokenizer, block_size, max_blocks, buffer, label)
+        _pack_inputs(inputs, tokenizer, block_size, max_blocks, buffer, label, unit)
         return np.frombuffer(buffer.getbuffer(), dtype=np.int32).reshape(-1, block_size)
 
     key = {"format": CACHE_FORMAT, "block_size": block_size, "max_blocks": max_blocks,
-           "tokenizer": tokenizer_fingerprint(tokenizer), "inputs": [i.fingerprint() for i in inputs]}
+           "tokenizer": tokenizer_fingerprint(tokenizer), "inputs": [i.fingerprint() for i in inputs],
+           **({"unit": unit} if unit != "block" else {})}  # block caches written before units existed stay valid
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     final = Path(cache_dir) / f"blocks-{block_size}-{digest}"
     if not (final / "meta.json").exists():
         with staging_dir(final, overwrite=True) as tmp:
             with open(tmp / "blocks.int32", "wb") as f:
-                counts = _pack_inputs(inputs, tokenizer, block_size, max_blocks, f, label)
+                counts = _pack_inputs(inputs, tokenizer, block_size, max_blocks, f, label, unit)
             atomic_write_json(tmp / "meta.json", {**counts, "block_size": block_size, "key": key})
     meta = json.loads((final / "meta.json").read_text())
     return np.memmap(final / "blocks.int32", dtype=np.int32, mode="r", shape=(meta["blocks"], block_size))
@@ -349,9 +396,9 @@ def build_blocks(spec: CorpusSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[
     Without ``eval_sources`` the evaluation blocks are the tail of the blocks read from ``sources``
     and are excluded from training.
     """
-    pool = load_or_pack(spec.sources, tokenizer, spec.block_size, spec.max_blocks, spec.cache_dir, "training")
+    pool = load_or_pack(spec.sources, tokenizer, spec.block_size, spec.max_blocks, spec.cache_dir, "training", spec.unit)
     if spec.eval_sources:
-        eval_pool = load_or_pack(spec.eval_sources, tokenizer, spec.block_size, None, spec.cache_dir, "evaluation")
+        eval_pool = load_or_pack(spec.eval_sources, tokenizer, spec.block_size, None, spec.cache_dir, "evaluation", spec.unit)
         return pool, eval_pool[: _eval_count(spec, len(eval_pool))]
     n_eval = _eval_count(spec, len(pool))
     if n_eval >= len(pool):
@@ -387,7 +434,7 @@ class BlockBatcher:
     """
 
     def __init__(self, blocks: np.ndarray, tokenizer: PreTrainedTokenizerFast, batch_size: int, seed: int = 0,
-                 mlm_probability: float | None = 0.15, shuffle: bool = True):
+                 mlm_probability: float | None = 0.15, shuffle: bool = True, padded: bool = False):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if len(blocks) < batch_size:
@@ -398,11 +445,19 @@ class BlockBatcher:
         self.shuffle = shuffle
         self.steps_per_epoch = len(blocks) // batch_size
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+        self.pad_id = tokenizer.pad_token_id if padded else None  # sentence rows: attention only where not [PAD]
         self.collator = (
             DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
             if mlm_probability is not None else None
         )
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) of the last epoch used
+
+    @property
+    def tokens_per_row(self) -> float:
+        """Real (non-padding) tokens in a row: the block size, or for sentence rows their mean over up to 10,000 rows."""
+        if self.pad_id is None:
+            return float(self.blocks.shape[1])
+        return float((np.asarray(self.blocks[:10_000]) != self.pad_id).sum(1).mean())
 
     def order(self, epoch: int) -> np.ndarray:
         """Block indices visited in ``epoch``, in order (cached for the current epoch)."""
@@ -424,7 +479,7 @@ class BlockBatcher:
     def micro_batches(self, step: int, n_micro: int = 1, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
         """This rank's share of the global batch at ``step``, split into ``n_micro`` equal micro-batches.
 
-        Each dict holds [b, block_size] int64 ``input_ids``, ``attention_mask`` (ones),
+        Each dict holds [b, block_size] int64 ``input_ids``, ``attention_mask`` (ones; 0 on [PAD] when ``padded``),
         ``token_type_ids`` (zeros), and with masking ``mlm_input_ids`` and ``mlm_labels`` (-100 where
         not masked).
         """
@@ -436,7 +491,8 @@ class BlockBatcher:
             )
         ids = self.global_ids(step)
         batch: dict[str, torch.Tensor] = {
-            "input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+            "input_ids": ids, "attention_mask": torch.ones_like(ids) if self.pad_id is None else (ids != self.pad_id).long(),
+            "token_type_ids": torch.zeros_like(ids),
         }
         if self.collator is not None:
             self.collator.generator = torch.Generator().manual_seed(_seed(self.seed, _MASKING, step))

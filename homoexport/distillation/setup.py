@@ -41,7 +41,8 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     teacher.requires_grad_(False).eval()
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
     spec = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
-                      eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir)
+                      eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir,
+                      unit=recipe.data.unit)
     with first():
         train_blocks, eval_blocks = build_blocks(spec, tokenizer)
     wants_mlm = recipe.losses.mlm > 0 or recipe.losses.kl > 0
@@ -50,8 +51,10 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
         logger.warning("note: %s", NO_MLM_NOTE)
     mlm_prob = MLM_PROBABILITY if use_mlm else None
     seed = recipe.training.seed
-    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob)
+    padded = recipe.data.unit == "sentence"
+    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded)
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
-    eval_batcher = BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False) if len(eval_blocks) else None
+    eval_batcher = (BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False, padded=padded)
+                    if len(eval_blocks) else None)
     eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
     return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps)

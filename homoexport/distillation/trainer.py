@@ -284,7 +284,7 @@ def distill(
     def kept_heads() -> torch.Tensor | None:
         return masked.masks.heads if masked is not None else None
 
-    tokens_per_step = recipe.training.batch_size * recipe.data.block_size
+    tokens_per_step = round(recipe.training.batch_size * batcher.tokens_per_row)  # sentence rows: padding not counted
     started = time.time()
     last_terms: dict[str, float] = {}
     if start:
