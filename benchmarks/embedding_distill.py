@@ -1,8 +1,8 @@
 """Sentence-embedding HomoDistil, scored as its users score it: zero-shot STS-B dev Spearman x 100.
 
 Rows: the teacher; the teacher pruned once to each shape with no training (``homoexport prune``); and the
-recipe (``recipes/embedding-quick.yaml`` by default: last hidden states + pooled sentence embedding + in-batch
-similarity structure, on Wikipedia text, never on STS-B) distilled to each shape, scored in PyTorch and as its
+recipe (``recipes/embedding-quick.yaml`` by default: the in-batch similarity structure of the pooled sentence
+embeddings, on Wikipedia sentences, never on STS-B) distilled to each shape, scored in PyTorch and as its
 int8 ONNX file (feature-extraction export, O2 + dynamic int8). Every unit lands under ``--work`` and is skipped
 when there; distillations resume. Prints a table and writes ``--results``/embedding_distill.json.
 
