@@ -62,12 +62,14 @@ def main() -> int:
         base = exporter.export(Shape(hidden, heads, ffn, 6), work / "base")
         # Regressed candidates: the same shape with a wider FFN; keep the one closest to the wanted slowdown.
         quiet = BenchSettings(batches=(1,), seqs=(128,), threads=(args.threads,), repeats=100)
-        ratios = {}
+        ratios, files = {}, {}
         for extra in (64, 128, 192, 256, 320):
-            path = exporter.export(Shape(hidden, heads, ffn + extra, 6), work / f"ffn{ffn + extra}")
-            ratios[path] = next(iter(interleaved_ratios({"m": (path, base)}, quiet).values()))
-            print(f"ffn {ffn + extra}: {ratios[path]:.3f}x the baseline (quiet, side by side)", flush=True)
-        slow = min(ratios, key=lambda p: abs(ratios[p] - 1 - args.slowdown))
+            name = f"ffn{ffn + extra}"
+            files[name] = exporter.export(Shape(hidden, heads, ffn + extra, 6), work / name)
+            ratios[name] = next(iter(interleaved_ratios({"m": (files[name], base)}, quiet).values()))
+            print(f"ffn {ffn + extra}: {ratios[name]:.3f}x the baseline (quiet, side by side)", flush=True)
+        slow_name = min(ratios, key=lambda n: abs(ratios[n] - 1 - args.slowdown))
+        slow = files[slow_name]
 
         _, base_report = bench(base, "model", work / "baseline.json", args)
         results: dict[str, list[dict]] = {"self": [], "regressed": []}
@@ -83,7 +85,7 @@ def main() -> int:
     passes = sum(r["exit"] == 0 for r in results["self"])
     fails = sum(r["exit"] == 1 for r in results["regressed"])
     ok = passes == args.trials and fails == args.trials
-    print(f"\nbaseline {args.base}, regressed ffn {slow.parent.name}: quiet side-by-side ratio {ratios[slow]:.3f}; gate {args.gate:.0%}; "
+    print(f"\nbaseline {args.base}, regressed {slow_name}: quiet side-by-side ratio {ratios[slow_name]:.3f}; gate {args.gate:.0%}; "
           f"{args.threads} threads; one core busy during the trials")
     print("\n| compare | trials | gate result as wanted | ratios (min-max) |\n|---|---:|---:|---|")
     for kind, wanted in (("self", passes), ("regressed", fails)):
@@ -91,8 +93,7 @@ def main() -> int:
         print(f"| {kind} | {args.trials} | {wanted} | {min(r):.3f}-{max(r):.3f} |")
     print(f"\n{'PASS' if ok else 'FAIL'}")
     atomic_write_json(args.out, {"schema": "homoexport.benchmark.compare_gate/1", "machine": fingerprint(), "base": args.base,
-                                 "regressed": slow.parent.name, "regressed_quiet_ratio": ratios[slow],
-                                 "candidate_ratios": {p.parent.name: r for p, r in ratios.items()}, "gate": args.gate,
+                                 "regressed": slow_name, "regressed_quiet_ratio": ratios[slow_name], "candidate_ratios": ratios, "gate": args.gate,
                                  "threads": args.threads, "repeats": args.repeats, "load": "one core spinning (python busy loop)",
                                  "baseline_p50_ms": base_report["results"][0]["p50_ms"], "results": results, "self_passes": passes,
                                  "regressed_fails": fails, "pass": ok, "wall_s": round(time.time() - started, 1)})
