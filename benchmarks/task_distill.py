@@ -171,9 +171,13 @@ def _glue_dirs(run: Path) -> list[Path]:
     return sorted(p.parent for p in run.glob("glue*/glue_report.json"))
 
 
-def collect(work: Path, tasks: Sequence[str], arms: Sequence[str]) -> dict[str, Any]:
-    """Every finished (task, arm, seed) as a row; for (c) the learning rate with the best PyTorch dev score."""
-    rows = []
+def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """Every finished (task, arm, seed) as a row; for (c) the learning rate with the best PyTorch dev score.
+
+    ``earlier`` rows (from the committed results) are kept where ``work`` no longer holds that run, so a fresh
+    work directory adds to the table instead of erasing it.
+    """
+    rows: list[dict[str, Any]] = []
     for task in tasks:
         teacher = work / f"teacher-{task}" / "glue_report.json"
         if teacher.is_file():
@@ -202,6 +206,10 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str]) -> dict[str, 
                     "load_average_1m": best.get("load_average_1m"),
                     "widths": distill["student"]["widths"] if distill else None,
                 })
+    have = {(r["task"], r["arm"], r["seed"]) for r in rows}
+    rows += [r for r in earlier if (r["task"], r["arm"], r["seed"]) not in have and r["task"] in tasks]
+    order = list(TEACHER_EPOCHS)
+    rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else 99, ["teacher", *ARMS].index(r["arm"]), r["seed"]))
     return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
             "settings": {"teacher_epochs": TEACHER_EPOCHS, "student_epochs": STUDENT_EPOCHS, "teacher_lr": TEACHER_LR,
                          "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES},
@@ -296,7 +304,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def write(args, tasks: Sequence[str]) -> None:
-    result = collect(args.work, tasks, list(ARMS))
+    previous = args.results / "task_distill.json"
+    earlier = json.loads(previous.read_text())["rows"] if previous.is_file() else []
+    tasks = sorted({*tasks, *(r["task"] for r in earlier)}, key=lambda t: list(TEACHER_EPOCHS).index(t) if t in TEACHER_EPOCHS else 99)
+    result = collect(args.work, tasks, list(ARMS), earlier)
     md = markdown(result, tasks)
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / "task_distill.json", result)
