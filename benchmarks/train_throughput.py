@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from homoexport.atomic import atomic_write_json
 from homoexport.config.recipe import LossSpec, OptimizerSpec
 from homoexport.distillation.data import BlockBatcher
 from homoexport.distillation.losses import DistillationLoss
@@ -144,9 +144,8 @@ def main() -> None:
         print(f"| {r['stage']} {r['widths']['hidden']}/{r['widths']['heads']}/{r['widths']['ffn']} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['floor_tokens_per_s']:.0f} | {r['ratio_to_floor']:.2f} | {s['teacher']:.0%} | {s['student_forward_and_losses']:.0%} | "
               f"{s['backward']:.0%} | {s['importance']:.0%} | {s['optimizer_and_masking']:.0%} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"matmul_gflops": gflops, "threads": torch.get_num_threads(), "rows": rows,
-                                    "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]}, "machine": fingerprint()}, indent=2))
+    atomic_write_json(args.out, {"schema": "homoexport.benchmark.train_throughput/1", "matmul_gflops": gflops, "threads": torch.get_num_threads(), "rows": rows,
+                                    "load_average_1m": {"start": load_before, "end": os.getloadavg()[0]}, "machine": fingerprint()})
     print(f"wrote {args.out}")
 
 
