@@ -426,3 +426,26 @@ def test_the_edge_measure_command_needs_no_torch():
     """`homoexport measure` runs on an edge box with onnxruntime and numpy only: its module imports without torch."""
     r = run_python(NO_TORCH + "import homoexport.deployment.budget as b\nassert callable(b.measure_candidates) and callable(b.calibration_probe)\n")
     assert r.returncode == 0, r.stderr
+
+
+def test_machine_busy_reads_the_calibration_probes():
+    quiet = {"probe_ms": {"start": 4.0, "end": 4.2, "steady": True}}
+    assert not bench.machine_busy({"probe_ms": {"start": 4.3, "end": 4.1, "steady": True}}, quiet)
+    assert bench.machine_busy({"probe_ms": {"start": 8.0, "end": 8.5, "steady": True}}, quiet)  # steady load, 2x slower
+    assert bench.machine_busy({"probe_ms": {"start": 4.0, "end": 6.0, "steady": False}}, quiet)  # load came during the run
+    assert not bench.machine_busy({"probe_ms": {"start": 3.0, "end": 3.1, "steady": True}}, quiet)  # faster than the baseline
+    assert not bench.machine_busy({"probe_ms": None}, quiet)
+
+
+def test_busy_side_by_side_compare_times_one_thread_under_the_entrys_key(export_dir: Path, monkeypatch):
+    model = export_dir / "model.onnx"
+    threads_seen = []
+    real = bench.load_session
+    monkeypatch.setattr(bench, "load_session", lambda path, threads=None, spinning=True: threads_seen.append((threads, spinning)) or real(path, threads, spinning))
+    settings = bench.BenchSettings(batches=(1,), seqs=(8,), threads=(2,), repeats=6, warmup=1)
+    ratios = bench.interleaved_ratios({"tiny": (model, model)}, settings, rounds=3, busy=True)
+    assert list(ratios) == ["tiny b=1 s=8 t=2 fixed"] and 0.2 < ratios["tiny b=1 s=8 t=2 fixed"] < 5
+    assert threads_seen == [(1, False), (1, False)]
+    threads_seen.clear()
+    bench.interleaved_ratios({"tiny": (model, model)}, settings, rounds=3)
+    assert threads_seen == [(2, False), (2, False)]

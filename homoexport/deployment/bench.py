@@ -78,9 +78,11 @@ def percentiles(samples_ms: np.ndarray | list[float]) -> dict[str, float]:
     }
 
 
-def session_options(threads: int | None = None) -> "Any":
+def session_options(threads: int | None = None, spinning: bool = True) -> "Any":
     """SessionOptions for a latency measurement: ``threads`` intra-op threads (None = all physical cores),
-    one inter-op thread, sequential execution, all graph optimizations."""
+    one inter-op thread, sequential execution, all graph optimizations. ``spinning=False`` stops the pool's
+    threads from busy-waiting between ops (onnxruntime's ``session.intra_op.allow_spinning``), for sessions
+    timed in alternation in one process, where one idle pool's spinning would slow the other's run."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -88,10 +90,12 @@ def session_options(threads: int | None = None) -> "Any":
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def load_session(model_path: str | os.PathLike, threads: int | None = None) -> "Any":
+def load_session(model_path: str | os.PathLike, threads: int | None = None, spinning: bool = True) -> "Any":
     """An onnxruntime CPU InferenceSession for ``model_path`` (clear error when the file is missing)."""
     import onnxruntime as ort
 
@@ -99,7 +103,7 @@ def load_session(model_path: str | os.PathLike, threads: int | None = None) -> "
     if not path.is_file():
         raise InputNotFoundError(f"ONNX model not found: {path}")
     try:
-        return ort.InferenceSession(str(path), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=session_options(threads, spinning), providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own pybind exception types (InvalidProtobuf, Fail, ...) for unreadable files
         raise UsageError(f"cannot load ONNX model {path}: {str(err).strip().splitlines()[-1]}") from None
 
@@ -623,7 +627,7 @@ class Comparison:
     metric: str
     max_regression: float
     max_accuracy_drop: float | None
-    mode: str = "stored"  # side-by-side | stored, probe-normalized | stored
+    mode: str = "stored"  # side-by-side[, single-threaded (machine busy)] | stored, probe-normalized | stored
 
     @property
     def exit_code(self) -> int:
@@ -662,6 +666,8 @@ class Comparison:
         if self.max_accuracy_drop is not None:
             limit += f", accuracy may drop at most {self.max_accuracy_drop:g} points"
         how = {"side-by-side": "baseline and current files timed interleaved in this run; the ratio is gated",
+               "side-by-side, single-threaded (machine busy)": "baseline and current files timed interleaved in this run, one thread "
+               "each because the calibration probes showed another process on the cores; the ratio is gated",
                "stored, probe-normalized": "stored baseline figures, current figures scaled by the calibration probes' ratio",
                "stored": "stored baseline figures"}[self.mode]
         lines = [f"### Compare with baseline: {verdict} (exit {code})", "", f"{limit} ({how})", ""]
@@ -777,31 +783,60 @@ def compare_reports(
 
 
 def interleaved_ratios(pairs: Mapping[str, tuple[Path, Path]], settings: "BenchSettings", rounds: int = 5,
-                       metric: str = "p50_ms") -> dict[str, float]:
+                       metric: str = "p50_ms", busy: bool = False) -> dict[str, float]:
     """Current / baseline latency ratio per entry, both files timed in alternation on the same inputs.
 
-    ``pairs`` maps a model name to (current file, baseline file). For each grid point the two sessions run
-    ``rounds`` alternating blocks of ``settings.repeats / rounds`` calls; the ratio is the median of the
-    per-round ratios, so load that comes and goes hits both files alike.
+    ``pairs`` maps a model name to (current file, baseline file). For each grid point the two sessions
+    alternate call by call (ABBA order, so drift hits both alike) for ``rounds`` rounds of
+    ``settings.repeats / rounds`` calls each; the ratio is the median of the per-round ratios. Neither
+    session's threads spin between calls. ``busy`` (another process competes for the cores) times both
+    files single-threaded under the entry's key: with fewer free cores than threads, a multi-threaded call
+    waits on whichever of its threads the scheduler preempts, and the ratio measures the scheduler more
+    than the model (measured with one core busy on a 2-core machine: a self-compare at 2 threads read
+    0.87-1.06 across runs, at 1 thread 0.99-1.02; benchmarks/compare_gate.py).
     """
     threads_list = settings.threads or (physical_cores(),)
     statistic = metric.removesuffix("_ms")
-    per_round = max(1, settings.repeats // rounds)
+    per_round = max(2, settings.repeats // rounds)
     out: dict[str, float] = {}
     for name, (current, base) in pairs.items():
         for threads in threads_list:
-            sessions = (load_session(current, threads), load_session(base, threads))
+            timing_threads = 1 if busy else threads
+            sessions = (load_session(current, timing_threads, spinning=False), load_session(base, timing_threads, spinning=False))
             for batch in settings.batches:
                 for seq in settings.seqs:
                     feeds = make_batches(sessions[0], batch, seq, settings.seq_dist, None, vocab_size_near(current), seed=settings.seed)
+                    feed_list = feeds
+                    for i in range(settings.warmup):
+                        for session in sessions:
+                            session.run(None, feed_list[i % len(feed_list)])
                     ratios = []
                     for _ in range(rounds):
-                        now, then = (measure_latency(path, batch, seq, threads, settings.warmup, per_round, None, feeds, session=session)
-                                     for path, session in ((current, sessions[0]), (base, sessions[1])))
-                        ratios.append(getattr(now, f"{statistic}_ms") / getattr(then, f"{statistic}_ms"))
+                        samples: tuple[list[float], list[float]] = ([], [])
+                        for i in range(per_round):
+                            feed = feed_list[i % len(feed_list)]
+                            for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+                                t0 = time.perf_counter_ns()
+                                sessions[k].run(None, feed)
+                                samples[k].append((time.perf_counter_ns() - t0) / 1e6)
+                        now, then = (percentiles(x)[statistic] for x in samples)
+                        ratios.append(now / then)
                     key = latency_key({"model": name, "batch": batch, "seq": seq, "threads": threads, "seq_dist": settings.seq_dist})
                     out[key] = float(np.median(ratios))
     return out
+
+
+def machine_busy(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> bool:
+    """True when the current report's calibration probes say another process competes for the cores: they
+    moved during the run, or ran slower than the baseline report's fastest probe by more than PROBE_TOLERANCE."""
+    now, then = current.get("probe_ms") or {}, baseline.get("probe_ms") or {}
+    if not now:
+        return False
+    if not now.get("steady", True):
+        return True
+    quiet = min((v for v in (then.get("start"), then.get("end")) if v), default=None)
+    slowest = max(now["start"], now["end"])
+    return quiet is not None and slowest > quiet and not same_speed(slowest, quiet)
 
 
 def load_report(path: str | os.PathLike) -> dict[str, Any]:
@@ -902,8 +937,11 @@ def run_bench(
         current_paths = {t.name: t.path for t in targets}
         pairs = {name: (current_paths[name], Path(m["path"])) for name, m in base.get("models", {}).items()
                  if name in current_paths and Path(m["path"]).is_file() and settings.seq_dist != "text"}
-        side = interleaved_ratios(pairs, settings, metric=metric) if pairs and len(pairs) == len(base.get("models", {})) else None
+        busy = machine_busy(report, base)
+        side = interleaved_ratios(pairs, settings, metric=metric, busy=busy) if pairs and len(pairs) == len(base.get("models", {})) else None
         comparison = compare_reports(report, base, max_regression, metric, max_accuracy_drop, allow_machine_mismatch, side)
+        if side is not None and busy:
+            comparison.mode = "side-by-side, single-threaded (machine busy)"
         report["comparison"] = {"baseline": str(baseline), **comparison.to_dict()}
     plots = plot_latency(report, plot_dir) if plot_dir is not None else []
     if out is not None:
