@@ -7,13 +7,16 @@ embedding terms of HomoDistil (Liang et al., ICLR 2023), as in TinyBERT's task s
 target width is reached for good, training continues on the materialised dense student, with optimizer
 state and loss projections sliced the same way, so late steps cost what the small model costs.
 
-Single process; checkpoints are atomic and resume is exact (batches are a function of the step).
+Runs in one process or data-parallel under ``torchrun`` / ``accelerate launch`` (each process takes its rows
+of every batch, gradients are all-reduced before importance scoring, so every process prunes the same units
+and holds the same student). Checkpoints are atomic and resume is exact (batches are a function of the step).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import time
@@ -62,6 +65,63 @@ logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "homoexport.task_distill/1"
 PARITY_TOLERANCE = 1e-4
+
+
+class Ranks:
+    """This process's share of a data-parallel run (world 1 without a launcher).
+
+    Each process computes the loss on its rows of the step's batch, weighted by its share of the rows, and
+    the gradients are summed across processes: the full batch's gradient, identical everywhere, so the
+    importance scores, masks, optimizer steps and the dense switch agree without further messages. Only the
+    main process writes files.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")  # CPU tensors: the task loop trains on the CPU (launcher's env:// rendezvous)
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.is_main = self.rank == 0
+
+    def shard(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """This process's rows and their share of the batch (a batch with fewer rows than processes runs whole everywhere)."""
+        rows = len(batch["input_ids"])
+        if self.world == 1 or rows < self.world:
+            return batch, 1.0 / self.world
+        mine = {k: v[self.rank::self.world] for k, v in batch.items()}
+        return mine, len(mine["input_ids"]) / rows
+
+    def sum_gradients(self, params: list[nn.Parameter]) -> None:
+        if self.world == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def sum_values(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1 or not values:
+            return values
+        keys = sorted(values)
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, t.tolist()))
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
 
 
 class TaskLoss(nn.Module):
@@ -171,6 +231,7 @@ class TaskRun:
     step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
     family: list[dict[str, Any]] = field(default_factory=list)  # students kept on the way down (task.family)
+    processes: int = 1  # data-parallel processes (Ranks.world)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {**{f"student.{n}": p for n, p in self.student.named_parameters()}, **{f"loss.{n}": p for n, p in self.loss.named_parameters()}}
@@ -222,17 +283,20 @@ def to_dense(run: TaskRun, recipe: Recipe, total: int) -> None:
     logger.info("continuing on the dense student %s from step %d", run.pruner.widths(), run.step)
 
 
-def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe) -> None:
-    state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
-             "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
-             "curve": run.curve, "family": run.family, "rng": rng_state()}
-    save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
-    for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
-        stale.unlink()
+def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks) -> None:
+    rngs = ranks.gather(rng_state())  # every process's dropout stream, so that resume is exact for each
+    if ranks.is_main:
+        state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
+                 "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
+                 "curve": run.curve, "family": run.family, "rng": rngs[0], "rng_ranks": rngs}
+        save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
+        for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
+            stale.unlink()
+    ranks.barrier()
 
 
-def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> None:
+def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, rank: int = 0) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     check_same_recipe(state["recipe"], recipe, path)
     if run.pruner is not None:
@@ -244,7 +308,8 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int) -> No
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.curve, run.family = state["step"], state["curve"], state["family"]
-    set_rng_state(state["rng"])
+    per_rank = state.get("rng_ranks") or [state["rng"]]
+    set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"])
 
 
 def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -261,16 +326,19 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         raise UsageError("--resume and --overwrite contradict each other: give one")
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
-    if overwrite and out.exists():
+    ranks = Ranks()
+    if overwrite and out.exists() and ranks.is_main:
         shutil.rmtree(out)
+    ranks.barrier()
     if resume:
         finished = finished_report(out, recipe)
         if finished is not None:
             logger.info("%s already finished: nothing to do (use --overwrite to train it again)", out)
             return finished
-    torch.manual_seed(recipe.training.seed)
-    random.seed(recipe.training.seed)
-    np.random.seed(recipe.training.seed)
+    seed = recipe.training.seed + ranks.rank  # a process's own dropout stream; the data order comes from the recipe's seed
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
 
     ts = recipe.task
     need_attn = recipe.losses.attention > 0
@@ -294,24 +362,25 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     loss = TaskLoss(recipe.losses, ts.hard_label, regression, hidden, hidden, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     params = {**{f"student.{n}": p for n, p in student.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
     optimizer = _optimizer(params, recipe)
-    run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner)
+    run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner, processes=ranks.world)
 
     checkpoints = out / "checkpoints"
     found = sorted(checkpoints.glob("step-*.pt")) if resume else []
     if found:
-        _load_checkpoint(found[-1], run, recipe, total)
+        _load_checkpoint(found[-1], run, recipe, total, ranks.rank)
         logger.info("resumed from %s (step %d of %d)", found[-1], run.step, total)
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
-        _score_once(run, teacher, train, recipe, need_attn)
+        _score_once(run, teacher, train, recipe, need_attn, ranks)
     resumed_from = run.step
-    out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
-    if not found:
-        log_path.unlink(missing_ok=True)
-    else:  # records after the checkpoint are about to be redone
-        kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= run.step] if log_path.exists() else []
-        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
-    atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
+    if ranks.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not found:
+            log_path.unlink(missing_ok=True)
+        else:  # records after the checkpoint are about to be redone
+            kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= run.step] if log_path.exists() else []
+            atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+        atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
 
     teacher_dev = evaluate(teacher, dev, data.task)
     logger.info("teacher dev %s", teacher_dev)
@@ -320,12 +389,13 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     while run.step < total:
         step = run.step
         t0 = time.time()
-        batch = train.batch_at(step)
+        batch, share = ranks.shard(train.batch_at(step))
         with torch.no_grad():
             t_out = forward(teacher, batch, need_attn)
         s_out = forward(run.student, batch, need_attn)
         value, terms = run.loss(s_out, t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
-        value.backward()
+        (value * share).backward()
+        ranks.sum_gradients(list(run.named_parameters().values()))
         changed = run.pruner.after_backward(step) if run.pruner is not None and not run.dense else False
         if recipe.optimizer.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(list(run.named_parameters().values()), recipe.optimizer.max_grad_norm)
@@ -335,13 +405,14 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         if run.pruner is not None and not run.dense:
             run.pruner.after_optimizer_step()
             if changed and ts.family:
-                keep_family_member(run, out / "family", dev, data.task, ts.family, step + 1, tokenizer)
+                keep_family_member(run, out / "family", dev, data.task, ts.family, step + 1, tokenizer, ranks)
             if ts.materialize and run.pruner.reached_target(step):
                 run.step = step + 1
                 to_dense(run, recipe, total)
         run.step = done = step + 1
-        record: dict[str, Any] = {"step": done, "total": total, "loss": float(value.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()},
-                                  "lr": run.scheduler.get_last_lr()[0], "step_s": time.time() - t0, "dense": run.dense}
+        figures = ranks.sum_values({"loss": float(value.detach()) * share, **{f"loss_{k}": float(v.detach()) * share for k, v in terms.items()}})
+        record: dict[str, Any] = {"step": done, "total": total, **figures, "lr": run.scheduler.get_last_lr()[0], "step_s": time.time() - t0,
+                                  "dense": run.dense}
         if run.pruner is not None:
             record["widths"] = run.pruner.widths().as_dict()
         if done % eval_every == 0 or done == total:
@@ -350,17 +421,20 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             run.curve.append({"step": done, "widths": record.get("widths"), "dev": metrics})
         ce = recipe.training.checkpoint_every
         if (ce and done % ce == 0) or done == total:
-            _save_checkpoint(checkpoints, run, recipe)
-        if done % recipe.training.log_every == 0 or done == total or "dev" in record:
+            _save_checkpoint(checkpoints, run, recipe, ranks)
+        if ranks.is_main and (done % recipe.training.log_every == 0 or done == total or "dev" in record):
             with open(log_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
             if on_log is not None:
                 on_log(record)
     wall = time.time() - started
-    return _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall)
+    report = _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall) if ranks.is_main else {}
+    ranks.barrier()
+    return report
 
 
-def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: GlueTask, requested: list[int], step: int, tokenizer) -> None:
+def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: GlueTask, requested: list[int], step: int, tokenizer,
+                       ranks: Ranks | None = None) -> None:
     """Keep the current (masked) student as a dense model once it is at or below a requested hidden size.
 
     The schedule passes through every width, so one run leaves a family of students. A width that a stock
@@ -375,8 +449,9 @@ def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: Gl
     dense = run.pruner.materialize()
     metrics = evaluate(dense, dev, task)
     path = directory / f"h{widths.hidden}-a{widths.heads}-f{widths.ffn}"
-    with staging_dir(path, overwrite=True) as tmp:
-        save_student(dense, tmp, tokenizer)
+    if ranks is None or ranks.is_main:
+        with staging_dir(path, overwrite=True) as tmp:
+            save_student(dense, tmp, tokenizer)
     run.family.append({"requested_hidden": sorted(due), "step": step, "path": str(path), "dev": metrics,
                        **parameter_report(dense, widths)})
     logger.info("kept %s at step %d: dev %s", widths, step, metrics)
@@ -390,15 +465,16 @@ def select_within_drop(members: list[dict[str, Any]], teacher_dev: float, metric
             "met": chosen is not None, "best_drop": min(teacher_dev - m["dev"][metric] for m in members)}
 
 
-def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool) -> None:
+def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool, ranks: Ranks) -> None:
     """One-shot pruning: importance from ``score_batches`` batches of the objective, then the target at once."""
     assert run.pruner is not None
     for step in range(recipe.pruning.score_batches):
-        batch = train.batch_at(step)
+        batch, share = ranks.shard(train.batch_at(step))
         with torch.no_grad():
             t_out = forward(teacher, batch, need_attn)
         value, _ = run.loss(forward(run.student, batch, need_attn), t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
-        value.backward()
+        (value * share).backward()
+        ranks.sum_gradients(list(run.named_parameters().values()))
         run.pruner.importance.update()
         run.student.zero_grad(set_to_none=True)
         run.loss.zero_grad(set_to_none=True)
@@ -465,6 +541,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "epochs": recipe.task.epochs,
         "resumed_from_step": resumed_from or None,
         "wall_time_s": round(wall, 2),
+        "processes": run.processes,
         "active_loss_terms": run.loss.active_terms,
         "parity_max_abs_diff": parity,
         "machine": fingerprint(),
