@@ -124,9 +124,7 @@ def _probe_session(threads: int | None) -> tuple[Any, dict[str, np.ndarray]]:
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])], [weight])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    # Not spinning: the probe's pool stays alive (cached) beside the session it brackets, and idle spinning
-    # threads would slow the very measurement the probe vouches for.
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads, spinning=False), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
     return session, {"x": rng.standard_normal((256, 1024)).astype(np.float32)}
 
 
