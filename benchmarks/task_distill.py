@@ -205,6 +205,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "dev_curve": distill["curve"] if distill else None,  # (step, widths, dev metrics) during distillation
                     "load_average_1m": best.get("load_average_1m"),
                     "widths": distill["student"]["widths"] if distill else None,
+                    **step_times(run / "distill" / "train_log.jsonl"),
                 })
     have = {(r["task"], r["arm"], r["seed"]) for r in rows}
     rows += [r for r in earlier if (r["task"], r["arm"], r["seed"]) not in have and r["task"] in tasks]
@@ -214,6 +215,18 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
             "settings": {"teacher_epochs": TEACHER_EPOCHS, "student_epochs": STUDENT_EPOCHS, "teacher_lr": TEACHER_LR,
                          "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES},
             "machine": fingerprint()}
+
+
+def step_times(log: Path) -> dict[str, Any]:
+    """When a distillation switched to the dense student, and the median logged step time before and after."""
+    if not log.is_file():
+        return {}
+    records = [json.loads(line) for line in log.read_text().splitlines() if line]
+    timed = [r for r in records if "dev" not in r and "step_s" in r]  # evaluation steps include the dev pass
+    dense = [r["step_s"] for r in timed if r.get("dense")]
+    masked = [r["step_s"] for r in timed if not r.get("dense")]
+    return {"dense_from_step": next((r["step"] for r in records if r.get("dense")), None),
+            "median_step_s": {"masked": statistics.median(masked) if masked else None, "dense": statistics.median(dense) if dense else None}}
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None, int]:
