@@ -792,8 +792,7 @@ def interleaved_ratios(pairs: Mapping[str, tuple[Path, Path]], settings: "BenchS
     session's threads spin between calls. ``busy`` (another process competes for the cores) times both
     files single-threaded under the entry's key: with fewer free cores than threads, a multi-threaded call
     waits on whichever of its threads the scheduler preempts, and the ratio measures the scheduler more
-    than the model (measured with one core busy on a 2-core machine: a self-compare at 2 threads read
-    0.87-1.06 across runs, at 1 thread 0.99-1.02; benchmarks/compare_gate.py).
+    than the model (benchmarks/compare_gate.py measures the gate this way with one core busy).
     """
     threads_list = settings.threads or (physical_cores(),)
     statistic = metric.removesuffix("_ms")
@@ -806,15 +805,14 @@ def interleaved_ratios(pairs: Mapping[str, tuple[Path, Path]], settings: "BenchS
             for batch in settings.batches:
                 for seq in settings.seqs:
                     feeds = make_batches(sessions[0], batch, seq, settings.seq_dist, None, vocab_size_near(current), seed=settings.seed)
-                    feed_list = feeds
                     for i in range(settings.warmup):
                         for session in sessions:
-                            session.run(None, feed_list[i % len(feed_list)])
+                            session.run(None, feeds[i % len(feeds)])
                     ratios = []
                     for _ in range(rounds):
                         samples: tuple[list[float], list[float]] = ([], [])
                         for i in range(per_round):
-                            feed = feed_list[i % len(feed_list)]
+                            feed = feeds[i % len(feeds)]
                             for k in ((0, 1) if i % 2 == 0 else (1, 0)):
                                 t0 = time.perf_counter_ns()
                                 sessions[k].run(None, feed)
