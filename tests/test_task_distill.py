@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import WORDS, save_model_dir, synthetic_sentences
+from tiny import WORDS, max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
@@ -271,12 +271,7 @@ def test_a_shallower_task_student_starts_from_teacher_layers_and_maps_them(tmp_p
 def test_two_process_task_distillation_matches_one_process(tmp_path: Path, task_files):
     """torchrun with 2 CPU processes (gloo): each takes half of every batch and the gradients are summed, so
     without dropout the student equals one process's at the same batch (row-level losses: logits KL + labels)."""
-    import os
-    import subprocess
-    import sys
-
     import yaml
-    from safetensors.torch import load_file
 
     teacher = save_model_dir(tmp_path / "teacher", kind="cls", num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = AutoModelForSequenceClassification.from_pretrained(teacher)
@@ -287,17 +282,11 @@ def test_two_process_task_distillation_matches_one_process(tmp_path: Path, task_
     single = distill_task(validate_recipe(task_recipe(teacher, task_files, tmp_path / "one", **overrides)))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(task_recipe(teacher, task_files, tmp_path / "two", **overrides)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
-           "-m", "homoexport", "distill", str(path), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_distill(path, port=29541)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["processes"] == 2 and two["steps"] == single["steps"]
     assert two["student"]["widths"] == single["student"]["widths"]
-    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert max_weight_difference(tmp_path / "one" / "student", tmp_path / "two" / "student") < 1e-4
     logged = [json.loads(line) for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, two["steps"] + 1))  # one writer: no record twice
     assert not (tmp_path / "two" / "checkpoints").exists()

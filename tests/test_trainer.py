@@ -1,16 +1,13 @@
 """HomoDistil training: exact target widths, monotone masks, zeroed pruned weights, resume, data parallel."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import save_model_dir, synthetic_sentences
+from tiny import max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
 from transformers import AutoModel
 from typer.testing import CliRunner
 
@@ -214,16 +211,10 @@ def test_two_process_gloo_matches_single_process(teachers, corpus, tmp_path):
     single = distill(validate_recipe(r))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(dict(r, output=str(tmp_path / "two"))))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "homoexport", "distill", str(path), "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_distill(path, port=29533)
     two = json.loads((tmp_path / "two" / "report.json").read_text())
     assert two["processes"] == 2 and two["student"]["widths"] == single["student"]["widths"]
-    a = load_file(tmp_path / "one" / "student" / "model.safetensors")
-    b = load_file(tmp_path / "two" / "student" / "model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    assert max_weight_difference(tmp_path / "one" / "student", tmp_path / "two" / "student") < 1e-4
 
 
 def test_cli_distill_with_params_budget_plans_then_trains(teachers, corpus, tmp_path, monkeypatch):

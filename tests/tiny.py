@@ -87,3 +87,24 @@ def random_batch(vocab_size: int, batch: int = 3, seq: int = 16, seed: int = 0, 
     token_type_ids = torch.zeros(batch, seq, dtype=torch.long)
     token_type_ids[:, seq // 2 :] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+
+
+def torchrun_distill(recipe_path: Path, port: int, processes: int = 2) -> None:
+    """Run `homoexport distill RECIPE` under torchrun with ``processes`` CPU processes (gloo; one thread each)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", str(port),
+           "-m", "homoexport", "distill", str(recipe_path), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def max_weight_difference(student_a: Path, student_b: Path) -> float:
+    """Largest absolute difference between two saved students' weights (same architecture)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(student_a / "model.safetensors"), load_file(student_b / "model.safetensors")
+    return max((a[k] - b[k]).abs().max().item() for k in a)

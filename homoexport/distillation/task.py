@@ -434,7 +434,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
 
 
 def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: GlueTask, requested: list[int], step: int, tokenizer,
-                       ranks: Ranks | None = None) -> None:
+                       ranks: Ranks) -> None:
     """Keep the current (masked) student as a dense model once it is at or below a requested hidden size.
 
     The schedule passes through every width, so one run leaves a family of students. A width that a stock
@@ -449,7 +449,7 @@ def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: Gl
     dense = run.pruner.materialize()
     metrics = evaluate(dense, dev, task)
     path = directory / f"h{widths.hidden}-a{widths.heads}-f{widths.ffn}"
-    if ranks is None or ranks.is_main:
+    if ranks.is_main:  # every process keeps the record (identical students); one writes the files
         with staging_dir(path, overwrite=True) as tmp:
             save_student(dense, tmp, tokenizer)
     run.family.append({"requested_hidden": sorted(due), "step": step, "path": str(path), "dev": metrics,
