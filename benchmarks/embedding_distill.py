@@ -4,7 +4,8 @@ Rows: the teacher; the teacher pruned once to each shape with no training (``hom
 recipe (``recipes/embedding-quick.yaml`` by default: the in-batch similarity structure of the pooled sentence
 embeddings, on Wikipedia sentences, never on STS-B) distilled to each shape, scored in PyTorch and as its
 int8 ONNX file (feature-extraction export, O2 + dynamic int8). Every unit lands under ``--work`` and is skipped
-when there; distillations resume. Prints a table and writes ``--results``/embedding_distill.json.
+when there; distillations resume. Prints a table and writes ``--results``/embedding_distill_<tag>.json, keeping
+the committed rows of shapes not run this time.
 
 With --curve-every N the run also saves its student every N steps (``training.snapshot_every``) and each
 snapshot at the final width is scored in PyTorch: Spearman against distillation steps, tokens and wall time
@@ -60,6 +61,14 @@ def unit(path: Path, make) -> dict[str, Any]:
     return result
 
 
+def kept_rows(results: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Committed rows of models this run did not produce, so a run of one shape adds to the table instead of erasing it."""
+    if not results.is_file():
+        return []
+    have = {r["model"] for r in rows}
+    return [r for r in json.loads(results.read_text())["rows"] if r["model"] not in have]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", type=Path, default=REPO / "recipes" / "embedding-quick.yaml")
@@ -106,10 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "curve": curve(run, report, pairs, teacher, hidden)}
 
         rows.append({"model": f"{args.tag} {key}", **unit(args.work / f"{args.tag}-{key}.json", distilled)})
+    out = args.results / f"embedding_distill_{args.tag}.json"
+    rows = [rows[0], *kept_rows(out, rows), *rows[1:]]
     result = {"schema": "homoexport.benchmark.embedding_distill/1", "recipe": str(args.recipe), "overrides": args.overrides,
               "data": pairs.source, "metric": "STS-B dev Spearman x 100, zero-shot, mean pooling", "rows": rows, "machine": fingerprint()}
     args.results.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.results / f"embedding_distill_{args.tag}.json", result)
+    atomic_write_json(out, result)
     print("| model | PyTorch | int8 ONNX | distill wall s |\n|---|---:|---:|---:|")
     for r in rows:
         int8 = f"{r['onnx_int8']:.2f}" if r.get("onnx_int8") is not None else "-"
