@@ -156,9 +156,11 @@ def test_plan_in_ci_mode_exits_8_on_a_contended_machine(tmp_path: Path, monkeypa
     fake = {"budget": "latency=8ms", "statistic": "p50_ms", "margin": 0.05, "constraints": [],
             "settings": {"batch": 1, "seq": 128, "threads_resolved": 2, "precision": "int8"},
             "candidates": [{**chosen, "measurement": chosen["predicted"], "fits": True}], "chosen": chosen, "measured": 1, "cache_hits": 0,
+            "rechecked": [{"name": "h48-a2-f96-l2", "p50_ms": [9.5, 8.9]}],
             "cache": {"reused": [], "stale_remeasured": [], "fresh": False}, "contended": [chosen["name"]], "elapsed_s": 1.0}
     monkeypatch.setattr(budget, "plan", lambda *a, **k: fake)
     ci = CliRunner().invoke(app, ["plan", "--teacher", str(teacher), "--budget", "latency=8ms", "--no-cache", "--ci"])
     assert ci.exit_code == errors.EXIT_CONTENDED == 8 and "contended" in ci.output
     local = CliRunner().invoke(app, ["plan", "--teacher", str(teacher), "--budget", "latency=8ms", "--no-cache", "--no-ci"])
     assert local.exit_code == 0 and "warning" in local.output
+    assert "measured twice, the faster kept: h48-a2-f96-l2 9.50/8.90 ms" in " ".join(local.output.split())

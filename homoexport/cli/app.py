@@ -663,6 +663,9 @@ def plan_command(
                   f"{report['cache_hits']} from cache, {report['elapsed_s']:.0f}s", highlight=False)
     if report["cache"]["stale_remeasured"]:
         console.print(f"re-measured {len(report['cache']['stale_remeasured'])} cached figures taken at another machine speed", highlight=False)
+    if report["rechecked"]:
+        checks = ", ".join(f"{r['name']} {r['p50_ms'][0]:.2f}/{r['p50_ms'][1]:.2f} ms" for r in report["rechecked"])
+        console.print(f"figures over the budget were measured twice, the faster kept: {checks}", highlight=False)
     speed = report.get("machine_speed") or {}
     if report["cache_hits"] and speed.get("probe_ms") and speed.get("quiet_probe_ms") and not same_speed(speed["probe_ms"], speed["quiet_probe_ms"]):
         console.print(f"the machine runs {speed['probe_ms'] / speed['quiet_probe_ms'] - 1:.0%} slower than its quiet speed now; the "

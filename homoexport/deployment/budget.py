@@ -632,7 +632,9 @@ def plan(
 
     The figures come from ``measurements`` (a ``homoexport measure`` file from the target machine), else
     from ``measure`` (tests inject one), else from exporting and timing candidates here, cached in
-    ``cache_path`` per machine fingerprint, settings and shape (None: no cache).
+    ``cache_path`` per machine fingerprint, settings and shape (None: no cache). A live figure over the latency
+    budget is measured a second time and the faster kept (``rechecked`` in the report): one slow figure would
+    otherwise end the search below shapes that fit.
     """
     started = time.perf_counter()
     constraints = parse_budget(budget)
@@ -647,6 +649,10 @@ def plan(
     cache = MeasurementCache(cache_path, machine["id"], settings_key(settings, t))
     hits: list[str] = []
     stale: list[str] = []
+    rechecked: list[dict[str, Any]] = []
+
+    def over_latency(m: Measurement) -> bool:
+        return any(c.kind == "latency" and m.p50_ms > c.limit * (1 - margin) for c in constraints)
 
     quiet: list[float | None] = [None]  # the machine's quiet speed: the fastest probe known (cache, then this run)
     now: list[float] = []  # this run's probe, taken once, for judging cache entries
@@ -712,6 +718,13 @@ def plan(
                     hits.append(shape.name)
                     return hit
             m = measure_live(shape, with_rss)
+            if not m.contended and over_latency(m):
+                # A figure over the latency budget ends the search above it, so it gets a second measurement: load from
+                # other processes only ever slows a run down, and the faster of two figures is the nearer the machine's own.
+                again = measure_live(shape, with_rss)
+                rechecked.append({"name": shape.name, "p50_ms": [m.p50_ms, again.p50_ms]})
+                if not again.contended and again.p50_ms < m.p50_ms:
+                    m = again
             if not m.contended:
                 cache.put(shape, m)
             return m
@@ -752,6 +765,7 @@ def plan(
         "depth_rule": "the fitting shape with the most non-embedding parameters over all searched depths (ties: the deeper)",
         "measured": sum(1 for m in result.measured.values() if m.source == "measured"),
         "cache_hits": len(hits),
+        "rechecked": rechecked,
         "cache": {"reused": hits, "stale_remeasured": stale, "fresh": fresh,
                   "note": "cache entries are reused only when they were taken at the machine's quiet speed (the fastest calibration "
                           "probe known for it)"},
