@@ -13,6 +13,7 @@ snapshot at the final width is scored in PyTorch: Spearman against distillation 
 
     python benchmarks/embedding_distill.py --shapes 192,128
     python benchmarks/embedding_distill.py --shapes 192 --set training.steps=2400 --tag long --curve-every 400
+    python benchmarks/embedding_distill.py --shapes 192 --in-domain stsb,mrpc,rte,sst2 --tag in-domain --curve-every 50
 """
 
 from __future__ import annotations
@@ -61,6 +62,27 @@ def unit(path: Path, make) -> dict[str, Any]:
     return result
 
 
+def in_domain_sentences(glue_data: Path, tasks: Sequence[str], per_task: int, dev: set[str], out: Path) -> Path:
+    """Unlabelled sentences of GLUE *training* splits, one per line, for the distillation text; never a dev sentence.
+
+    Distinct sentences in file order, at most ``per_task`` per task; STS-B dev sentences (``dev``) are dropped wherever
+    they recur (some STS-B captions appear in both splits).
+    """
+    from homoexport.atomic import atomic_write_text
+    from homoexport.evaluation.glue_data import get_task, read_tsv
+
+    if not out.is_file():
+        lines: list[str] = []
+        for name in tasks:
+            spec = get_task(name)
+            rows = read_tsv(spec, glue_data / spec.directory / "train.tsv")
+            columns = [c for c in ("text_a", "text_b") if c in rows.column_names]
+            taken = [t for row in rows.select(range(len(rows))) for t in (row[c] for c in columns) if t not in dev]
+            lines += list(dict.fromkeys(taken))[:per_task]
+        atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
 def kept_rows(results: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Committed rows of models this run did not produce, so a run of one shape adds to the table instead of erasing it."""
     if not results.is_file():
@@ -76,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--shapes", default="192,128")
     ap.add_argument("--tag", default="quick", help="names this recipe + overrides in the work and result files")
     ap.add_argument("--curve-every", type=int, default=0, help="save and score the student every N steps (0: only the final one)")
+    ap.add_argument("--in-domain", default="", help="GLUE tasks whose training sentences (unlabelled) go before the recipe's text, "
+                    "e.g. stsb,mrpc,qnli,sst2; STS-B dev sentences are dropped")
+    ap.add_argument("--in-domain-per-task", type=int, default=10000, help="at most this many distinct sentences per task")
     ap.add_argument("--glue-data", type=Path, default=Path("../shared/data/glue"))
     ap.add_argument("--work", type=Path, default=Path("runs/embedding_bench"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -90,6 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = load_recipe(args.recipe, args.overrides)
     teacher = Path(base.teacher)
     pairs = stsb_dev(args.glue_data)
+    if args.in_domain:
+        text = in_domain_sentences(args.glue_data, args.in_domain.split(","), args.in_domain_per_task, {*pairs.first, *pairs.second},
+                                   args.work / f"in-domain-{args.in_domain.replace(',', '-')}.txt")
+        args.overrides = [*args.overrides, f"data.train={json.dumps([str(text), *base.data.train])}"]
     rows = [{"model": "teacher", **unit(args.work / "teacher.json", lambda: {"pytorch": sts_scores(teacher, pairs, teacher)["teacher (PyTorch)"]})}]
     for key in args.shapes.split(","):
         hidden, heads, ffn = SHAPES[key]
