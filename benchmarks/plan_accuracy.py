@@ -28,7 +28,7 @@ from pathlib import Path
 from load import one_core_busy
 
 from homoexport.atomic import atomic_write_json
-from homoexport.deployment.budget import CandidateExporter, PlanSettings, Shape, plan
+from homoexport.deployment.budget import CandidateExporter, FigureSource, PlanSettings, Shape, plan
 from homoexport.machine import fingerprint
 
 
@@ -63,7 +63,7 @@ def main() -> int:
         plans, predicted = [], {}
         for ms in budgets:
             t0 = time.perf_counter()
-            report = plan(args.teacher, f"latency={ms:g}ms", settings, cache_path=cache)
+            report = plan(args.teacher, f"latency={ms:g}ms", settings, source=FigureSource(cache_path=cache))
             elapsed = time.perf_counter() - t0
             rows = [r for r in report["candidates"] if r["measurement"]]
             for r in rows:
@@ -81,7 +81,7 @@ def main() -> int:
                 for mode, mode_budgets in (("cache", budgets), ("fresh", [budgets[len(budgets) // 2]])):
                     for ms in mode_budgets:
                         t0 = time.perf_counter()
-                        report = plan(args.teacher, f"latency={ms:g}ms", settings, cache_path=cache, fresh=mode == "fresh")
+                        report = plan(args.teacher, f"latency={ms:g}ms", settings, source=FigureSource(cache_path=cache, fresh=mode == "fresh"))
                         quiet_choice = next(p["chosen"] for p in plans if p["budget_ms"] == ms)
                         for r in report["candidates"]:
                             if r["measurement"] and r["name"] not in predicted:

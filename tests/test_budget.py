@@ -14,9 +14,11 @@ from homoexport.deployment import budget
 from homoexport.deployment.budget import (
     MB,
     BudgetError,
+    FigureSource,
     Measurement,
     NoFitError,
     PlanSettings,
+    SearchSpace,
     Shape,
     TeacherShape,
     apply_plan,
@@ -144,10 +146,9 @@ def minilm_dir(tmp_path):
     return d
 
 
-def _plan(teacher, budget, measure, **kw):
-    kw.setdefault("candidates", enumerate_candidates(MINILM))
-    return plan(teacher, budget, measure=measure, cache_path=kw.pop("cache_path", None),
-                machine={"id": "testmachine"}, **kw)
+def _plan(teacher, budget, measure, candidates=None, margin=0.05, refine=2, cache_path=None, fresh=False, **kw):
+    space = SearchSpace(candidates or enumerate_candidates(MINILM), margin=margin, refine=refine)
+    return plan(teacher, budget, space=space, source=FigureSource(cache_path, measure=measure, machine={"id": "testmachine"}, fresh=fresh), **kw)
 
 
 @pytest.mark.parametrize("limit_ms", [1.0, 3.0, 6.0, 10.0])
@@ -238,8 +239,8 @@ def test_cache_hits_skip_measurement(minilm_dir, tmp_path):
     _plan(minilm_dir, "latency=6ms", other_settings, cache_path=cache, settings=PlanSettings(threads=1, seq=64))
     assert other_settings.calls  # another setting is another key
     other_machine = FakeMeasure()
-    plan(minilm_dir, "latency=6ms", candidates=enumerate_candidates(MINILM), measure=other_machine, cache_path=cache,
-         machine={"id": "elsewhere"})
+    plan(minilm_dir, "latency=6ms", space=SearchSpace(enumerate_candidates(MINILM)),
+         source=FigureSource(cache, measure=other_machine, machine={"id": "elsewhere"}))
     assert other_machine.calls  # another machine is another key
     needs_rss = FakeMeasure()
     _plan(minilm_dir, "rss=80MB", needs_rss, cache_path=cache)
@@ -344,23 +345,24 @@ def test_real_plan_and_edge_round_trip(teacher_dir, tmp_path):
     assert t == TeacherShape(64, 4, 128, 2, t.vocab, 128, 2)
     settings = PlanSettings(seq=32, threads=1, warmup=2, repeats=5, rounds=2)
     candidates = parse_candidates("32,64", t)
-    report = plan(teacher_dir, "latency=10s", settings, candidates=candidates, cache_path=tmp_path / "cache.json")
+    report = plan(teacher_dir, "latency=10s", settings, SearchSpace(candidates), FigureSource(tmp_path / "cache.json"))
     assert report["chosen"]["name"] == candidates[-1].name  # generous budget: the largest shape
     measured = [r for r in report["candidates"] if r["measurement"]]
     assert measured and all(r["measurement"]["p50_ms"] > 0 and r["measurement"]["file_bytes"] > 0 for r in measured)
 
-    manifest = export_candidates(teacher_dir, tmp_path / "cands", settings, candidates=candidates)
+    manifest = export_candidates(teacher_dir, tmp_path / "cands", settings, SearchSpace(candidates))
     assert [c["name"] for c in manifest["candidates"]] == [c.name for c in candidates]
     assert all((tmp_path / "cands" / c["file"]).is_file() for c in manifest["candidates"])
     data = measure_candidates(tmp_path / "cands")
     assert (tmp_path / "cands" / "measurements.json").is_file() and all(r["measurement"]["rss_mb"] > 0 for r in data["candidates"])
     small = data["candidates"][0]["measurement"]
     limit = small["file_bytes"] + 1
-    from_file = plan(teacher_dir, f"memory={limit / 1024:.3f}KB", candidates=candidates, measurements=tmp_path / "cands" / "measurements.json",
-                     cache_path=None)
+    from_file = plan(teacher_dir, f"memory={limit / 1024:.3f}KB", space=SearchSpace(candidates),
+                     source=FigureSource(measurements=tmp_path / "cands" / "measurements.json"))
     assert from_file["chosen"]["name"] == candidates[0].name and from_file["chosen"]["predicted"]["source"] == "file"
     with pytest.raises(BudgetError, match="no measurement of"):
-        plan(teacher_dir, "latency=10s", candidates=parse_candidates("48", t), measurements=tmp_path / "cands" / "measurements.json")
+        plan(teacher_dir, "latency=10s", space=SearchSpace(parse_candidates("48", t)),
+             source=FigureSource(measurements=tmp_path / "cands" / "measurements.json"))
 
 
 def test_cache_entries_from_another_machine_speed_are_measured_again(minilm_dir, tmp_path, monkeypatch):
@@ -416,3 +418,12 @@ def test_calibration_probe_is_a_positive_time():
 
     ms = calibration_probe(1, repeats=3)
     assert ms > 0 and same_speed(ms, ms * 1.1) and not same_speed(ms, ms * 2) and not same_speed(None, ms)
+
+
+def test_search_space_validates_its_fields_and_lists_shapes():
+    for bad, match in (({"margin": 1.0}, "margin"), ({"refine": -1}, "refine"), ({"multiple": 12}, "multiple"), ({"ffn_ratio": 0.0}, "ffn ratio")):
+        with pytest.raises(BudgetError, match=match):
+            SearchSpace(**bad)
+    assert SearchSpace(depths=[6, 3]).shapes(MINILM) == enumerate_candidates(MINILM, depths=[6, 3])
+    chosen = parse_candidates("128,256", MINILM)
+    assert SearchSpace(list(reversed(chosen))).shapes(MINILM) == chosen  # sorted by size, whatever the order given

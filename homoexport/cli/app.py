@@ -622,7 +622,9 @@ def plan_command(
     _check_out(out)
     from homoexport.deployment.budget import (
         BudgetError,
+        FigureSource,
         PlanSettings,
+        SearchSpace,
         default_cache_path,
         export_candidates,
         parse_candidates,
@@ -636,21 +638,20 @@ def plan_command(
     settings = PlanSettings(batch=batch, seq=seq, threads=threads, precision=precision, task=task, warmup=warmup, repeats=repeats, rounds=rounds)
     depths = parse_depths(layers)
     shapes = parse_candidates(candidates, teacher_shape(teacher), multiple, ffn_ratio, depths) if candidates else None
+    space = SearchSpace(shapes, multiple, ffn_ratio, depths, margin, refine)
     from homoexport.cli.progress import StepProgress
 
     if export_candidates_dir is not None:
         with StepProgress("export candidates", console, enabled=progress) as bar:
-            manifest = export_candidates(teacher, export_candidates_dir, settings, shapes, multiple, ffn_ratio, depths, overwrite=overwrite,
-                                         on_progress=bar.update)
+            manifest = export_candidates(teacher, export_candidates_dir, settings, space, overwrite=overwrite, on_progress=bar.update)
         console.print(f"wrote {len(manifest['candidates'])} candidates to {export_candidates_dir}; on the target run "
                       f"`homoexport measure {export_candidates_dir}`, then `homoexport plan --measurements .../measurements.json`", highlight=False)
         return
     if budget is None:
         raise BudgetError("--budget is required (or --export-candidates DIR)")
     with StepProgress("plan", console, enabled=progress) as bar:
-        report = plan(teacher, budget, settings, shapes, multiple, ffn_ratio, depths, margin, refine,
-                      cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, out=out, plot=plot,
-                      on_progress=bar.update, fresh=fresh)
+        source = FigureSource(cache_path=None if no_cache else cache or default_cache_path(), measurements=measurements, fresh=fresh)
+        report = plan(teacher, budget, settings, space, source, out=out, plot=plot, on_progress=bar.update)
     from homoexport.cli.tables import depth_lines, plan_table
     from homoexport.deployment.bench import same_speed
 

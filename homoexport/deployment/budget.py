@@ -22,7 +22,7 @@ fingerprint, settings and shape.
 
 Measuring on another machine: ``export_candidates`` writes every candidate's deployed file plus a
 manifest; ``measure_candidates`` (onnxruntime + numpy only) times them there and writes
-``measurements.json``; ``plan(..., measurements=FILE)`` chooses from that file.
+``measurements.json``; ``plan(..., source=FigureSource(measurements=FILE))`` chooses from that file.
 
 This module imports neither torch nor transformers at import time: ``measure_candidates`` runs on boxes
 that only have onnxruntime and numpy.
@@ -608,45 +608,85 @@ def load_measurements(path: Path) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True)
+class SearchSpace:
+    """The shapes a plan chooses among and how it searches them.
+
+    ``candidates`` (e.g. from ``parse_candidates``) when given, else every reachable shape with hidden a multiple
+    of ``multiple`` and FFN = hidden x ``ffn_ratio`` (default: the teacher's ratio) at each of ``depths`` (default:
+    the teacher's). A noisy figure (latency, rss) fits when it is at most budget x (1 - ``margin``); after
+    bisection the ``refine`` shapes just above the boundary are measured too.
+    """
+
+    candidates: Optional[tuple[Shape, ...]] = None
+    multiple: int = 16
+    ffn_ratio: Optional[float] = None
+    depths: Optional[tuple[int, ...]] = None
+    margin: float = 0.05
+    refine: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("candidates", "depths"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, tuple(getattr(self, name)) or None)
+        if self.multiple not in (8, 16, 32, 64):
+            raise BudgetError(f"multiple must be one of 8, 16, 32, 64, got {self.multiple}")
+        if self.ffn_ratio is not None and self.ffn_ratio <= 0:
+            raise BudgetError(f"ffn ratio must be > 0, got {self.ffn_ratio}")
+        if not 0 <= self.margin < 1:
+            raise BudgetError(f"margin must be in [0, 1), got {self.margin}")
+        if self.refine < 0:
+            raise BudgetError(f"refine must be >= 0, got {self.refine}")
+
+    def shapes(self, teacher: TeacherShape) -> list[Shape]:
+        """The candidate shapes for ``teacher``, sorted by size."""
+        return sorted(self.candidates) if self.candidates else enumerate_candidates(teacher, self.multiple, self.ffn_ratio, self.depths)
+
+
+@dataclass(frozen=True)
+class FigureSource:
+    """Where a plan's figures come from.
+
+    ``measurements`` (a ``homoexport measure`` file from the target machine), else ``measure`` (tests inject one),
+    else exporting and timing candidates here; live figures are cached in ``cache_path`` per machine fingerprint,
+    settings and shape (None: no cache), and ``fresh`` measures every visited shape again. ``machine`` replaces
+    this machine's fingerprint (tests).
+    """
+
+    cache_path: Optional[Path] = None
+    measurements: Optional[Path] = None
+    fresh: bool = False
+    measure: Optional[MeasureFn] = None
+    machine: Optional[Mapping[str, Any]] = None
+
+
 def plan(
     teacher: str | os.PathLike,
     budget: str,
     settings: PlanSettings = PlanSettings(),
-    candidates: Sequence[Shape] | None = None,
-    multiple: int = 16,
-    ffn_ratio: float | None = None,
-    depths: Sequence[int] | None = None,
-    margin: float = 0.05,
-    refine: int = 2,
-    cache_path: Path | None = None,
-    measurements: Path | None = None,
-    measure: MeasureFn | None = None,
-    machine: Mapping[str, Any] | None = None,
-    fresh: bool = False,
+    space: SearchSpace = SearchSpace(),
+    source: FigureSource = FigureSource(),
     out: Path | None = None,
     plot: Path | None = None,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Choose the largest student shape of ``teacher`` that fits ``budget``; returns the plan (written to
-    ``out`` and plotted to ``plot`` when given). Raises ``NoFitError`` when even the smallest does not fit.
+    """Choose the largest student shape of ``teacher`` in ``space`` that fits ``budget``, from the figures of
+    ``source``; returns the plan (written to ``out`` and plotted to ``plot`` when given). Raises ``NoFitError``
+    when even the smallest does not fit.
 
-    The figures come from ``measurements`` (a ``homoexport measure`` file from the target machine), else
-    from ``measure`` (tests inject one), else from exporting and timing candidates here, cached in
-    ``cache_path`` per machine fingerprint, settings and shape (None: no cache). A live figure over the latency
-    budget is measured a second time and the faster kept (``rechecked`` in the report): one slow figure would
-    otherwise end the search below shapes that fit.
+    A live figure over the latency budget is measured a second time and the faster kept (``rechecked`` in the
+    report): one slow figure would otherwise end the search below shapes that fit.
     """
     started = time.perf_counter()
     constraints = parse_budget(budget)
-    if not 0 <= margin < 1:
-        raise BudgetError(f"margin must be in [0, 1), got {margin}")
+    margin, measurements, measure, fresh = space.margin, source.measurements, source.measure, source.fresh
     t = teacher_shape(teacher)
     if settings.seq > t.max_positions:
         raise BudgetError(f"seq {settings.seq} exceeds the teacher's max_position_embeddings {t.max_positions}")
-    shapes = list(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, depths)
+    shapes = space.shapes(t)
     params = {s: parameters(s, t) for s in shapes}
-    machine = dict(machine or fingerprint())
-    cache = MeasurementCache(cache_path, machine["id"], settings_key(settings, t))
+    machine = dict(source.machine or fingerprint())
+    cache = MeasurementCache(source.cache_path, machine["id"], settings_key(settings, t))
     hits: list[str] = []
     stale: list[str] = []
     rechecked: list[dict[str, Any]] = []
@@ -734,7 +774,7 @@ def plan(
     per_depth: dict[int, Shape | None] = {}
     for depth in sorted({s.layers for s in shapes}, reverse=True):
         # Cost grows with width only at a fixed depth: bisect each depth on its own.
-        found = search([s for s in shapes if s.layers == depth], constraints, params, measure_one, margin, refine,
+        found = search([s for s in shapes if s.layers == depth], constraints, params, measure_one, margin, space.refine,
                        on_measure=lambda s: bar.advance(message=f"measuring {s.name} (export + time)"))
         result.measured.update(found.measured)
         per_depth[depth] = found.chosen
@@ -876,8 +916,8 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
     else:
         # A task recipe deploys a classifier: time candidates with its head, as `homoexport export` will export it.
         settings = PlanSettings(task="text-classification" if getattr(recipe, "task", None) is not None else "feature-extraction")
-        report = plan(recipe.teacher, budget, settings=settings, depths=depths or ([s.layers] if s.layers else None), cache_path=cache_path,
-                      on_progress=on_progress)
+        report = plan(recipe.teacher, budget, settings, SearchSpace(depths=depths or ([s.layers] if s.layers else None)),
+                      FigureSource(cache_path=cache_path), on_progress=on_progress)
     return apply_plan(recipe, report), report
 
 
@@ -889,17 +929,14 @@ def export_candidates(
     teacher: str | os.PathLike,
     out_dir: Path,
     settings: PlanSettings = PlanSettings(),
-    candidates: Sequence[Shape] | None = None,
-    multiple: int = 16,
-    ffn_ratio: float | None = None,
-    depths: Sequence[int] | None = None,
+    space: SearchSpace = SearchSpace(),
     overwrite: bool = False,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Write every candidate's deployed ONNX file (+ config.json, which ``bench`` reads the vocabulary
-    from) to ``out_dir/<name>/`` and a manifest, for ``measure_candidates`` on the target machine."""
+    """Write the deployed ONNX file (+ config.json, which ``bench`` reads the vocabulary from) of every shape in
+    ``space`` to ``out_dir/<name>/`` and a manifest, for ``measure_candidates`` on the target machine."""
     t = teacher_shape(teacher)
-    shapes = sorted(candidates) if candidates else enumerate_candidates(t, multiple, ffn_ratio, depths)
+    shapes = space.shapes(t)
     exporter = CandidateExporter(teacher, settings)
     entries = []
     bar = Tracker(on_progress, "export candidates", len(shapes))
