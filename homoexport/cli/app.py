@@ -617,8 +617,8 @@ def plan_command(
                                  "instead of a warning."),
 ) -> None:
     """Choose the largest student shape of TEACHER whose cost, measured on this machine through onnxruntime on random-weight
-    candidates exported exactly as `homoexport export` does, fits the budget. Bisects the candidates by size, caches every
-    measurement, never returns a shape over budget, and fails naming the smallest achievable figure when none fits."""
+    candidates exported exactly as `homoexport export` does, fits the budget. Bisects the candidates by size, measures a
+    figure over the budget twice (keeping the faster), caches every measurement, never returns a shape over budget, and fails naming the smallest achievable figure when none fits."""
     _check_out(out)
     from homoexport.deployment.budget import (
         BudgetError,
