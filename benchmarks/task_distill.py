@@ -9,6 +9,9 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
                       at the learning rate of ``PRUNE_FT_LRS`` that scores best on dev
     (d)  agnostic     the task-agnostic quickstart student (recipes/quickstart.yaml) fine-tuned on the task
     (a128)            (a) at hidden 128 / 4 heads / FFN 512
+    (ax)              (a) with half its labelled passes traded for other GLUE tasks' text, labelled by the teacher
+                      alone (``task.unlabelled``, ``UNLABELLED_TEXT``): as many rows as the training set, half
+                      the epochs, so the same steps as (a)
 
 (a), (b) and (a128) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
 (O2 fusion + dynamic int8) and scored in PyTorch, ONNX fp32 and ONNX int8 by ``run_glue`` (``--no-train``
@@ -41,7 +44,11 @@ ARMS = {
     "c": ("prune_ft", "one-shot prune + fine-tuning (best lr)", "192"),
     "d": ("agnostic", "task-agnostic quickstart student + fine-tuning", "192"),
     "a128": ("homodistil", "task HomoDistil (iterative)", "128"),
+    "ax": ("homodistil", "task HomoDistil + unlabelled text for the teacher", "192"),
 }
+# Text the teacher labels for (ax): other GLUE tasks' training splits (pairs for pair tasks), never a dev or test file.
+UNLABELLED_TEXT = {"rte": ["glue:mrpc", "glue:stsb"], "mrpc": ["glue:rte", "glue:stsb"], "cola": ["glue:stsb", "glue:sst2"],
+                   "sst2": ["glue:stsb", "glue:cola"]}
 # Epochs of the teacher's fine-tuning and of every student's training, per task.
 TEACHER_EPOCHS = {"mrpc": 5, "rte": 5, "cola": 5, "sst2": 2, "stsb": 5, "qnli": 2}
 STUDENT_EPOCHS = {"mrpc": 10, "rte": 10, "cola": 10, "sst2": 2, "stsb": 10, "qnli": 2}
@@ -62,13 +69,20 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
     return json.loads((out / "glue_report.json").read_text())
 
 
-def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path) -> dict[str, Any]:
-    """The recipe of arms (a), (b) and (a128): KL at T=2 on the logits plus hidden/attention/embedding terms."""
+def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
+                unlabelled: bool = False) -> dict[str, Any]:
+    """The recipe of arms (a), (b), (a128) and (ax): KL at T=2 on the logits plus hidden/attention/embedding terms."""
+    spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False}
+    if unlabelled:
+        from homoexport.evaluation.glue_data import get_task, read_tsv
+
+        rows = len(read_tsv(get_task(task), glue_data / get_task(task).directory / "train.tsv"))
+        spec |= {"unlabelled": UNLABELLED_TEXT[task], "max_unlabelled_samples": rows, "epochs": STUDENT_EPOCHS[task] / 2}
     return {
-        "name": f"{task}-{schedule}-{shape}-s{seed}",
+        "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}-s{seed}",
         "teacher": str(teacher),
         "student": SHAPES[shape],
-        "task": {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False},
+        "task": spec,
         "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
         "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": 0.4, "interval": 10, "multiple": 16},
         "optimizer": {"lr": DISTILL_LR, "warmup": 0.05},
@@ -84,7 +98,8 @@ def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path)
     run = work / task / f"{arm}-s{seed}"
     if not (run / "report.json").is_file():
         schedule = "one_shot" if arm == "b" else "homotopic"
-        recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill"))
+        recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill",
+                                             unlabelled=arm == "ax"))
         report = distill_task(recipe, resume=(run / "distill").exists())
         atomic_write_json(run / "report.json", report)
     return run / "distill" / "student"
@@ -154,7 +169,7 @@ def export_latency_ms(glue_dir: Path, file: str = "model_quantized.onnx") -> flo
 def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
     run = work / task / f"{arm}-s{seed}"
     started = time.time()
-    if arm in ("a", "b", "a128"):
+    if arm in ("a", "b", "a128", "ax"):
         score(task, distill_student(task, arm, seed, work, glue_data), run / "glue", glue_data, train=False)
     elif arm == "c":
         pruned = pruned_classifier(task, work, glue_data)
@@ -213,7 +228,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
     rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else 99, ["teacher", *ARMS].index(r["arm"]), r["seed"]))
     return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
             "settings": {"teacher_epochs": TEACHER_EPOCHS, "student_epochs": STUDENT_EPOCHS, "teacher_lr": TEACHER_LR,
-                         "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES},
+                         "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES, "unlabelled_text": UNLABELLED_TEXT},
             "machine": fingerprint()}
 
 

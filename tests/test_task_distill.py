@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from homoexport.cli import app
 from homoexport.config.recipe import LossSpec, validate_recipe
 from homoexport.distillation.task import TaskLoss, distill_task
-from homoexport.distillation.task_data import TaskDataError, load_files
+from homoexport.distillation.task_data import UNLABELLED, TaskDataError, load_files, unlabelled_rows
 
 
 def write_rows(path: Path, n: int, seed: int, labels=("neg", "pos"), pair: bool = False) -> Path:
@@ -82,6 +82,51 @@ def test_file_loader_maps_named_labels_and_rejects_bad_input(tmp_path: Path, tas
         load_files(csv, csv, "sentence", None, "score", None, regression=True)
 
 
+def test_unlabelled_rows_join_without_labels_and_never_repeat_dev_text(tmp_path: Path, task_files):
+    data = load_files(*task_files, "sentence", None, "label", ["neg", "pos"], regression=False)
+    extra_file = write_rows(tmp_path / "extra.jsonl", 30, 7)
+    with extra_file.open("a") as f:  # a dev sentence in the unlabelled file is dropped
+        f.write(json.dumps({"sentence": data.dev["text_a"][0], "label": "neg"}) + "\n")
+    rows = unlabelled_rows([str(extra_file)], data, None, "sentence", None, None)
+    assert len(rows) == 30 and set(rows["label"]) == {UNLABELLED} and data.dev["text_a"][0] not in rows["text_a"]
+    assert rows.features == data.train.features
+    assert len(unlabelled_rows([str(extra_file)], data, None, "sentence", None, 12, seed=1)) == 12
+    # GLUE sources read the text of a task's file: a pair file gives a single-sentence task both of its texts.
+    glue = tmp_path / "glue"
+    (glue / "RTE").mkdir(parents=True)
+    (glue / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n0\tthe cat sat\ta cat\tentailment\n"
+                                            "1\tdogs bark\tcats bark\tnot_entailment\n")
+    assert unlabelled_rows(["glue:rte"], data, glue, "sentence", None, None)["text_a"] == ["the cat sat", "dogs bark", "a cat", "cats bark"]
+    pairs = load_files(write_rows(tmp_path / "ptrain.jsonl", 8, 0, pair=True), write_rows(tmp_path / "pdev.jsonl", 4, 1, pair=True),
+                       "sentence", "other", "label", ["neg", "pos"], regression=False)
+    got = unlabelled_rows(["glue:RTE/train"], pairs, glue, "sentence", "other", None)
+    assert got["text_b"] == ["a cat", "cats bark"] and got["label"] == [UNLABELLED] * 2
+    (glue / "SST-2").mkdir()
+    (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood fun\t1\n")
+    with pytest.raises(TaskDataError, match=r"glue:sst2: has no sentence pairs"):
+        unlabelled_rows(["glue:sst2"], pairs, glue, "sentence", "other", None)
+    with pytest.raises(TaskDataError, match=r"glue:rte/test: unknown split 'test' for rte \(allowed: train, dev;"):
+        unlabelled_rows(["glue:rte/test"], data, glue, "sentence", None, None)
+    with pytest.raises(TaskDataError, match=r"extra.jsonl: no column 'text'"):
+        unlabelled_rows([str(extra_file)], data, None, "text", None, None)
+    with pytest.raises(TaskDataError, match="no rows left once the dev set's text is removed"):
+        unlabelled_rows([str(task_files[1])], data, None, "sentence", None, None)
+
+
+def test_hard_label_term_skips_rows_the_teacher_labels_alone():
+    spec = LossSpec(kl=1.0, temperature=2.0, hidden=0.0, attention=0.0, embedding=0.0)
+    mask = torch.ones(2, 5)
+    s, t = _outputs(torch.tensor([[0.0, 0.0], [3.0, -3.0]])), _outputs(torch.tensor([[1.0, -1.0], [0.0, 1.0]]))
+    loss = TaskLoss(spec, 1.0, False, 8, 8, 2, 2)
+    _, mixed = loss(s, t, mask, torch.tensor([1, UNLABELLED]), None)
+    assert float(mixed["label"]) == pytest.approx(float(torch.log(torch.tensor(2.0))), rel=1e-5)  # only the first row's gold label
+    total, none = loss(s, t, mask, torch.tensor([UNLABELLED, UNLABELLED]), None)
+    assert float(none["label"]) == 0.0 and torch.isfinite(total) and float(total) == pytest.approx(float(none["prediction"]))
+    reg = TaskLoss(spec, 1.0, True, 8, 8, 2, 2)
+    _, terms = reg(_outputs(torch.tensor([[1.0], [2.0]])), _outputs(torch.tensor([[3.0], [2.0]])), mask, torch.tensor([3.0, float("nan")]), None)
+    assert float(terms["label"]) == pytest.approx(4.0)
+
+
 def _outputs(logits, hidden_dim=8, layers=2):
     from types import SimpleNamespace
 
@@ -130,6 +175,16 @@ def test_tiny_task_distillation_end_to_end(tmp_path: Path, teacher_dir: Path, ta
     data = load_task_data(recipe, ["neg", "pos"], False)
     dev = TaskBatcher(data.dev, load_tokenizer(teacher_dir), 64, 24, shuffle=False)
     assert evaluate(student, dev, data.task) == pytest.approx(report["student"]["dev"])
+
+
+def test_task_distillation_with_unlabelled_text(tmp_path: Path, teacher_dir: Path, task_files):
+    extra = write_rows(tmp_path / "extra.jsonl", 24, 5)
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{
+        "task.unlabelled": [str(extra)], "task.max_unlabelled_samples": 16, "task.hard_label": 0.5, "task.epochs": 2}))
+    report = distill_task(recipe)
+    assert report["steps"] == 2 * (48 + 16) // 8 and report["data"]["unlabelled_rows"] == 16 and report["data"]["train_rows"] == 64
+    assert "16 unlabelled rows from" in report["data"]["source"]
+    assert all(np.isfinite(v) for v in report["student"]["dev"].values())
 
 
 def test_task_distillation_masked_to_the_end_passes_parity(tmp_path: Path, teacher_dir: Path, task_files):

@@ -150,6 +150,11 @@ class TaskSpec(_Strict):
     max_length: int = Field(128, ge=8, le=4096, description="tokens per example (pairs truncated longest-first)")
     hard_label: float = Field(0.0, ge=0, description="weight of the loss to the gold labels (cross-entropy / MSE)")
     max_train_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the training rows")
+    unlabelled: list[str] = Field(default_factory=list, description="more text for the teacher to label, trained on beside the "
+                                  "training rows with the distillation terms only (the hard-label term skips it): CSV / TSV / JSONL "
+                                  "files with the task's text columns, or glue:TASK[/SPLIT] for a GLUE file's text (labels not read); "
+                                  "rows that repeat a dev row are dropped; epochs count passes over both")
+    max_unlabelled_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the unlabelled rows")
     max_dev_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the dev rows")
     eval_batch_size: int = Field(64, gt=0)
     materialize: bool = Field(True, description="continue on the dense student once the target width is reached "

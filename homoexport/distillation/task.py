@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets import concatenate_datasets
 from torch import nn
 
 from homoexport import __version__
@@ -44,11 +45,13 @@ from homoexport.distillation.checkpoint import (
 from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
 from homoexport.distillation.models import ModelLoadError, build_student, is_sequence_classifier, load_tokenizer
 from homoexport.distillation.task_data import (
+    UNLABELLED,
     TaskBatcher,
     TaskData,
     limit,
     load_files,
     load_glue,
+    unlabelled_rows,
 )
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.evaluation.glue_data import GlueTask, predictions, score
@@ -160,7 +163,12 @@ class TaskLoss(nn.Module):
                                                log_target=True, reduction="batchmean") * T * T
             total = total + self.spec.kl * terms["prediction"]
         if self.hard_label > 0:
-            terms["label"] = F.mse_loss(s_logits.squeeze(-1), labels.float()) if self.regression else F.cross_entropy(s_logits, labels)
+            known = ~torch.isnan(labels) if self.regression else labels != UNLABELLED  # rows the teacher labels alone have no gold term
+            if known.any():
+                predicted, gold = s_logits[known], labels[known]
+                terms["label"] = F.mse_loss(predicted.squeeze(-1), gold.float()) if self.regression else F.cross_entropy(predicted, gold)
+            else:
+                terms["label"] = s_logits.sum() * 0.0
             total = total + self.hard_label * terms["label"]
         return total, terms
 
@@ -196,7 +204,13 @@ def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bo
             raise ModelLoadError(f"teacher {recipe.teacher} has {kind} head but GLUE {data.task.name} is not {kind} task")
     else:
         data = load_files(t.train_file, t.dev_file, t.text_column, t.text_pair_column, t.label_column, label_names, regression)
-    return limit(data, t.max_train_samples, t.max_dev_samples, recipe.training.seed)
+    data = limit(data, t.max_train_samples, t.max_dev_samples, recipe.training.seed)
+    if not t.unlabelled:
+        return data
+    extra = unlabelled_rows(t.unlabelled, data, t.data_dir, t.text_column, t.text_pair_column, t.max_unlabelled_samples, recipe.training.seed)
+    logger.info("%d unlabelled rows for the teacher to label, beside %d labelled ones", len(extra), len(data.train))
+    return TaskData(data.task, concatenate_datasets([data.train, extra]), data.dev,
+                    f"{data.source} + {len(extra)} unlabelled rows from {', '.join(t.unlabelled)}", unlabelled=len(extra))
 
 
 def _label_names(config) -> list[str] | None:
@@ -528,7 +542,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "homoexport_version": __version__,
         "recipe": recipe.name,
         "task": data.task.name if data.task.name != "custom" else "custom",
-        "data": {"source": data.source, "train_rows": len(data.train), "dev_rows": len(data.dev)},
+        "data": {"source": data.source, "train_rows": len(data.train), "unlabelled_rows": data.unlabelled, "dev_rows": len(data.dev)},
         "teacher": {"path": recipe.teacher, "dev": teacher_dev, **parameter_report(teacher, config_widths(teacher.config))},
         "student": {"path": str(out / "student"), "dev": student_dev, **parameter_report(dense, config_widths(dense.config))},
         "primary_metric": primary,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from homoexport.evaluation.glue_data import GlueDataError, GlueTask, get_task, load_tsv, subsample
+from homoexport.evaluation.glue_data import GlueDataError, GlueTask, get_task, load_tsv, read_tsv, subsample
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 
@@ -33,6 +33,7 @@ class TaskData:
     train: Dataset
     dev: Dataset
     source: str
+    unlabelled: int = 0  # how many of the training rows (the last ones) only the teacher labels
 
 
 def load_glue(name: str, data_dir: str | Path) -> TaskData:
@@ -105,6 +106,68 @@ def _label(raw, names: list[str] | None, regression: bool, path: Path, column: s
         allowed = ", ".join(names) if names else "class ids 0, 1, ..."
         raise TaskDataError(f"{path}: column {column!r}, row {row}: unknown label {raw!r} (allowed: {allowed})")
     return value
+
+
+UNLABELLED = -100
+"""The label of a row the teacher labels alone: a class id no head has (cross-entropy's ``ignore_index``); NaN for regression."""
+
+GLUE_SOURCE = "glue:"
+
+
+def unlabelled_rows(sources: list[str], data: TaskData, data_dir: str | Path | None, text_column: str,
+                    text_pair_column: str | None, max_rows: int | None, seed: int = 0) -> Dataset:
+    """Extra training rows without labels, for the teacher to label (TinyBERT's augmentation, with real text).
+
+    A source is a CSV / TSV / JSON-lines file with the task's text (and pair) columns, or ``glue:TASK`` /
+    ``glue:TASK/dev`` (the file's name) for the text of a GLUE file under ``data_dir`` (its labels are never read). A
+    sentence-pair task needs pair sources; a single-sentence task takes each text of a pair as a row. Rows
+    whose text is also a dev row are dropped, so the dev score never rests on text the student was
+    trained to match. ``max_rows`` keeps a fixed random subset.
+    """
+    pair = "text_b" in data.train.column_names
+    first: list[str] = []
+    second: list[str] = []
+    for source in sources:
+        a, b = _source_texts(source, data_dir, text_column, text_pair_column)
+        if pair and b is None:
+            raise TaskDataError(f"{source}: has no sentence pairs, and this task's rows are pairs (give a pair task or a file with "
+                                f"the {text_pair_column or 'pair'} column)")
+        if pair:
+            first.extend(a)
+            second.extend(b or [])
+        else:
+            first.extend(a + (b or []))
+    dev = set(zip(data.dev["text_a"], data.dev["text_b"])) if pair else set(data.dev["text_a"])
+    keep = [i for i, key in enumerate(zip(first, second) if pair else first) if key not in dev]
+    if not keep:
+        raise TaskDataError(f"{', '.join(sources)}: no rows left once the dev set's text is removed")
+    label = math.nan if data.task.is_regression else UNLABELLED
+    columns: dict[str, list] = {"text_a": [first[i] for i in keep]}
+    if pair:
+        columns["text_b"] = [second[i] for i in keep]
+    rows = Dataset.from_dict(columns | {"label": [label] * len(keep)}, features=data.train.features)
+    return subsample(rows, max_rows, seed)
+
+
+def _source_texts(source: str, data_dir: str | Path | None, text_column: str, text_pair_column: str | None) -> tuple[list[str], list[str] | None]:
+    if source.startswith(GLUE_SOURCE):
+        name, _, split = source[len(GLUE_SOURCE):].partition("/")
+        task = get_task(name)
+        files = {"train": "train.tsv", **{Path(f).stem: f for f in task.dev_files.values()}}  # split = file name: train, dev, ...
+        if (split or "train") not in files:
+            raise TaskDataError(f"{source}: unknown split {split!r} for {task.name} (allowed: {', '.join(files)}; test files have no "
+                                "labels to check the layout by and are not used)")
+        if data_dir is None:
+            raise TaskDataError(f"{source}: a GLUE source needs task.data_dir (the GLUE directory)")
+        rows = read_tsv(task, Path(data_dir) / task.directory / files[split or "train"])
+        return list(rows["text_a"]), list(rows["text_b"]) if "text_b" in rows.column_names else None
+    path = Path(source)
+    ds = _read(path)
+    for column in (text_column, text_pair_column):
+        if column is not None and column not in ds.column_names:
+            raise TaskDataError(f"{path}: no column {column!r} (found: {', '.join(ds.column_names)})")
+    pair_texts = [str(x) for x in ds[text_pair_column]] if text_pair_column else None
+    return [str(x) for x in ds[text_column]], pair_texts
 
 
 def limit(data: TaskData, max_train: int | None, max_dev: int | None, seed: int = 0) -> TaskData:
