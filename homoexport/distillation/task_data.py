@@ -43,7 +43,8 @@ def load_glue(name: str, data_dir: str | Path) -> TaskData:
     return TaskData(task, splits["train"], splits[task.primary_split], f"GLUE {task.name} from {Path(data_dir) / task.directory}")
 
 
-def _read(path: Path) -> Dataset:
+def _read(path: Path, *columns: str | None) -> Dataset:
+    """``path`` as a dataset, failing naming the file when it lacks one of ``columns`` (None: not needed)."""
     from datasets import load_dataset
 
     if not path.is_file():
@@ -53,9 +54,13 @@ def _read(path: Path) -> Dataset:
         raise TaskDataError(f"{path}: unknown file type {path.suffix!r} (allowed: {', '.join(_FORMATS)})")
     kwargs = {"delimiter": "\t", "quoting": 3} if path.suffix.lower() == ".tsv" else {}  # TSVs: no quoting (GLUE convention)
     try:
-        return load_dataset(fmt, data_files=str(path), split="train", **kwargs)
+        ds = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several types; the cause is what the user needs
         raise TaskDataError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    for column in columns:
+        if column is not None and column not in ds.column_names:
+            raise TaskDataError(f"{path}: no column {column!r} (found: {', '.join(ds.column_names)})")
+    return ds
 
 
 def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, text_pair_column: str | None,
@@ -68,10 +73,7 @@ def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, t
     """
     splits = {}
     for split, path in (("train", Path(train_file)), ("dev", Path(dev_file))):
-        ds = _read(path)
-        for column in (text_column, text_pair_column, label_column):
-            if column is not None and column not in ds.column_names:
-                raise TaskDataError(f"{path}: no column {column!r} (found: {', '.join(ds.column_names)})")
+        ds = _read(path, text_column, text_pair_column, label_column)
         texts = {"text_a": [str(x) for x in ds[text_column]]}
         if text_pair_column:
             texts["text_b"] = [str(x) for x in ds[text_pair_column]]
@@ -130,8 +132,8 @@ def unlabelled_rows(sources: list[str], data: TaskData, data_dir: str | Path | N
     for source in sources:
         a, b = _source_texts(source, data_dir, text_column, text_pair_column)
         if pair and b is None:
-            raise TaskDataError(f"{source}: has no sentence pairs, and this task's rows are pairs (give a pair task or a file with "
-                                f"the {text_pair_column or 'pair'} column)")
+            raise TaskDataError(f"{source}: has no sentence pairs, and this task's rows are pairs (give another pair task, or a file "
+                                f"and name its second text in task.text_pair_column)")
         if pair:
             first.extend(a)
             second.extend(b or [])
@@ -152,20 +154,16 @@ def unlabelled_rows(sources: list[str], data: TaskData, data_dir: str | Path | N
 def _source_texts(source: str, data_dir: str | Path | None, text_column: str, text_pair_column: str | None) -> tuple[list[str], list[str] | None]:
     if source.startswith(GLUE_SOURCE):
         name, _, split = source[len(GLUE_SOURCE):].partition("/")
-        task = get_task(name)
+        task, split = get_task(name), split or "train"
         files = {"train": "train.tsv", **{Path(f).stem: f for f in task.dev_files.values()}}  # split = file name: train, dev, ...
-        if (split or "train") not in files:
+        if split not in files:
             raise TaskDataError(f"{source}: unknown split {split!r} for {task.name} (allowed: {', '.join(files)}; test files have no "
                                 "labels to check the layout by and are not used)")
         if data_dir is None:
             raise TaskDataError(f"{source}: a GLUE source needs task.data_dir (the GLUE directory)")
-        rows = read_tsv(task, Path(data_dir) / task.directory / files[split or "train"])
+        rows = read_tsv(task, Path(data_dir) / task.directory / files[split])
         return list(rows["text_a"]), list(rows["text_b"]) if "text_b" in rows.column_names else None
-    path = Path(source)
-    ds = _read(path)
-    for column in (text_column, text_pair_column):
-        if column is not None and column not in ds.column_names:
-            raise TaskDataError(f"{path}: no column {column!r} (found: {', '.join(ds.column_names)})")
+    ds = _read(Path(source), text_column, text_pair_column)
     pair_texts = [str(x) for x in ds[text_pair_column]] if text_pair_column else None
     return [str(x) for x in ds[text_column]], pair_texts
 
