@@ -12,6 +12,8 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
     (ax)              (a) with half its labelled passes traded for other GLUE tasks' text, labelled by the teacher
                       alone (``task.unlabelled``, ``UNLABELLED_TEXT``): as many rows as the training set, half
                       the epochs, so the same steps as (a)
+    (aa)              (a) with ``AUGMENT_COPIES`` word-swapped copies of each training row, labelled by the teacher alone
+                      (``task.augment``, TinyBERT's augmentation), epochs divided by 1 + copies: the same steps as (a)
 
 (a), (b) and (a128) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
 (O2 fusion + dynamic int8) and scored in PyTorch, ONNX fp32 and ONNX int8 by ``run_glue`` (``--no-train``
@@ -45,7 +47,9 @@ ARMS = {
     "d": ("agnostic", "task-agnostic quickstart student + fine-tuning", "192"),
     "a128": ("homodistil", "task HomoDistil (iterative)", "128"),
     "ax": ("homodistil", "task HomoDistil + unlabelled text for the teacher", "192"),
+    "aa": ("homodistil", "task HomoDistil + word-swapped copies for the teacher", "192"),
 }
+AUGMENT_COPIES = 4
 # Text the teacher labels for (ax): other GLUE tasks' training splits (pairs for pair tasks), never a dev or test file.
 UNLABELLED_TEXT = {"rte": ["glue:mrpc", "glue:stsb"], "mrpc": ["glue:rte", "glue:stsb"], "cola": ["glue:stsb", "glue:sst2"],
                    "sst2": ["glue:stsb", "glue:cola"]}
@@ -70,16 +74,18 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 
 
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
-                unlabelled: bool = False) -> dict[str, Any]:
-    """The recipe of arms (a), (b), (a128) and (ax): KL at T=2 on the logits plus hidden/attention/embedding terms."""
+                unlabelled: bool = False, augment: bool = False) -> dict[str, Any]:
+    """The recipe of arms (a), (b), (a128), (ax) and (aa): KL at T=2 on the logits plus hidden/attention/embedding terms."""
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False}
     if unlabelled:
         from homoexport.evaluation.glue_data import get_task, read_tsv
 
         rows = len(read_tsv(get_task(task), glue_data / get_task(task).directory / "train.tsv"))
         spec |= {"unlabelled": UNLABELLED_TEXT[task], "max_unlabelled_samples": rows, "epochs": STUDENT_EPOCHS[task] / 2}
+    if augment:
+        spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
-        "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}-s{seed}",
+        "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}",
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
@@ -99,7 +105,7 @@ def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path)
     if not (run / "report.json").is_file():
         schedule = "one_shot" if arm == "b" else "homotopic"
         recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill",
-                                             unlabelled=arm == "ax"))
+                                             unlabelled=arm == "ax", augment=arm == "aa"))
         report = distill_task(recipe, resume=(run / "distill").exists())
         atomic_write_json(run / "report.json", report)
     return run / "distill" / "student"
@@ -169,7 +175,7 @@ def export_latency_ms(glue_dir: Path, file: str = "model_quantized.onnx") -> flo
 def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
     run = work / task / f"{arm}-s{seed}"
     started = time.time()
-    if arm in ("a", "b", "a128", "ax"):
+    if arm in ("a", "b", "a128", "ax", "aa"):
         score(task, distill_student(task, arm, seed, work, glue_data), run / "glue", glue_data, train=False)
     elif arm == "c":
         pruned = pruned_classifier(task, work, glue_data)
@@ -228,7 +234,8 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
     rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else 99, ["teacher", *ARMS].index(r["arm"]), r["seed"]))
     return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
             "settings": {"teacher_epochs": TEACHER_EPOCHS, "student_epochs": STUDENT_EPOCHS, "teacher_lr": TEACHER_LR,
-                         "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES, "unlabelled_text": UNLABELLED_TEXT},
+                         "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES, "unlabelled_text": UNLABELLED_TEXT,
+                         "augment_copies": AUGMENT_COPIES},
             "machine": fingerprint()}
 
 

@@ -17,6 +17,7 @@ from homoexport.cli import app
 from homoexport.config.recipe import LossSpec, validate_recipe
 from homoexport.distillation.task import TaskLoss, distill_task
 from homoexport.distillation.task_data import UNLABELLED, TaskDataError, load_files, unlabelled_rows
+from homoexport.errors import UsageError
 
 
 def write_rows(path: Path, n: int, seed: int, labels=("neg", "pos"), pair: bool = False) -> Path:
@@ -187,6 +188,63 @@ def test_task_distillation_with_unlabelled_text(tmp_path: Path, teacher_dir: Pat
     assert all(np.isfinite(v) for v in report["student"]["dev"].values())
 
 
+def _neighbour_table(tokenizer, close: dict[str, str]) -> torch.Tensor:
+    """Random word embeddings in which each key of ``close`` sits next to its value."""
+    torch.manual_seed(0)
+    table = torch.randn(len(tokenizer.get_vocab()), 16)
+    vocab = tokenizer.get_vocab()
+    for word, near in close.items():
+        table[vocab[word]] = table[vocab[near]] + 0.01
+    return table
+
+
+def test_word_neighbours_are_whole_words_nearest_in_the_embedding_table(tmp_path: Path):
+    from tiny import make_tokenizer
+
+    from homoexport.distillation.augment import WordNeighbours
+
+    tok = make_tokenizer(tmp_path / "tok")
+    neighbours = WordNeighbours(tok, _neighbour_table(tok, {"good": "great"}), k=3)
+    assert neighbours.of("Good")[0] == "great" and neighbours.of("great")[0] == "good"
+    every = {w for word in ("the", "movie", "sat", "good") for w in neighbours.of(word)}
+    assert every and all(w.isalpha() and len(w) > 1 and not w.startswith("##") for w in every)
+    assert neighbours.of("zebra") == [] and len(neighbours.of("dog")) == 3
+
+
+def test_word_swapped_copies_keep_case_skip_originals_and_dev_text(tmp_path: Path):
+    from datasets import Dataset
+    from tiny import make_tokenizer
+
+    from homoexport.distillation.augment import WordNeighbours, augmented_rows, swap_words
+
+    tok = make_tokenizer(tmp_path / "tok")
+    neighbours = WordNeighbours(tok, _neighbour_table(tok, {"good": "great", "great": "good", "dog": "cat", "cat": "dog"}), k=1)
+    rng = np.random.default_rng(0)
+    assert swap_words("Dog GOOD, zebra-cat!", neighbours, 1.0, rng) == "Cat GREAT, zebra-dog!"  # zebra: not in the vocabulary
+    assert swap_words("good dog", neighbours, 1e-9, rng) == "good dog"
+    rows = Dataset.from_dict({"text_a": ["good dog", "cat", "zebra"], "text_b": ["dog", "good", "cat"], "label": [1, 0, 1]})
+    copies = augmented_rows(rows, neighbours, copies=2, replace_prob=1.0, label=UNLABELLED, seed=0, exclude={("great cat", "cat")})
+    # k=1: every copy of a row is the same, so the second copies are dropped; the first copy of row 0 is a dev pair.
+    assert list(zip(copies["text_a"], copies["text_b"])) == [("dog", "great"), ("zebra", "dog")]
+    assert set(copies["label"]) == {UNLABELLED}
+    single = augmented_rows(rows.remove_columns("text_b"), neighbours, copies=3, replace_prob=0.5, label=UNLABELLED, seed=1)
+    assert "text_b" not in single.column_names and set(single["text_a"]) <= {"great dog", "good cat", "great cat", "dog"}
+
+
+def test_task_distillation_with_word_swapped_copies(tmp_path: Path, teacher_dir: Path, task_files):
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{
+        "task.augment": {"copies": 2}, "task.hard_label": 0.5, "task.epochs": 1}))
+    report = distill_task(recipe)
+    copies = report["data"]["unlabelled_rows"]
+    assert 0 < copies <= 96 and report["data"]["train_rows"] == 48 + copies and report["steps"] == -(-(48 + copies) // 8)
+    assert f"{copies} word-swapped copies" in report["data"]["source"]
+    assert all(np.isfinite(v) for v in report["student"]["dev"].values())
+    with pytest.raises(UsageError, match="copies"):
+        validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.augment": {"copies": 0}}))
+    with pytest.raises(UsageError, match="swap_prob"):
+        validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.augment": {"copies": 1, "swap_prob": 0.2}}))
+
+
 def test_task_distillation_masked_to_the_end_passes_parity(tmp_path: Path, teacher_dir: Path, task_files):
     recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.materialize": False, "task.epochs": 2}))
     report = distill_task(recipe)
@@ -306,7 +364,6 @@ def test_task_recipe_refuses_terms_the_task_loop_cannot_compute(tmp_path: Path, 
 
 def test_a_shallower_task_student_starts_from_teacher_layers_and_maps_them(tmp_path: Path, teacher_dir: Path, task_files):
     from homoexport.config.recipe import RecipeError
-    from homoexport.errors import UsageError
 
     recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", init="truncate", truncate_layers=[1],
                                          **{"student.layers": 1, "losses.layer_mapping": "uniform", "task.epochs": 2}))

@@ -132,6 +132,15 @@ class AssistantSpec(_Strict):
         return self
 
 
+class AugmentSpec(_Strict):
+    """Word-swapped copies of the training rows for the teacher to label (TinyBERT's augmentation; neighbours
+    from the teacher's input word embeddings). Trained on with the distillation terms only."""
+
+    copies: int = Field(gt=0, description="copies of each training row (TinyBERT used 20)")
+    replace_prob: float = Field(0.4, gt=0, le=1, description="chance that a word with neighbours is swapped (TinyBERT: 0.4)")
+    neighbours: int = Field(15, gt=0, description="nearest vocabulary words a swap draws from (TinyBERT: 15)")
+
+
 class TaskSpec(_Strict):
     """Task-specific HomoDistil: the teacher is a fine-tuned ``*ForSequenceClassification`` model and the
     data its labelled training set. Give ``glue`` + ``data_dir`` (original TSV layout) or ``train_file`` +
@@ -155,6 +164,8 @@ class TaskSpec(_Strict):
                                   "files with the task's text columns, or glue:TASK[/SPLIT] for a GLUE file's text (labels not read); "
                                   "rows that repeat a dev row are dropped; epochs count passes over both")
     max_unlabelled_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the unlabelled rows")
+    augment: Optional[AugmentSpec] = Field(None, description="word-swapped copies of the training rows for the teacher to label "
+                                           "(copies, replace_prob, neighbours); epochs count passes over originals and copies")
     max_dev_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the dev rows")
     eval_batch_size: int = Field(64, gt=0)
     materialize: bool = Field(True, description="continue on the dense student once the target width is reached "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -33,6 +34,7 @@ from torch import nn
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import LossSpec, Recipe, steps_of
+from homoexport.distillation.augment import WordNeighbours, augmented_rows
 from homoexport.distillation.checkpoint import (
     check_same_recipe,
     finished_report,
@@ -194,7 +196,10 @@ def evaluate(model: nn.Module, batcher: TaskBatcher, task: GlueTask) -> dict[str
     return {k: 100 * v for k, v in values.items()}
 
 
-def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bool) -> TaskData:
+def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bool, tokenizer=None,
+                   word_embeddings: torch.Tensor | None = None) -> TaskData:
+    """The recipe's training and dev rows, then its unlabelled rows and word-swapped copies (``task.augment``:
+    needs the tokenizer and the teacher's input word embeddings) appended for the teacher to label."""
     t = recipe.task
     assert t is not None
     if t.glue:
@@ -205,12 +210,26 @@ def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bo
     else:
         data = load_files(t.train_file, t.dev_file, t.text_column, t.text_pair_column, t.label_column, label_names, regression)
     data = limit(data, t.max_train_samples, t.max_dev_samples, recipe.training.seed)
-    if not t.unlabelled:
+    extra, sources = [], []
+    if t.unlabelled:
+        rows = unlabelled_rows(t.unlabelled, data, t.data_dir, t.text_column, t.text_pair_column, t.max_unlabelled_samples, recipe.training.seed)
+        extra.append(rows)
+        sources.append(f"{len(rows)} unlabelled rows from {', '.join(t.unlabelled)}")
+    if t.augment is not None:
+        assert tokenizer is not None and word_embeddings is not None, "task.augment needs the tokenizer and the word embeddings"
+        a = t.augment
+        pair = "text_b" in data.dev.column_names
+        dev_keys = set(zip(data.dev["text_a"], data.dev["text_b"])) if pair else set(data.dev["text_a"])
+        rows = augmented_rows(data.train, WordNeighbours(tokenizer, word_embeddings, a.neighbours), a.copies, a.replace_prob,
+                              math.nan if data.task.is_regression else UNLABELLED, recipe.training.seed, exclude=dev_keys)
+        extra.append(rows)
+        sources.append(f"{len(rows)} word-swapped copies (replace_prob {a.replace_prob}, {a.neighbours} neighbours)")
+    if not extra:
         return data
-    extra = unlabelled_rows(t.unlabelled, data, t.data_dir, t.text_column, t.text_pair_column, t.max_unlabelled_samples, recipe.training.seed)
-    logger.info("%d unlabelled rows for the teacher to label, beside %d labelled ones", len(extra), len(data.train))
-    return TaskData(data.task, concatenate_datasets([data.train, extra]), data.dev,
-                    f"{data.source} + {len(extra)} unlabelled rows from {', '.join(t.unlabelled)}", unlabelled=len(extra))
+    unlabelled = sum(len(r) for r in extra)
+    logger.info("%d rows for the teacher to label, beside %d labelled ones", unlabelled, len(data.train))
+    return TaskData(data.task, concatenate_datasets([data.train, *extra]), data.dev, f"{data.source} + {' + '.join(sources)}",
+                    unlabelled=unlabelled)
 
 
 def _label_names(config) -> list[str] | None:
@@ -359,7 +378,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     teacher = load_teacher(recipe.teacher, need_attn)
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
     regression = teacher.config.num_labels == 1
-    data = load_task_data(recipe, _label_names(teacher.config), regression)
+    data = load_task_data(recipe, _label_names(teacher.config), regression, tokenizer, teacher.get_input_embeddings().weight)
     train = TaskBatcher(data.train, tokenizer, recipe.training.batch_size, ts.max_length, seed=recipe.training.seed)
     dev = TaskBatcher(data.dev, tokenizer, ts.eval_batch_size, ts.max_length, shuffle=False)
     total = max(1, round(ts.epochs * train.steps_per_epoch))
