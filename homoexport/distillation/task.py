@@ -50,6 +50,7 @@ from homoexport.distillation.task_data import (
     UNLABELLED,
     TaskBatcher,
     TaskData,
+    dev_text,
     limit,
     load_files,
     load_glue,
@@ -218,10 +219,8 @@ def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bo
     if t.augment is not None:
         assert tokenizer is not None and word_embeddings is not None, "task.augment needs the tokenizer and the word embeddings"
         a = t.augment
-        pair = "text_b" in data.dev.column_names
-        dev_keys = set(zip(data.dev["text_a"], data.dev["text_b"])) if pair else set(data.dev["text_a"])
         rows = augmented_rows(data.train, WordNeighbours(tokenizer, word_embeddings, a.neighbours), a.copies, a.replace_prob,
-                              math.nan if data.task.is_regression else UNLABELLED, recipe.training.seed, exclude=dev_keys)
+                              math.nan if data.task.is_regression else UNLABELLED, recipe.training.seed, exclude=dev_text(data))
         extra.append(rows)
         sources.append(f"{len(rows)} word-swapped copies (replace_prob {a.replace_prob}, {a.neighbours} neighbours)")
     if not extra:

@@ -139,7 +139,7 @@ def unlabelled_rows(sources: list[str], data: TaskData, data_dir: str | Path | N
             second.extend(b or [])
         else:
             first.extend(a + (b or []))
-    dev = set(zip(data.dev["text_a"], data.dev["text_b"])) if pair else set(data.dev["text_a"])
+    dev = dev_text(data)
     keep = [i for i, key in enumerate(zip(first, second) if pair else first) if key not in dev]
     if not keep:
         raise TaskDataError(f"{', '.join(sources)}: no rows left once the dev set's text is removed")
@@ -149,6 +149,13 @@ def unlabelled_rows(sources: list[str], data: TaskData, data_dir: str | Path | N
         columns["text_b"] = [second[i] for i in keep]
     rows = Dataset.from_dict(columns | {"label": [label] * len(keep)}, features=data.train.features)
     return subsample(rows, max_rows, seed)
+
+
+def dev_text(data: TaskData) -> set:
+    """The dev set's texts (pairs for a pair task): extra training text that repeats one is dropped."""
+    if "text_b" in data.dev.column_names:
+        return set(zip(data.dev["text_a"], data.dev["text_b"]))
+    return set(data.dev["text_a"])
 
 
 def _source_texts(source: str, data_dir: str | Path | None, text_column: str, text_pair_column: str | None) -> tuple[list[str], list[str] | None]:
