@@ -229,6 +229,10 @@ def test_word_swapped_copies_keep_case_skip_originals_and_dev_text(tmp_path: Pat
     assert set(copies["label"]) == {UNLABELLED}
     single = augmented_rows(rows.remove_columns("text_b"), neighbours, copies=3, replace_prob=0.5, label=UNLABELLED, seed=1)
     assert "text_b" not in single.column_names and set(single["text_a"]) <= {"great dog", "good cat", "great cat", "dog"}
+    # The copies are a function of the seed, so a resumed run trains on the same rows.
+    many = Dataset.from_dict({"text_a": [f"good dog cat great good dog {i}" for i in range(20)], "label": [1] * 20})
+    first, again, other = (augmented_rows(many, neighbours, 2, 0.5, UNLABELLED, seed=s)["text_a"] for s in (1, 1, 2))
+    assert first == again and first != other
 
 
 def test_task_distillation_with_word_swapped_copies(tmp_path: Path, teacher_dir: Path, task_files):
