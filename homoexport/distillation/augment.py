@@ -110,5 +110,7 @@ def augmented_rows(rows: Dataset, neighbours: WordNeighbours, copies: int, repla
             if pair:
                 out_b.append(b)
     logger.info("%d word-swapped copies of %d training rows (%d asked for)", len(out_a), len(texts_a), copies * len(texts_a))
+    if not out_a:
+        logger.warning("task.augment made no copies: no word of the training text is a whole word of the teacher's vocabulary")
     columns: dict[str, list] = {"text_a": out_a, **({"text_b": out_b} if pair else {})}
     return Dataset.from_dict(columns | {"label": [label] * len(out_a)}, features=rows.features)
