@@ -422,6 +422,31 @@ def test_stored_comparison_is_normalized_by_the_calibration_probe():
     assert unprobed.exit_code == bench.EXIT_REGRESSION and unprobed.mode == "stored"
 
 
+def test_probes_of_another_workload_are_not_compared(caplog):
+    """A baseline written with an older probe workload: its probe says nothing about today's machine speed."""
+    result = [{"model": "m", "batch": 1, "seq": 8, "threads": 1, "p50_ms": 1.0}]
+    current = {"machine": {}, "probe_ms": {"start": 16.0, "end": 16.0, "steady": True, "workload": bench.PROBE_WORKLOAD}, "results": result}
+    baseline = {"machine": {}, "probe_ms": {"start": 8.0, "end": 8.0, "steady": True}, "results": result}
+    with caplog.at_level("WARNING", logger="homoexport.deployment.bench"):
+        c = bench.compare_reports(current, baseline, max_regression=0.05)
+    assert c.mode == "stored" and c.exit_code == bench.EXIT_OK  # equal figures, not scaled by 8/16 into a false improvement
+    assert "another workload" in caplog.text and bench.PROBE_WORKLOAD in caplog.text
+    assert not bench.machine_busy(current, baseline)  # 2x the old probe's figure is no evidence of load
+    assert bench.machine_busy({**current, "probe_ms": {**current["probe_ms"], "end": 30.0, "steady": False}}, baseline)  # load during the run still is
+    same = {**baseline, "probe_ms": {**baseline["probe_ms"], "workload": bench.PROBE_WORKLOAD}}
+    assert bench.compare_reports(current, same, max_regression=0.05).mode == "stored, probe-normalized"
+
+
+def test_probe_graph_is_a_chain_of_encoder_like_blocks():
+    import onnx
+
+    model_bytes, feed = bench.probe_graph(blocks=3, rows=4, width=8, inner=16)
+    model = onnx.load_from_string(model_bytes)
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Relu", "MatMul", "Add", "LayerNormalization"] * 3
+    assert feed["x"].shape == (4, 8)
+
+
 def test_the_edge_measure_command_needs_no_torch():
     """`homoexport measure` runs on an edge box with onnxruntime and numpy only: its module imports without torch."""
     r = run_python(NO_TORCH + "import homoexport.deployment.budget as b\nassert callable(b.measure_candidates) and callable(b.calibration_probe)\n")

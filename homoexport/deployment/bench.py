@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import numpy as np
 from homoexport.errors import EXIT_MACHINE, EXIT_MISSING, EXIT_REGRESSION, InputNotFoundError, UsageError
 from homoexport.machine import physical_cores
 from homoexport.progress import ProgressFn, Tracker
+
+logger = logging.getLogger(__name__)
 
 # Token ids drawn for random inputs stay in [LOW_ID, vocab): below ~1000 sit the special and unused
 # tokens of BERT vocabularies, which make unrealistic inputs. Without a known vocabulary the ids stay
@@ -109,27 +112,50 @@ def load_session(model_path: str | os.PathLike, threads: int | None = None, spin
 
 
 PROBE_TOLERANCE = 0.15  # a probe this much slower or faster than another means the machine's speed changed
+# Names the probe's workload in every report and cache entry: figures of different workloads never compare.
+PROBE_WORKLOAD = "ffn-chain-8x128x256x1024/1"
+
+
+def probe_graph(blocks: int = 8, rows: int = 128, width: int = 256, inner: int = 1024) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The calibration workload: ``blocks`` encoder-like blocks (MatMul, Relu, MatMul, residual Add,
+    LayerNormalization) on a [rows, width] fp32 input, as a serialized ONNX model and its feed.
+
+    Not a single large GEMM: one GEMM finishes within a scheduler time slice and its median stays at the
+    quiet figure while another process spins on a core, and it varies by up to a fifth on a quiet
+    machine (benchmarks/probe_fidelity.py). A chain of forty small ops, with a thread-pool barrier
+    after each, is slowed by a spinning neighbour and by memory traffic as an encoder is.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights, nodes, x = [], [], "x"
+    for i in range(blocks):
+        weights += [numpy_helper.from_array((rng.standard_normal((width, inner)) / np.sqrt(width)).astype(np.float32), f"w_in{i}"),
+                    numpy_helper.from_array((rng.standard_normal((inner, width)) / np.sqrt(inner)).astype(np.float32), f"w_out{i}"),
+                    numpy_helper.from_array(np.ones(width, np.float32), f"gamma{i}"), numpy_helper.from_array(np.zeros(width, np.float32), f"beta{i}")]
+        nodes += [helper.make_node("MatMul", [x, f"w_in{i}"], [f"up{i}"]), helper.make_node("Relu", [f"up{i}"], [f"act{i}"]),
+                  helper.make_node("MatMul", [f"act{i}", f"w_out{i}"], [f"down{i}"]), helper.make_node("Add", [x, f"down{i}"], [f"sum{i}"]),
+                  helper.make_node("LayerNormalization", [f"sum{i}", f"gamma{i}", f"beta{i}"], [f"x{i}"], axis=-1)]
+        x = f"x{i}"
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [rows, width])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString(), {"x": rng.standard_normal((rows, width)).astype(np.float32)}
 
 
 @functools.lru_cache(maxsize=4)
 def _probe_session(threads: int | None) -> tuple[Any, dict[str, np.ndarray]]:
     """The probe's session and input, built once per thread count (a planner probes twice per candidate)."""
     import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(0)
-    weight = numpy_helper.from_array(rng.standard_normal((1024, 1024)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "probe",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [256, 1024])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 1024])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
-    return session, {"x": rng.standard_normal((256, 1024)).astype(np.float32)}
+    model, feed = probe_graph()
+    session = ort.InferenceSession(model, sess_options=session_options(threads), providers=["CPUExecutionProvider"])
+    return session, feed
 
 
 def calibration_probe(threads: int | None = None, repeats: int = 30) -> float:
-    """Median ms of a fixed onnxruntime workload (a 256 x 1024 x 1024 fp32 MatMul) with ``threads`` threads.
+    """Median ms of a fixed onnxruntime workload (``probe_graph``) with ``threads`` threads.
 
     Taken beside a measurement, it tells what speed the machine had at that moment: figures whose probes
     differ by more than ``PROBE_TOLERANCE`` were taken on a machine running at different speeds (another
@@ -579,9 +605,9 @@ def bench(targets: Sequence[BenchTarget], settings: BenchSettings, glue_reports:
     probe_end = calibration_probe(max(threads_list))
     return {
         "schema": SCHEMA,
-        # the machine's speed before and after (a fixed onnxruntime MatMul): figures of a run whose probes differ
-        # by more than PROBE_TOLERANCE were taken while something else competed for the cores
-        "probe_ms": {"start": probe_start, "end": probe_end, "steady": same_speed(probe_start, probe_end)},
+        # the machine's speed before and after (``calibration_probe``): figures of a run whose probes differ by
+        # more than PROBE_TOLERANCE were taken while something else competed for the cores
+        "probe_ms": {"start": probe_start, "end": probe_end, "steady": same_speed(probe_start, probe_end), "workload": PROBE_WORKLOAD},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": fingerprint(),
         "settings": settings.to_dict(),
@@ -750,7 +776,10 @@ def compare_reports(
     differences = machine_differences(current.get("machine", {}), baseline.get("machine", {}))
     latency_compared = side_by_side is not None or not differences or allow_machine_mismatch
     scale, mode = 1.0, "side-by-side" if side_by_side is not None else "stored"
-    c_probe, b_probe = current.get("probe_ms") or {}, baseline.get("probe_ms") or {}
+    c_probe, b_probe = comparable_probes(current, baseline)
+    if side_by_side is None and current.get("probe_ms") and baseline.get("probe_ms") and not b_probe:
+        logger.warning("the baseline's calibration probe timed another workload (%s, now %s): its figures are compared as stored, "
+                       "not scaled by the machine's speed", baseline["probe_ms"].get("workload", "a single MatMul"), PROBE_WORKLOAD)
     if side_by_side is None and c_probe and b_probe:
         scale = ((b_probe["start"] + b_probe["end"]) / 2) / ((c_probe["start"] + c_probe["end"]) / 2)
         mode = "stored, probe-normalized"
@@ -824,14 +853,24 @@ def interleaved_ratios(pairs: Mapping[str, tuple[Path, Path]], settings: "BenchS
     return out
 
 
+def comparable_probes(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two reports' calibration probes, or empty ones where they timed different workloads (a report
+    written before the probe changed): their ratio would say nothing about the machine."""
+    now, then = current.get("probe_ms") or {}, baseline.get("probe_ms") or {}
+    if now and then and now.get("workload") != then.get("workload"):
+        return {}, {}
+    return dict(now), dict(then)
+
+
 def machine_busy(current: Mapping[str, Any], baseline: Mapping[str, Any]) -> bool:
     """True when the current report's calibration probes say another process competes for the cores: they
     moved during the run, or ran slower than the baseline report's fastest probe by more than PROBE_TOLERANCE."""
-    now, then = current.get("probe_ms") or {}, baseline.get("probe_ms") or {}
+    now = current.get("probe_ms") or {}
     if not now:
         return False
     if not now.get("steady", True):
         return True
+    then = comparable_probes(current, baseline)[1]
     quiet = min((v for v in (then.get("start"), then.get("end")) if v), default=None)
     slowest = max(now["start"], now["end"])
     return quiet is not None and slowest > quiet and not same_speed(slowest, quiet)

@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 SCHEMA = "homoexport.plan/1"
 MANIFEST_SCHEMA = "homoexport.plan-candidates/1"
 MEASUREMENTS_SCHEMA = "homoexport.plan-measurements/1"
-CACHE_SCHEMA = "homoexport.plan-cache/1"
+# /2: probes time bench.PROBE_WORKLOAD; /1 entries carry probes of a single MatMul, which compare with nothing now.
+CACHE_SCHEMA = "homoexport.plan-cache/2"
 MANIFEST_FILE = "manifest.json"
 MEASUREMENTS_FILE = "measurements.json"
 
