@@ -93,7 +93,8 @@ def main() -> int:
             above = next((r["name"] for r in rows if r["params"] > report["chosen"]["params"]), None)
             plans.append({"budget_ms": ms, "chosen": report["chosen"]["name"], "predicted_ms": report["chosen"]["predicted"]["p50_ms"],
                           "boundary": above, "planner_s": round(elapsed, 1), "measured": report["measured"], "cache_hits": report["cache_hits"],
-                          "rechecked": report["rechecked"], "stale_remeasured": report["cache"]["stale_remeasured"]})
+                          "rechecked": report["rechecked"], "stale_remeasured": report["cache"]["stale_remeasured"],
+                          "contended": report["contended"]})
             print(f"latency={ms:g}ms: chose {report['chosen']['name']} (predicted p50 {report['chosen']['predicted']['p50_ms']:.2f} ms) "
                   f"in {elapsed:.1f}s, {report['measured']} measured, {report['cache_hits']} cached", flush=True)
 
