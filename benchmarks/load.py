@@ -1,4 +1,4 @@
-"""A second process that keeps one core busy: the "another job on the machine" of the load scenarios."""
+"""Second processes that load the machine during a scenario: a spinning core, or a core streaming memory."""
 
 from __future__ import annotations
 
@@ -13,28 +13,24 @@ _STREAM = "import numpy as np\na = np.ones(8_000_000)\nb = np.empty_like(a)\nwhi
 
 
 @contextmanager
-def one_core_busy(enabled: bool = True) -> Iterator[None]:
+def _in_background(code: str, enabled: bool) -> Iterator[None]:
+    """Run ``python -c code`` in a second process for the duration of the block (nothing when not ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def one_core_busy(enabled: bool = True):
     """Run a pure-Python spin loop (one core, no memory traffic) for the duration of the block."""
-    if not enabled:
-        yield
-        return
-    proc = subprocess.Popen([sys.executable, "-c", _SPIN])
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
+    return _in_background(_SPIN, enabled)
 
 
-@contextmanager
-def memory_streaming(enabled: bool = True) -> Iterator[None]:
+def memory_streaming(enabled: bool = True):
     """Run a numpy copy loop (one core, saturating memory bandwidth and the shared cache) for the duration of the block."""
-    if not enabled:
-        yield
-        return
-    proc = subprocess.Popen([sys.executable, "-c", _STREAM])
-    try:
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
+    return _in_background(_STREAM, enabled)

@@ -28,7 +28,7 @@ import numpy as np
 from load import memory_streaming, one_core_busy
 
 from homoexport.atomic import atomic_write_json
-from homoexport.deployment.bench import PROBE_WORKLOAD, calibration_probe, load_session, measure_latency, session_options
+from homoexport.deployment.bench import PROBE_WORKLOAD, calibration_probe, load_session, measure_latency, median_call_ms, session_options
 from homoexport.deployment.budget import CandidateExporter, PlanSettings, Shape
 from homoexport.machine import fingerprint
 
@@ -51,17 +51,7 @@ def matmul_probe(threads: int):
     model.ir_version = 8
     session = ort.InferenceSession(model.SerializeToString(), sess_options=session_options(threads), providers=["CPUExecutionProvider"])
     x = {"x": rng.standard_normal((256, 1024)).astype(np.float32)}
-
-    def timed(repeats: int = 30) -> float:
-        for _ in range(3):
-            session.run(None, x)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            session.run(None, x)
-            times.append((time.perf_counter() - start) * 1e3)
-        return float(np.median(times))
-    return timed
+    return lambda: median_call_ms(session, x, repeats=30)
 
 
 def main() -> int:

@@ -162,12 +162,17 @@ def calibration_probe(threads: int | None = None, repeats: int = 30) -> float:
     process competing for the cores) and are not comparable.
     """
     session, x = _probe_session(threads)
-    for _ in range(3):
-        session.run(None, x)
+    return median_call_ms(session, x, repeats)
+
+
+def median_call_ms(session: Any, feed: Mapping[str, np.ndarray], repeats: int, warmup: int = 3) -> float:
+    """Median wall ms of ``repeats`` calls of ``session`` on ``feed``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        session.run(None, feed)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        session.run(None, x)
+        session.run(None, feed)
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
 
