@@ -4,7 +4,8 @@ For each latency budget: plan (cold measurement cache for the first budget, so i
 planner cost; later budgets reuse the cache, as a user re-planning would), then export the chosen shape
 and the first shape above it (the boundary) again, and time them with `homoexport bench` in a separate
 process at the same settings. Pass: every chosen shape meets its budget when re-measured, and every
-re-measured shape is within --tolerance of the planner's prediction.
+re-measured shape is within --tolerance of the planner's prediction. A quiet plan that flags some of its
+figures as contended (the machine ran below its quiet speed) is planned again for up to --quiet-wait.
 
 With --load, the same budgets are planned again while a second process keeps one core busy: with the
 quiet plans' cache (as a user re-planning on a busy machine would), and the middle budget once more with
@@ -72,7 +73,8 @@ def main() -> int:
     ap.add_argument("--precision", default="int8", choices=("int8", "fp32"))
     ap.add_argument("--tolerance", type=float, default=0.15, help="allowed |bench - predicted| / predicted")
     ap.add_argument("--load", action="store_true", help="also plan while a second process keeps one core busy")
-    ap.add_argument("--quiet-wait", type=float, default=300.0, help="seconds to wait for the machine's quiet speed before each bench check")
+    ap.add_argument("--quiet-wait", type=float, default=300.0,
+                    help="seconds to wait for the machine's quiet speed before each bench check, and for a quiet plan with contended figures")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/plan_accuracy.json"))
     args = ap.parse_args()
 
@@ -83,8 +85,17 @@ def main() -> int:
         cache = work / "cache.json"  # cold for the first budget
         plans, predicted, reports = [], {}, []
         for ms in budgets:
-            t0 = time.perf_counter()
+            t0, deadline, attempts = time.perf_counter(), time.monotonic() + args.quiet_wait, 1
             report = plan(args.teacher, f"latency={ms:g}ms", settings, source=FigureSource(cache_path=cache))
+            while report["contended"] and time.monotonic() < deadline:
+                # The plan says some of its figures were taken while the machine ran below its quiet speed (this
+                # machine's slow spells last minutes): this is the quiet phase, so plan again once the spell passes.
+                # Uncontended figures are in the cache; only the contended ones are measured again.
+                print(f"latency={ms:g}ms: figures taken below the quiet speed ({', '.join(report['contended'])}): planning again in 20 s",
+                      flush=True)
+                time.sleep(20)
+                report = plan(args.teacher, f"latency={ms:g}ms", settings, source=FigureSource(cache_path=cache))
+                attempts += 1
             reports.append(report)
             elapsed = time.perf_counter() - t0
             rows = [r for r in report["candidates"] if r["measurement"]]
@@ -94,7 +105,7 @@ def main() -> int:
             plans.append({"budget_ms": ms, "chosen": report["chosen"]["name"], "predicted_ms": report["chosen"]["predicted"]["p50_ms"],
                           "boundary": above, "planner_s": round(elapsed, 1), "measured": report["measured"], "cache_hits": report["cache_hits"],
                           "rechecked": report["rechecked"], "stale_remeasured": report["cache"]["stale_remeasured"],
-                          "contended": report["contended"]})
+                          "contended": report["contended"], "attempts": attempts})
             print(f"latency={ms:g}ms: chose {report['chosen']['name']} (predicted p50 {report['chosen']['predicted']['p50_ms']:.2f} ms) "
                   f"in {elapsed:.1f}s, {report['measured']} measured, {report['cache_hits']} cached", flush=True)
 
@@ -141,7 +152,7 @@ def main() -> int:
     for p in loaded:
         p["bench_ms"] = None if p["refused"] else remeasured[p["chosen"]]
         p["meets_budget"] = None if p["refused"] else p["bench_ms"] <= p["budget_ms"]
-    ok = all(p["meets_budget"] and p["within_tolerance"] for p in plans) and all(abs(s["rel_error"]) <= args.tolerance for s in sweep)
+    ok = all(p["meets_budget"] and p["within_tolerance"] and not p["contended"] for p in plans) and all(abs(s["rel_error"]) <= args.tolerance for s in sweep)
     ok = ok and all(s["bench_quiet"] for s in sweep)  # a check taken on a slowed machine proves nothing either way
     ok = ok and all(p["ok"] and p["meets_budget"] is not False for p in loaded)
 
@@ -155,7 +166,7 @@ def main() -> int:
     print("|---:|---|---:|---:|---:|---|---|---:|")
     for p in plans:
         print(f"| {p['budget_ms']:g} ms | {p['chosen']} | {p['predicted_ms']:.2f} | {p['bench_ms']:.2f} | {p['budget_used']:.0%} | {p['meets_budget']} | "
-              f"{p['within_tolerance']} | {p['planner_s']} ({p['measured']}/{p['cache_hits']}) |")
+              f"{p['within_tolerance']} | {p['planner_s']} ({p['measured']}/{p['cache_hits']}{', ' + str(p['attempts']) + ' plans' if p['attempts'] > 1 else ''}) |")
     if loaded:
         print("\nunder load (a second process spinning on one core); bench re-measured on the quiet machine")
         print("\n| budget | plan | chosen | quiet choice | refused | probe / quiet probe | bench (quiet) | ok |\n|---:|---|---|---|---|---:|---:|---|")
