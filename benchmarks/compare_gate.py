@@ -1,9 +1,10 @@
 """Does `homoexport bench --compare` gate reliably on a busy machine?
 
 A baseline int8 file (random weights, --base shape of the teacher) and a "regressed" file of the same
-teacher with a wider FFN, chosen so that it is --slowdown (15%) slower than the baseline when timed side by
-side on the quiet machine (the candidates' ratios are measured first and the closest is kept; its measured
-ratio is reported). Then, while a second process keeps one core busy, `homoexport bench` runs --trials times
+teacher with one more encoder layer or a wider FFN, chosen so that it is --slowdown (15%) slower than the
+baseline when timed side by side on the quiet machine (the candidates' ratios are measured first and the
+closest is kept; its measured ratio is reported). A layer is about a sixth of a 5-layer student's time; FFN
+widths alone gave non-monotone ratios of 0.94-1.065 here. Then, while a second process keeps one core busy, `homoexport bench` runs --trials times
 for each: the baseline against its own stored JSON (must pass the --gate, 5%) and the regressed file under the
 baseline's name (must fail it). The bench files name the baseline's model file, so the gate times both files
 interleaved in one process and gates on their ratio.
@@ -44,7 +45,7 @@ def bench(model: Path, name: str, out: Path, args: argparse.Namespace, baseline:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, type=Path)
-    ap.add_argument("--base", default="192:6:768", help="baseline shape HIDDEN:HEADS:FFN")
+    ap.add_argument("--base", default="192:6:768:5", help="baseline shape HIDDEN:HEADS:FFN:LAYERS")
     ap.add_argument("--slowdown", type=float, default=0.15, help="how much slower the regressed file should be")
     ap.add_argument("--gate", type=float, default=0.05, help="--max-regression of the gate")
     ap.add_argument("--trials", type=int, default=10)
@@ -53,21 +54,22 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/compare_gate.json"))
     args = ap.parse_args()
 
-    hidden, heads, ffn = (int(x) for x in args.base.split(":"))
+    hidden, heads, ffn, layers = (int(x) for x in args.base.split(":"))
     settings = PlanSettings(threads=args.threads)
     exporter = CandidateExporter(args.teacher, settings)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="compare-gate-") as tmp:
         work = Path(tmp)
-        base = exporter.export(Shape(hidden, heads, ffn, 6), work / "base")
-        # Regressed candidates: the same shape with a wider FFN; keep the one closest to the wanted slowdown.
+        base = exporter.export(Shape(hidden, heads, ffn, layers), work / "base")
+        # Regressed candidates: one more layer, or a wider FFN; keep the one closest to the wanted slowdown.
+        candidates = {f"layers{layers + 1}": Shape(hidden, heads, ffn, layers + 1)}
+        candidates |= {f"ffn{ffn + extra}": Shape(hidden, heads, ffn + extra, layers) for extra in (128, 256, 384, 512)}
         quiet = BenchSettings(batches=(1,), seqs=(128,), threads=(args.threads,), repeats=100)
         ratios, files = {}, {}
-        for extra in (64, 128, 192, 256, 320):
-            name = f"ffn{ffn + extra}"
-            files[name] = exporter.export(Shape(hidden, heads, ffn + extra, 6), work / name)
+        for name, shape in candidates.items():
+            files[name] = exporter.export(shape, work / name)
             ratios[name] = next(iter(interleaved_ratios({"m": (files[name], base)}, quiet).values()))
-            print(f"ffn {ffn + extra}: {ratios[name]:.3f}x the baseline (quiet, side by side)", flush=True)
+            print(f"{name}: {ratios[name]:.3f}x the baseline (quiet, side by side)", flush=True)
         slow_name = min(ratios, key=lambda n: abs(ratios[n] - 1 - args.slowdown))
         slow = files[slow_name]
 
