@@ -164,3 +164,22 @@ def test_plan_in_ci_mode_exits_8_on_a_contended_machine(tmp_path: Path, monkeypa
     local = CliRunner().invoke(app, ["plan", "--teacher", str(teacher), "--budget", "latency=8ms", "--no-cache", "--no-ci"])
     assert local.exit_code == 0 and "warning" in local.output
     assert "measured twice, the faster kept: h48-a2-f96-l2 9.50/8.90 ms" in " ".join(local.output.split())
+
+
+def test_cli_log_lines_appear_once_when_another_library_logs_through_the_root():
+    # onnxruntime's quantizer calls logging.info() on the root logger, which configures a default root handler
+    # when none exists; homoexport's lines must still be printed once, other libraries' warnings still shown.
+    script = (
+        "import logging, sys\n"
+        "from rich.console import Console\n"
+        "from homoexport.cli.app import _log_to\n"
+        "_log_to(Console(file=sys.stdout, width=200))\n"
+        "logging.info('quantizer detail')\n"
+        "logging.warning('third-party warning')\n"
+        "logging.getLogger('homoexport.evaluation.glue').info('scoring the student')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = proc.stdout + proc.stderr
+    assert out.count("scoring the student") == 1
+    assert out.count("third-party warning") == 1
+    assert "quantizer detail" not in out

@@ -7,6 +7,7 @@ No work is done here that a Python user could not do by calling the same functio
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -64,16 +65,32 @@ def main(
     """homoexport: HomoDistil -> ONNX int8 -> GLUE and latency reports."""
 
 
+class _OtherLibraries(logging.StreamHandler):  # type: ignore[type-arg]
+    """Root handler for other libraries' warnings, without homoexport's own lines (shown by the RichHandler).
+
+    onnxruntime's quantizer logs through the root logger (``logging.info(...)``), which calls
+    ``logging.basicConfig()`` when the root has no handler; that default handler then printed every homoexport
+    line a second time. With this handler in place the root is configured and nothing is printed twice.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        self.addFilter(lambda record: not record.name.startswith("homoexport"))
+
+
 def _log_to(out: Console) -> None:
     """Show the library's INFO/WARNING log lines (resume points, notes) on ``out``, once per process."""
-    import logging
-
     from rich.logging import RichHandler
 
-    root = logging.getLogger("homoexport")
-    if not any(isinstance(h, RichHandler) for h in root.handlers):
-        root.addHandler(RichHandler(console=out, show_time=False, show_path=False, markup=False))
-        root.setLevel(logging.INFO)
+    ours = logging.getLogger("homoexport")
+    if not any(isinstance(h, RichHandler) for h in ours.handlers):
+        ours.addHandler(RichHandler(console=out, show_time=False, show_path=False, markup=False))
+        ours.setLevel(logging.INFO)
+    root = logging.getLogger()
+    if not any(isinstance(h, _OtherLibraries) for h in root.handlers):
+        root.addHandler(_OtherLibraries())
 
 
 def _check_out(out: Optional[Path]) -> None:
