@@ -184,6 +184,7 @@ def test_task_distillation_with_unlabelled_text(tmp_path: Path, teacher_dir: Pat
         "task.unlabelled": [str(extra)], "task.max_unlabelled_samples": 16, "task.hard_label": 0.5, "task.epochs": 2}))
     report = distill_task(recipe)
     assert report["steps"] == 2 * (48 + 16) // 8 and report["data"]["unlabelled_rows"] == 16 and report["data"]["train_rows"] == 64
+    assert report["data"]["word_swapped_rows"] == 0
     assert "16 unlabelled rows from" in report["data"]["source"]
     assert all(np.isfinite(v) for v in report["student"]["dev"].values())
 
@@ -239,7 +240,8 @@ def test_task_distillation_with_word_swapped_copies(tmp_path: Path, teacher_dir:
     recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{
         "task.augment": {"copies": 2}, "task.hard_label": 0.5, "task.epochs": 1}))
     report = distill_task(recipe)
-    copies = report["data"]["unlabelled_rows"]
+    copies = report["data"]["word_swapped_rows"]
+    assert report["data"]["unlabelled_rows"] == 0
     assert 0 < copies <= 96 and report["data"]["train_rows"] == 48 + copies and report["steps"] == -(-(48 + copies) // 8)
     assert f"{copies} word-swapped copies" in report["data"]["source"]
     assert all(np.isfinite(v) for v in report["student"]["dev"].values())

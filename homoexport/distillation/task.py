@@ -211,7 +211,7 @@ def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bo
     else:
         data = load_files(t.train_file, t.dev_file, t.text_column, t.text_pair_column, t.label_column, label_names, regression)
     data = limit(data, t.max_train_samples, t.max_dev_samples, recipe.training.seed)
-    extra, sources = [], []
+    extra, sources, swapped = [], [], 0
     if t.unlabelled:
         rows = unlabelled_rows(t.unlabelled, data, t.data_dir, t.text_column, t.text_pair_column, t.max_unlabelled_samples, recipe.training.seed)
         extra.append(rows)
@@ -222,13 +222,14 @@ def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bo
         rows = augmented_rows(data.train, WordNeighbours(tokenizer, word_embeddings, a.neighbours), a.copies, a.replace_prob,
                               math.nan if data.task.is_regression else UNLABELLED, recipe.training.seed, exclude=dev_text(data))
         extra.append(rows)
+        swapped = len(rows)
         sources.append(f"{len(rows)} word-swapped copies (replace_prob {a.replace_prob}, {a.neighbours} neighbours)")
     if not extra:
         return data
     unlabelled = sum(len(r) for r in extra)
     logger.info("%d rows for the teacher to label, beside %d labelled ones", unlabelled, len(data.train))
     return TaskData(data.task, concatenate_datasets([data.train, *extra]), data.dev, f"{data.source} + {' + '.join(sources)}",
-                    unlabelled=unlabelled)
+                    unlabelled=unlabelled, word_swapped=swapped)
 
 
 def _label_names(config) -> list[str] | None:
@@ -560,7 +561,8 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "homoexport_version": __version__,
         "recipe": recipe.name,
         "task": data.task.name if data.task.name != "custom" else "custom",
-        "data": {"source": data.source, "train_rows": len(data.train), "unlabelled_rows": data.unlabelled, "dev_rows": len(data.dev)},
+        "data": {"source": data.source, "train_rows": len(data.train), "unlabelled_rows": data.unlabelled - data.word_swapped,
+                 "word_swapped_rows": data.word_swapped, "dev_rows": len(data.dev)},
         "teacher": {"path": recipe.teacher, "dev": teacher_dev, **parameter_report(teacher, config_widths(teacher.config))},
         "student": {"path": str(out / "student"), "dev": student_dev, **parameter_report(dense, config_widths(dense.config))},
         "primary_metric": primary,

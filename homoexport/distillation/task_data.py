@@ -34,6 +34,7 @@ class TaskData:
     dev: Dataset
     source: str
     unlabelled: int = 0  # how many of the training rows (the last ones) only the teacher labels
+    word_swapped: int = 0  # how many of those are word-swapped copies of labelled rows (the rest: unlabelled text)
 
 
 def load_glue(name: str, data_dir: str | Path) -> TaskData:
