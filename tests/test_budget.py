@@ -427,3 +427,16 @@ def test_search_space_validates_its_fields_and_lists_shapes():
     assert SearchSpace(depths=[6, 3]).shapes(MINILM) == enumerate_candidates(MINILM, depths=[6, 3])
     chosen = parse_candidates("128,256", MINILM)
     assert SearchSpace(list(reversed(chosen))).shapes(MINILM) == chosen  # sorted by size, whatever the order given
+
+
+def test_a_cache_written_with_the_former_probe_is_not_reused(minilm_dir, tmp_path):
+    """Schema /1 entries carry probes of a single MatMul: set against today's probe they would judge nothing."""
+    cache = tmp_path / "cache.json"
+    _plan(minilm_dir, "latency=6ms", FakeMeasure(), cache_path=cache)
+    data = json.loads(cache.read_text())
+    assert data["schema"] == budget.CACHE_SCHEMA == "homoexport.plan-cache/2"
+    cache.write_text(json.dumps({**data, "schema": "homoexport.plan-cache/1"}))
+    again = FakeMeasure()
+    report = _plan(minilm_dir, "latency=6ms", again, cache_path=cache)
+    assert again.calls and report["cache_hits"] == 0
+    assert json.loads(cache.read_text())["schema"] == "homoexport.plan-cache/2"
