@@ -17,7 +17,7 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
     (af)              (a) with ``pruning.t_f`` ``FAST_T_F``: the final width is reached after 30% of the steps instead of
                       60%, so the cheaper dense student trains longer
 
-(a), (b) and (a128) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
+(a), (b), (a128), (ax), (aa) and (af) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
 (O2 fusion + dynamic int8) and scored in PyTorch, ONNX fp32 and ONNX int8 by ``run_glue`` (``--no-train``
 for the distilled ones). Every unit (teacher, distillation, scoring) lands atomically under ``--work`` and
 is skipped when there, and distillations resume from their checkpoints: rerun the same command after a
@@ -80,7 +80,7 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
                 unlabelled: bool = False, augment: bool = False, t_f: float = T_F) -> dict[str, Any]:
-    """The recipe of arms (a), (b), (a128), (ax) and (aa): KL at T=2 on the logits plus hidden/attention/embedding terms."""
+    """The recipe of arms (a), (b), (a128), (ax), (aa) and (af): KL at T=2 on the logits plus hidden/attention/embedding terms."""
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False}
     if unlabelled:
         from homoexport.evaluation.glue_data import get_task, read_tsv
