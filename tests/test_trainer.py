@@ -194,6 +194,16 @@ def test_cli_empty_corpus_fails_cleanly(teachers, tmp_path):
     assert result.exit_code == 2 and "empty.txt" in result.output
 
 
+def test_cli_schedule_longer_than_the_run_names_both_keys_and_leaves_nothing(teachers, corpus, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe_dict(teachers["mlm"], corpus, tmp_path / "run", pruning__t_i=0.5, pruning__t_f=0.75)))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert "pruning.t_i (0.5: 12 steps)" in message and "pruning.t_f (0.75: 18 steps)" in message and "24 steps" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_cli_recipe_typo_names_the_key(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("teacher: x\ntraning:\n  steps: 3\n")

@@ -404,9 +404,13 @@ def _score_and_prune_once(module, unwrapped, teacher, batcher, pruner: HomoDisti
 def pruner_settings(recipe: Recipe, total: int) -> PrunerSettings:
     """The recipe's pruning section as pruner settings over ``total`` steps."""
     p = recipe.pruning
+    t_i, t_f = steps_of(p.t_i, total), steps_of(p.t_f, total)
+    if p.schedule == "homotopic" and t_i + t_f > total:
+        # Checked here, not only in the schedule, so that the message names the recipe's keys and values.
+        raise UsageError(f"pruning.t_i ({p.t_i:g}: {t_i} steps) + pruning.t_f ({p.t_f:g}: {t_f} steps) exceed the run's {total} steps; "
+                         "lower one of them (a value below 1 is a share of the steps)")
     return PrunerSettings(total_steps=total, schedule="one_shot" if p.schedule == "one_shot" else "homotopic", importance=p.importance,
-                          beta1=p.beta1, beta2=p.beta2, t_i=steps_of(p.t_i, total), t_f=steps_of(p.t_f, total),
-                          interval=p.interval, multiple=p.multiple)
+                          beta1=p.beta1, beta2=p.beta2, t_i=t_i, t_f=t_f, interval=p.interval, multiple=p.multiple)
 
 
 def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: float, tokens_per_step: int, plan: dict | None) -> dict[str, Any]:
