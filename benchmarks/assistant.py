@@ -50,7 +50,8 @@ def base_recipe(args: argparse.Namespace) -> dict:
                  "eval_blocks": args.eval_blocks, "max_blocks": args.max_blocks},
         "pruning": {"interval": args.interval, "t_f": 0.3, "multiple": 8},
         "optimizer": {"lr": args.lr, "warmup": 0.05},
-        "training": {"steps": args.steps, "batch_size": args.batch_size, "log_every": 10, "checkpoint_every": args.checkpoint_every,
+        # fp32, as the committed results were trained: precision auto would choose bf16 on a CPU that multiplies it natively.
+        "training": {"steps": args.steps, "batch_size": args.batch_size, "log_every": 10, "checkpoint_every": args.checkpoint_every, "precision": "fp32",
                      "seed": args.seed},
     }
 

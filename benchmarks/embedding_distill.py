@@ -112,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from homoexport.evaluation.sts import stsb_dev
     from homoexport.pruning.oneshot import prune_model
 
+    # fp32 unless --set says otherwise, as the committed results were trained: precision auto would choose bf16 on a CPU
+    # that multiplies it natively.
+    args.overrides = ["training.precision=fp32", *args.overrides]
     base = load_recipe(args.recipe, args.overrides)
     teacher = Path(base.teacher)
     pairs = stsb_dev(args.glue_data)

@@ -192,7 +192,9 @@ def model_dir(out: Path, entry: Entry, teacher: Path) -> Path:
 def recipe_overrides(entry: Entry, scale: Scale) -> list[str]:
     """The ``--set`` overrides that turn an arm's recipe into this run (shape, steps, scale settings)."""
     shape = SHAPES[entry.shape].overrides() if entry.shape else []
-    return [*shape, f"training.steps={scale.steps}", f"training.batch_size={scale.batch_size}", f"name=exp-{entry.run}", *scale.recipe_overrides]
+    # fp32, as the committed results were trained: precision auto would choose bf16 on a CPU that multiplies it natively.
+    return [*shape, f"training.steps={scale.steps}", f"training.batch_size={scale.batch_size}", f"name=exp-{entry.run}", "training.precision=fp32",
+            *scale.recipe_overrides]
 
 
 def make_student(entry: Entry, out: Path, scale: Scale, teacher: Path, prune_data: list[str]) -> None:

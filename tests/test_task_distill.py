@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny import WORDS, max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
+from tiny import WORDS, linear_output_dtypes, max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
 from transformers import AutoModelForSequenceClassification
 from typer.testing import CliRunner
 
@@ -257,6 +257,43 @@ def test_task_distillation_masked_to_the_end_passes_parity(tmp_path: Path, teach
     assert report["parity_max_abs_diff"] is not None and report["parity_max_abs_diff"] <= 1e-4
 
 
+def test_bf16_precision_autocasts_the_passes_and_saves_an_fp32_student(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
+    seen = linear_output_dtypes(monkeypatch)
+    report = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "bf16", **{"training.precision": "bf16"})))
+    assert report["precision"] == "bf16" and torch.bfloat16 in seen
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "bf16" / "student")
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert all(np.isfinite(r["dev"]["accuracy"]) for r in report["curve"])
+    # The dev scores are computed outside autocast, in fp32, as the exported student computes.
+    from homoexport.distillation.models import load_tokenizer
+    from homoexport.distillation.task import evaluate, load_task_data
+    from homoexport.distillation.task_data import TaskBatcher
+
+    data = load_task_data(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "x")), ["neg", "pos"], False)
+    assert evaluate(student, TaskBatcher(data.dev, load_tokenizer(teacher_dir), 64, 24, shuffle=False), data.task) == report["student"]["dev"]
+
+    seen.clear()
+    report = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "fp32", **{"training.precision": "fp32"})))
+    assert report["precision"] == "fp32" and seen == {torch.float32}
+
+
+def test_auto_precision_is_bf16_only_where_the_device_multiplies_it_natively(monkeypatch, caplog):
+    from homoexport.distillation import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert precision.resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    with caplog.at_level("WARNING"):
+        assert precision.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert "emulated and slower than fp32" in caplog.text
+    with precision.precision_context("bf16")():
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.bfloat16
+    with precision.precision_context("fp32")():
+        assert torch.nn.Linear(4, 4)(torch.ones(1, 4)).dtype == torch.float32
+
+
 class Killed(Exception):
     pass
 
@@ -388,7 +425,8 @@ def test_a_shallower_task_student_starts_from_teacher_layers_and_maps_them(tmp_p
 @pytest.mark.slow
 def test_two_process_task_distillation_matches_one_process(tmp_path: Path, task_files):
     """torchrun with 2 CPU processes (gloo): each takes half of every batch and the gradients are summed, so
-    without dropout the student equals one process's at the same batch (row-level losses: logits KL + labels)."""
+    without dropout the student equals one process's at the same batch (row-level losses: logits KL + labels).
+    In fp32: bf16 rounds a whole batch and its halves differently."""
     import yaml
 
     teacher = save_model_dir(tmp_path / "teacher", kind="cls", num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -396,7 +434,7 @@ def test_two_process_task_distillation_matches_one_process(tmp_path: Path, task_
     model.config.id2label, model.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
     model.save_pretrained(teacher)
     overrides = {"losses": {"kl": 1.0, "temperature": 2.0, "hidden": 0.0, "attention": 0.0, "embedding": 0.0}, "task.hard_label": 0.5,
-                 "task.epochs": 2, "training.checkpoint_every": 4}
+                 "task.epochs": 2, "training.checkpoint_every": 4, "training.precision": "fp32"}
     single = distill_task(validate_recipe(task_recipe(teacher, task_files, tmp_path / "one", **overrides)))
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(task_recipe(teacher, task_files, tmp_path / "two", **overrides)))

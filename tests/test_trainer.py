@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny import max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
+from tiny import linear_output_dtypes, max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
 from transformers import AutoModel
 from typer.testing import CliRunner
 
@@ -211,12 +211,24 @@ def test_cli_recipe_typo_names_the_key(tmp_path):
     assert result.exit_code == 2 and "traning" in result.output and "did you mean 'training'" in result.output
 
 
+def test_bf16_precision_autocasts_the_step_and_is_reported(teachers, corpus, tmp_path, monkeypatch):
+    seen = linear_output_dtypes(monkeypatch)
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "bf16", training={"steps": 6, "batch_size": 8, "log_every": 1, "precision": "bf16"})
+    report = distill(validate_recipe(r))
+    assert report["precision"] == "bf16" and torch.bfloat16 in seen
+    assert report["parity_max_abs_diff"] <= 1e-4  # the saved student is the fp32 weights, materialised exactly
+    assert {p.dtype for p in AutoModel.from_pretrained(tmp_path / "bf16" / "student").parameters()} == {torch.float32}
+    seen.clear()
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "fp32", training={"steps": 6, "batch_size": 8, "log_every": 1, "precision": "fp32"})
+    assert distill(validate_recipe(r))["precision"] == "fp32" and seen == {torch.float32}
+
+
 @pytest.mark.slow
 def test_two_process_gloo_matches_single_process(teachers, corpus, tmp_path):
     """2 CPU processes (gloo, launched with torchrun; accelerate's own CPU multi-process launcher needs MPI):
     same masks on both ranks (checked by the trainer at every update) and, without dropout, the same
-    student as one process at the same global batch."""
-    r = recipe_dict(teachers["base"], corpus, tmp_path / "one", training={"steps": 8, "batch_size": 8, "log_every": 1})
+    student as one process at the same global batch. In fp32: bf16 rounds a whole batch and its halves differently."""
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "one", training={"steps": 8, "batch_size": 8, "log_every": 1, "precision": "fp32"})
     r["pruning"]["interval"] = 2
     single = distill(validate_recipe(r))
     path = tmp_path / "r.yaml"

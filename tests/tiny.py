@@ -108,3 +108,19 @@ def max_weight_difference(student_a: Path, student_b: Path) -> float:
 
     a, b = load_file(student_a / "model.safetensors"), load_file(student_b / "model.safetensors")
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def linear_output_dtypes(monkeypatch) -> set:
+    """The dtypes every ``nn.Linear`` returns from now on: autocast changes them, not the weights."""
+    import torch
+
+    seen: set = set()
+    original = torch.nn.Linear.forward
+
+    def spy(self, x):
+        out = original(self, x)
+        seen.add(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", spy)
+    return seen

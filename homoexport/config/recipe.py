@@ -194,7 +194,9 @@ class TrainingSpec(_Strict):
     batch_size: int = Field(32, gt=0, description="global batch size (sequences per optimizer step)")
     micro_batch_size: Optional[int] = Field(None, gt=0, description="per-process micro-batch; gradient accumulation fills the global batch")
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="of the forward passes and losses (weights, gradients and "
+                                                       "optimizer state stay fp32): bf16 autocast, or auto = bf16 where the device "
+                                                       "multiplies it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else fp32")
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     checkpoint_every: int = Field(0, ge=0, description="0 = only at the end")

@@ -51,6 +51,7 @@ from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.deployment.budget import round_to
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import encode
+from homoexport.distillation.precision import precision_context, resolve_precision
 from homoexport.distillation.setup import build_corpus_setup
 from homoexport.distillation.trainer import (
     DistillModule,
@@ -280,6 +281,7 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
     if eval_batcher is None:
         raise UsageError("the assistant choice needs held-out blocks: set data.eval or data.eval_blocks > 0")
     teacher.to(device)
+    autocast = precision_context(resolve_precision(recipe.training.precision, device), device.type)
 
     full = config_widths(teacher.config)
     target = recipe_target(recipe, full)
@@ -298,7 +300,8 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
     tracker = ImportanceTracker(student, masked.layout, "sensitivity")
     for step in range(spec.score_batches):
         batch = {k: v.to(device) for k, v in batcher.batch_at(step).items()}
-        loss, _ = module(batch, teacher_outputs(teacher, batch, loss_fn, t_rel), None)
+        with autocast():
+            loss, _ = module(batch, teacher_outputs(teacher, batch, loss_fn, t_rel), None)
         loss.backward()
         tracker.update()
         module.zero_grad(set_to_none=True)
@@ -311,10 +314,12 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
     last_loss = float("nan")
     for step in range(spec.sandwich_steps):
         batch = {k: v.to(device) for k, v in batcher.batch_at(spec.score_batches + step).items()}
-        t_out = teacher_outputs(teacher, batch, loss_fn, t_rel)
+        with torch.no_grad(), autocast():
+            t_out = teacher_outputs(teacher, batch, loss_fn, t_rel)
         total = 0.0
         for w in [largest, target, *_sampled(middle, spec.sampled_widths, seed, step)]:
-            loss, _ = masked_call(module, masked_overrides(masked, masks[width_key(w)], "student."), batch, t_out, masks[width_key(w)].heads)
+            with autocast():
+                loss, _ = masked_call(module, masked_overrides(masked, masks[width_key(w)], "student."), batch, t_out, masks[width_key(w)].heads)
             loss.backward()
             total += float(loss.detach())
         if o.max_grad_norm > 0:

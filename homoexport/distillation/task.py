@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from homoexport.distillation.checkpoint import (
 )
 from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
 from homoexport.distillation.models import ModelLoadError, build_student, is_sequence_classifier, load_tokenizer
+from homoexport.distillation.precision import precision_context, resolve_precision
 from homoexport.distillation.task_data import (
     UNLABELLED,
     TaskBatcher,
@@ -265,6 +266,7 @@ class TaskRun:
     curve: list[dict[str, Any]] = field(default_factory=list)
     family: list[dict[str, Any]] = field(default_factory=list)  # students kept on the way down (task.family)
     processes: int = 1  # data-parallel processes (Ranks.world)
+    precision: str = "fp32"  # of the forward passes and losses (training.precision resolved); weights stay fp32
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {**{f"student.{n}": p for n, p in self.student.named_parameters()}, **{f"loss.{n}": p for n, p in self.loss.named_parameters()}}
@@ -395,7 +397,9 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     loss = TaskLoss(recipe.losses, ts.hard_label, regression, hidden, hidden, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
     params = {**{f"student.{n}": p for n, p in student.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
     optimizer = _optimizer(params, recipe)
-    run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner, processes=ranks.world)
+    run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner, processes=ranks.world,
+                  precision=resolve_precision(recipe.training.precision, torch.device("cpu")))
+    autocast = precision_context(run.precision)
 
     checkpoints = out / "checkpoints"
     found = sorted(checkpoints.glob("step-*.pt")) if resume else []
@@ -403,7 +407,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         _load_checkpoint(found[-1], run, recipe, total, ranks.rank)
         logger.info("resumed from %s (step %d of %d)", found[-1], run.step, total)
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
-        _score_once(run, teacher, train, recipe, need_attn, ranks)
+        _score_once(run, teacher, train, recipe, need_attn, ranks, autocast)
     resumed_from = run.step
     log_path = out / "train_log.jsonl"
     if ranks.is_main:
@@ -423,10 +427,10 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         step = run.step
         t0 = time.time()
         batch, share = ranks.shard(train.batch_at(step))
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             t_out = forward(teacher, batch, need_attn)
-        s_out = forward(run.student, batch, need_attn)
-        value, terms = run.loss(s_out, t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
+        with autocast():
+            value, terms = run.loss(forward(run.student, batch, need_attn), t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
         (value * share).backward()
         ranks.sum_gradients(list(run.named_parameters().values()))
         changed = run.pruner.after_backward(step) if run.pruner is not None and not run.dense else False
@@ -498,14 +502,16 @@ def select_within_drop(members: list[dict[str, Any]], teacher_dev: float, metric
             "met": chosen is not None, "best_drop": min(teacher_dev - m["dev"][metric] for m in members)}
 
 
-def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool, ranks: Ranks) -> None:
+def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool, ranks: Ranks,
+                autocast: Callable[[], ContextManager]) -> None:
     """One-shot pruning: importance from ``score_batches`` batches of the objective, then the target at once."""
     assert run.pruner is not None
     for step in range(recipe.pruning.score_batches):
         batch, share = ranks.shard(train.batch_at(step))
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             t_out = forward(teacher, batch, need_attn)
-        value, _ = run.loss(forward(run.student, batch, need_attn), t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
+        with autocast():
+            value, _ = run.loss(forward(run.student, batch, need_attn), t_out, batch["attention_mask"], batch["labels"], run.kept_heads())
         (value * share).backward()
         ranks.sum_gradients(list(run.named_parameters().values()))
         run.pruner.importance.update()
@@ -576,6 +582,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "resumed_from_step": resumed_from or None,
         "wall_time_s": round(wall, 2),
         "processes": run.processes,
+        "precision": run.precision,
         "active_loss_terms": run.loss.active_terms,
         "parity_max_abs_diff": parity,
         "machine": fingerprint(),

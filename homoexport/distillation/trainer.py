@@ -38,6 +38,7 @@ from homoexport.distillation.checkpoint import (
 from homoexport.distillation.data import BlockBatcher
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import build_student, encode
+from homoexport.distillation.precision import precision_context, resolve_precision
 from homoexport.distillation.setup import NO_MLM_NOTE, CorpusSetup, build_corpus_setup
 from homoexport.errors import OutputExistsError, ParityError, UsageError
 from homoexport.evaluation.sts import carry_pooling
@@ -125,6 +126,7 @@ class AgnosticRun:
     start: int
     total: int
     last_terms: dict[str, float] = field(default_factory=dict)
+    precision: str = "fp32"  # of the forward passes and losses (training.precision resolved); weights stay fp32
 
     def kept_heads(self) -> torch.Tensor | None:
         return self.pruner.kept_heads() if self.pruner is not None else None
@@ -202,12 +204,13 @@ def distill(
         raise OutputExistsError(f"output directory {out.out} is not empty: pass --resume to continue that run or --overwrite to replace it")
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: give one")
-    precision = recipe.training.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     # Some parameters get no gradient by design (the pooler; the MLM head or projections of inactive terms).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    accelerator = Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    # Precision is the recipe's, applied by precision_context as in the task loop, not by accelerate's mixed_precision:
+    # accelerate keeps that setting in a process-wide singleton that refuses a second run at another precision.
+    accelerator = Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+    precision = resolve_precision(recipe.training.precision, accelerator.device)
+    autocast = precision_context(precision, accelerator.device.type)
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     if overwrite and is_main and out.out.exists():
@@ -271,7 +274,7 @@ def distill(
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
-        _score_and_prune_once(module, unwrapped, teacher, batcher, pruner, recipe, n_micro, world, rank, accelerator, t_rel)
+        _score_and_prune_once(module, unwrapped, teacher, batcher, pruner, recipe, (n_micro, world, rank), accelerator, t_rel, autocast)
     if is_main:
         out.out.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
@@ -296,11 +299,12 @@ def distill(
         terms_sum: dict[str, float] = {}
         for i, mb in enumerate(batches):
             mb = {k: v.to(accelerator.device) for k, v in mb.items()}
-            with accelerator.autocast():
+            with torch.no_grad(), autocast():
                 t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
             ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
             with ctx:
-                loss, terms = module(mb, t_out, kept_heads())
+                with autocast():
+                    loss, terms = module(mb, t_out, kept_heads())
                 accelerator.backward(loss / n_micro)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
@@ -335,7 +339,7 @@ def distill(
                 on_log(record)
 
     wall = time.time() - started
-    run = AgnosticRun(unwrapped, pruner, setup, t_rel, start, total, last_terms)
+    run = AgnosticRun(unwrapped, pruner, setup, t_rel, start, total, last_terms, precision)
     return _finish(recipe, out, accelerator, run, wall, tokens_per_step, plan)
 
 
@@ -388,13 +392,18 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped
     accelerator.wait_for_everyone()
 
 
-def _score_and_prune_once(module, unwrapped, teacher, batcher, pruner: HomoDistilPruner, recipe, n_micro, world, rank, accelerator, t_rel) -> None:
-    """One-shot pruning: score importance on ``score_batches`` batches (no update), prune to target."""
+def _score_and_prune_once(module, unwrapped, teacher, batcher, pruner: HomoDistilPruner, recipe, shards: tuple[int, int, int], accelerator, t_rel,
+                          autocast) -> None:
+    """One-shot pruning: score importance on ``score_batches`` batches (no update), prune to target.
+    ``shards`` is (micro-batches per step, processes, this rank)."""
+    n_micro, world, rank = shards
     for step in range(recipe.pruning.score_batches):
         for mb in batcher.micro_batches(step, n_micro, rank, world):
             mb = {k: v.to(accelerator.device) for k, v in mb.items()}
-            t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
-            loss, _ = module(mb, t_out, pruner.kept_heads())
+            with torch.no_grad(), autocast():
+                t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
+            with autocast():
+                loss, _ = module(mb, t_out, pruner.kept_heads())
             accelerator.backward(loss / n_micro)
         pruner.importance.update()
         module.zero_grad(set_to_none=True)
@@ -447,6 +456,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: 
             "steps": total, "resumed_from_step": start or None,
             "tokens": total * tokens_per_step,
             "wall_time_s": round(wall, 2),
+            "precision": run.precision,
             "processes": accelerator.num_processes,
             "final_loss_terms": run.last_terms,
             "active_loss_terms": active,
