@@ -16,8 +16,16 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
                       (``task.augment``, TinyBERT's augmentation), epochs divided by 1 + copies: the same steps as (a)
     (af)              (a) with ``pruning.t_f`` ``FAST_T_F``: the final width is reached after 30% of the steps instead of
                       60%, so the cheaper dense student trains longer
+    (ab)              (a) with ``training.precision: bf16`` (forward passes and losses under bf16 autocast; the arms
+                      above pin fp32, the precision their figures were measured at)
+    (abh)             (ab) with ``task.hard_label`` ``HARD_LABEL``: the student also learns the gold labels the teacher misses
+    (a0)              (ab) without pruning: the teacher's own copy distilled for the same epochs, the control that
+                      separates what pruning loses from what continued training on the task loses
+    (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
+                      in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
+                      ``--work``), the same epochs over both: about (a)'s wall time on RTE
 
-(a), (b), (a128), (ax), (aa) and (af) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
+(a), (b), (a128) and the variants of (a) (``VARIANTS``) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
 (O2 fusion + dynamic int8) and scored in PyTorch, ONNX fp32 and ONNX int8 by ``run_glue`` (``--no-train``
 for the distilled ones). Every unit (teacher, distillation, scoring) lands atomically under ``--work`` and
 is skipped when there, and distillations resume from their checkpoints: rerun the same command after a
@@ -41,7 +49,8 @@ from homoexport.evaluation.glue import TASK_TITLES, GlueSettings, run_glue
 from homoexport.machine import fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPES = {"192": {"hidden": 192, "heads": 6, "ffn": 768}, "128": {"hidden": 128, "heads": 4, "ffn": 512}}
+SHAPES = {"192": {"hidden": 192, "heads": 6, "ffn": 768}, "128": {"hidden": 128, "heads": 4, "ffn": 512},
+          "384": {"hidden": 384, "heads": 12, "ffn": 1536}}
 ARMS = {
     "a": ("homodistil", "task HomoDistil (iterative)", "192"),
     "b": ("oneshot", "one-shot prune + task distillation", "192"),
@@ -51,10 +60,27 @@ ARMS = {
     "ax": ("homodistil", "task HomoDistil + unlabelled text for the teacher", "192"),
     "aa": ("homodistil", "task HomoDistil + word-swapped copies for the teacher", "192"),
     "af": ("homodistil", "task HomoDistil, final width reached at 30% of the steps", "192"),
+    "ab": ("homodistil", "task HomoDistil in bf16 autocast", "192"),
+    "abh": ("homodistil", "task HomoDistil in bf16 + the gold labels' term", "192"),
+    "axt": ("homodistil", "task HomoDistil in bf16 + the task's unlabelled test text for the teacher", "192"),
+    "a0": ("distill", "task distillation in bf16 without pruning (control)", "384"),
 }
+SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
 FAST_T_F = 0.7
 AUGMENT_COPIES = 4
+HARD_LABEL = 1.0
+# The arms that change one thing of (a)'s recipe: task_recipe's keyword arguments.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ax": {"unlabelled": True}, "aa": {"augment": True}, "af": {"t_f": FAST_T_F}, "ab": {"precision": "bf16"},
+    "abh": {"precision": "bf16", "hard_label": HARD_LABEL},
+    "axt": {"precision": "bf16", "test_text": True}, "a0": {"precision": "bf16"},
+}
+# Columns of each task's GLUE test.tsv that hold its text (and pair).
+TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
+                     "sst2": ("sentence", None), "stsb": ("sentence1", "sentence2")}
+
+DISTILLED_ARMS = ("a", "b", "a128", *VARIANTS)
 # Text the teacher labels for (ax): other GLUE tasks' training splits (pairs for pair tasks), never a dev or test file.
 UNLABELLED_TEXT = {"rte": ["glue:mrpc", "glue:stsb"], "mrpc": ["glue:rte", "glue:stsb"], "cola": ["glue:stsb", "glue:sst2"],
                    "sst2": ["glue:stsb", "glue:cola"]}
@@ -79,28 +105,52 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 
 
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
-                unlabelled: bool = False, augment: bool = False, t_f: float = T_F) -> dict[str, Any]:
-    """The recipe of arms (a), (b), (a128), (ax), (aa) and (af): KL at T=2 on the logits plus hidden/attention/embedding terms."""
+                unlabelled: bool = False, augment: bool = False, t_f: float = T_F, precision: str = "fp32", hard_label: float = 0.0,
+                test_text: bool = False) -> dict[str, Any]:
+    """The recipe of arms (a), (b), (a128) and ``VARIANTS``: KL at T=2 on the logits plus hidden/attention/embedding terms."""
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False}
+    if hard_label:
+        spec["hard_label"] = hard_label
     if unlabelled:
         from homoexport.evaluation.glue_data import get_task, read_tsv
 
         rows = len(read_tsv(get_task(task), glue_data / get_task(task).directory / "train.tsv"))
         spec |= {"unlabelled": UNLABELLED_TEXT[task], "max_unlabelled_samples": rows, "epochs": STUDENT_EPOCHS[task] / 2}
+    if test_text:
+        spec |= {"unlabelled": [str(test_text_file(task, glue_data, out.parent.parent))], "text_pair_column": "text_b" if TEST_TEXT_COLUMNS[task][1] else None}
     if augment:
         spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
         "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}"
-                + ("-fast" if t_f != T_F else ""),
+                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else ""),
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
         "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
         "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": t_f, "interval": 10, "multiple": 16},
         "optimizer": {"lr": DISTILL_LR, "warmup": 0.05},
-        "training": {"batch_size": 32, "seed": seed, "log_every": 20, "checkpoint_every": 100},
+        "training": {"batch_size": 32, "seed": seed, "log_every": 20, "checkpoint_every": 100, "precision": precision},
         "output": str(out),
     }
+
+
+def test_text_file(task: str, glue_data: Path, work: Path) -> Path:
+    """The inputs of the task's GLUE test.tsv as a JSON-lines file of ``sentence`` (and ``text_b``) rows: unlabelled
+    in-domain text, as a user's own unlabelled data would be given to ``task.unlabelled``."""
+    import csv
+
+    out = work / "test_text.jsonl"
+    if not out.is_file():
+        first, second = TEST_TEXT_COLUMNS[task]
+        from homoexport.evaluation.glue_data import get_task
+
+        path = glue_data / get_task(task).directory / "test.tsv"
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        lines = [json.dumps({"sentence": r[first], **({"text_b": r[second]} if second else {})}) for r in rows]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, "".join(line + "\n" for line in lines))
+    return out
 
 
 def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> Path:
@@ -109,9 +159,9 @@ def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path)
 
     run = work / task / f"{arm}-s{seed}"
     if not (run / "report.json").is_file():
-        schedule = "one_shot" if arm == "b" else "homotopic"
+        schedule = SCHEDULES.get(arm, "homotopic")
         recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill",
-                                             unlabelled=arm == "ax", augment=arm == "aa", t_f=FAST_T_F if arm == "af" else T_F))
+                                             **VARIANTS.get(arm, {})))
         report = distill_task(recipe, resume=(run / "distill").exists())
         atomic_write_json(run / "report.json", report)
     return run / "distill" / "student"
@@ -181,7 +231,7 @@ def export_latency_ms(glue_dir: Path, file: str = "model_quantized.onnx") -> flo
 def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
     run = work / task / f"{arm}-s{seed}"
     started = time.time()
-    if arm in ("a", "b", "a128", "ax", "aa", "af"):
+    if arm in DISTILLED_ARMS:
         score(task, distill_student(task, arm, seed, work, glue_data), run / "glue", glue_data, train=False)
     elif arm == "c":
         pruned = pruned_classifier(task, work, glue_data)
@@ -241,7 +291,8 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
     return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
             "settings": {"teacher_epochs": TEACHER_EPOCHS, "student_epochs": STUDENT_EPOCHS, "teacher_lr": TEACHER_LR,
                          "distill_lr": DISTILL_LR, "prune_ft_lrs": PRUNE_FT_LRS, "shapes": SHAPES, "unlabelled_text": UNLABELLED_TEXT,
-                         "augment_copies": AUGMENT_COPIES, "t_f": {"a": T_F, "af": FAST_T_F}},
+                         "augment_copies": AUGMENT_COPIES, "t_f": {"a": T_F, "af": FAST_T_F},
+                         "variants": VARIANTS},
             "machine": fingerprint()}
 
 
