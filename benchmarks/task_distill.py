@@ -282,6 +282,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "dev_curve": distill["curve"] if distill else None,  # (step, widths, dev metrics) during distillation
                     "load_average_1m": best.get("load_average_1m"),
                     "widths": distill["student"]["widths"] if distill else None,
+                    "data": distill["data"] if distill else None,  # rows trained on: labelled, unlabelled, word-swapped, dev
                     **step_times(run / "distill" / "train_log.jsonl"),
                 })
     have = {(r["task"], r["arm"], r["seed"]) for r in rows}
