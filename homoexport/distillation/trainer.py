@@ -303,7 +303,7 @@ def distill(
                 t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
             ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
             with ctx:
-                with autocast():
+                with autocast():  # the backward stays outside autocast, as torch.amp prescribes
                     loss, terms = module(mb, t_out, kept_heads())
                 accelerator.backward(loss / n_micro)
             for k, v in terms.items():
