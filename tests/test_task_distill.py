@@ -318,6 +318,25 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
     assert resumed["student"]["dev"] == whole["student"]["dev"]
 
 
+def test_task_resume_refuses_auto_resolving_to_another_precision(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
+    from homoexport.distillation import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # auto was bf16 where the run started
+    recipe = task_recipe(teacher_dir, task_files, tmp_path / "run")
+
+    def kill_at_6(record):
+        if record["step"] == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill_task(validate_recipe(recipe), on_log=kill_at_6)
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)  # and is fp32 here
+    with pytest.raises(ValueError, match=r"trained in bf16.*training\.precision auto is fp32.*--set training\.precision=bf16"):
+        distill_task(validate_recipe(recipe), resume=True)
+    pinned = task_recipe(teacher_dir, task_files, tmp_path / "run", **{"training.precision": "bf16"})
+    assert distill_task(validate_recipe(pinned), resume=True)["resumed_from_step"] == 5
+
+
 def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_files):
     import yaml
 

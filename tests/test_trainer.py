@@ -157,6 +157,21 @@ def test_resume_refuses_a_changed_recipe(teachers, corpus, tmp_path):
         distill(validate_recipe(changed), resume=True)
 
 
+def test_resume_refuses_auto_resolving_to_another_precision(teachers, corpus, tmp_path, monkeypatch):
+    from homoexport.distillation import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)  # auto is fp32 on the machine that started it
+    r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 8, "batch_size": 8, "checkpoint_every": 4, "log_every": 1})
+    with pytest.raises(Killed):
+        distill(validate_recipe(r), on_log=kill_after(5))
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)  # and bf16 on the one resuming it
+    with pytest.raises(ValueError, match=r"trained in fp32.*training\.precision auto is bf16.*--set training\.precision=fp32"):
+        distill(validate_recipe(r), resume=True)
+    pinned = dict(r, training={**r["training"], "precision": "fp32"})  # what auto chose there: the same run
+    report = distill(validate_recipe(pinned), resume=True)
+    assert report["resumed_from_step"] == 4 and report["precision"] == "fp32"
+
+
 def test_non_empty_output_needs_resume_or_overwrite(teachers, corpus, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "x").write_text("")

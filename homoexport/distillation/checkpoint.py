@@ -52,17 +52,29 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def resumable_fields(recipe: Recipe) -> dict[str, Any]:
-    """What must not change between a checkpoint and its resume (everything but the output location)."""
-    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints", "snapshot_every"}})
+    """What must not change between a checkpoint and its resume (everything but the output location).
+
+    ``training.precision`` is left out: what must match is the precision it resolved to, which the checkpoint keeps
+    (see check_same_precision), so ``auto`` and the precision it chose are the same run.
+    """
+    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints", "snapshot_every", "precision"}})
 
 
 def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
     """Refuse to resume under a different recipe: the result would be neither run."""
     current = resumable_fields(recipe)
+    saved = {**saved, "training": {k: v for k, v in saved.get("training", {}).items() if k != "precision"}}
     if saved != current:
         diff = sorted(_differing_keys(saved, current))
         raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
                          "restore those values or start over with --overwrite")
+
+
+def check_same_precision(saved: str | None, precision: str, requested: str, ckpt: Path) -> None:
+    """Refuse to resume at another precision than the checkpoint's: ``auto`` resolves per machine (bf16 where native)."""
+    if saved is not None and saved != precision:
+        raise UsageError(f"cannot resume from {ckpt}: it was trained in {saved}, and training.precision {requested} is {precision} on "
+                         f"this machine; pass --set training.precision={saved} to resume it as it was trained")
 
 
 def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import LossSpec, Recipe, steps_of
 from homoexport.distillation.augment import WordNeighbours, augmented_rows
 from homoexport.distillation.checkpoint import (
+    check_same_precision,
     check_same_recipe,
     finished_report,
     resolved_header,
@@ -321,7 +322,7 @@ def to_dense(run: TaskRun, recipe: Recipe, total: int) -> None:
 def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks) -> None:
     rngs = ranks.gather(rng_state())  # every process's dropout stream, so that resume is exact for each
     if ranks.is_main:
-        state = {"step": run.step, "recipe": resumable_fields(recipe), "dense": run.dense,
+        state = {"step": run.step, "recipe": resumable_fields(recipe), "precision": run.precision, "dense": run.dense,
                  "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
                  "curve": run.curve, "family": run.family, "rng": rngs[0], "rng_ranks": rngs}
@@ -334,6 +335,7 @@ def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks
 def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, rank: int = 0) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     check_same_recipe(state["recipe"], recipe, path)
+    check_same_precision(state.get("precision"), run.precision, recipe.training.precision, path)
     if run.pruner is not None:
         run.pruner.load_state_dict(state["pruner"])
     if state["dense"]:

@@ -26,6 +26,7 @@ from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
 from homoexport.distillation.checkpoint import (
+    check_same_precision,
     check_same_recipe,
     finished_report,
     latest_checkpoint,
@@ -266,6 +267,7 @@ def distill(
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         check_same_recipe(state["recipe"], recipe, ckpt)
+        check_same_precision(state.get("precision"), precision, recipe.training.precision, ckpt)
         unwrapped.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -328,7 +330,7 @@ def distill(
             record.update(_evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
         ce = recipe.training.checkpoint_every
         if (ce and done % ce == 0) or done == total:
-            _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner)
+            _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner, precision)
         se = recipe.training.snapshot_every
         if se and done % se == 0 and done < total and is_main and (masked is None or masked.masks.widths().is_stock):
             _snapshot(out.out / "snapshots" / f"step-{done:08d}", unwrapped.student, masked, setup.tokenizer, recipe)
@@ -373,7 +375,7 @@ def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
 
 
 def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped: DistillModule, optimizer, lr_scheduler,
-                pruner: HomoDistilPruner | None) -> None:
+                pruner: HomoDistilPruner | None, precision: str) -> None:
     """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
     importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
     rngs = [rng_state()]
@@ -382,7 +384,7 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped
 
         rngs = gather_object([rng_state()])
     if accelerator.is_main_process:
-        state = {"step": step, "recipe": resumable_fields(recipe), "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"step": step, "recipe": resumable_fields(recipe), "precision": precision, "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                  "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
                  "masks": pruner.masks.state_dict() if pruner is not None else None,
                  "importance": pruner.importance.state_dict() if pruner is not None else None}
