@@ -43,9 +43,18 @@ class DataSpec(_Strict):
     block_size: int = Field(128, ge=8, le=4096, description="tokens per block; with unit sentence, the longest sentence row")
     unit: Literal["block", "sentence"] = Field("block", description="block: text packed into full blocks; sentence: one padded row per "
                                                 "sentence split from each document (for sentence-embedding objectives)")
+    batching: Literal["random", "neighbours"] = Field("random", description="random: rows in a shuffled order; neighbours (unit "
+                                                       "sentence): groups of 8 rows that are nearest neighbours by the teacher's "
+                                                       "sentence embedding share a batch, so in-batch terms see related sentences")
     eval_blocks: int = Field(256, ge=0)
     max_blocks: Optional[int] = Field(None, gt=0, description="cap on training blocks (for quick runs)")
     cache_dir: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _neighbours_need_sentences(self) -> "DataSpec":
+        if self.batching == "neighbours" and self.unit != "sentence":
+            raise UsageError("data.batching neighbours groups sentence rows: set data.unit to sentence")
+        return self
 
 
 class LossSpec(_Strict):
@@ -62,6 +71,10 @@ class LossSpec(_Strict):
                             "to the teacher's: what a sentence-embedding model is used for")
     similarity: float = Field(0.0, ge=0, description="MSE between the in-batch cosine-similarity matrices of student and teacher "
                               "sentence embeddings (their similarity structure, at any width)")
+    contrastive: float = Field(0.0, ge=0, description="KL from the teacher's to the student's softmax over each sentence's cosine "
+                               "similarities to the rest of the batch: weighs each sentence's nearest rows, as a ranking does "
+                               "(pair it with data.batching neighbours; on random batches it lowered STS-B)")
+    contrastive_temperature: float = Field(0.05, gt=0, description="softmax temperature of the contrastive term")
     relation_heads: int = Field(12, gt=0)
     relation_teacher_layer: int = Field(-1, description="teacher layer for relation transfer (negative counts from the end)")
     layer_mapping: Literal["one_to_one", "uniform", "uniform_consecutive", "uniform_last", "last", "last_k"] = "one_to_one"

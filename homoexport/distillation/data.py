@@ -424,7 +424,8 @@ class BlockBatcher:
     batch_size`` blocks in a permutation seeded by ``(seed, epoch)`` (``shuffle=False`` keeps corpus
     order, for evaluation), dropping the remainder. A data-parallel rank gets rows
     ``[rank * B/W, (rank+1) * B/W)`` of the global batch, and micro-batches split that slice further,
-    so the union over ranks and micro-batches is always the same global batch.
+    so the union over ranks and micro-batches is always the same global batch. With ``groups`` (rows that
+    must share a batch, see :mod:`homoexport.distillation.grouping`) the permutation is of whole groups.
 
     Masking (``mlm_probability`` not None) uses transformers' ``DataCollatorForLanguageModeling``
     (15%, 80/10/10, specials never chosen). Its ``seed`` option seeds one generator for the collator's
@@ -434,16 +435,19 @@ class BlockBatcher:
     """
 
     def __init__(self, blocks: np.ndarray, tokenizer: PreTrainedTokenizerFast, batch_size: int, seed: int = 0,
-                 mlm_probability: float | None = 0.15, shuffle: bool = True, padded: bool = False):
+                 mlm_probability: float | None = 0.15, shuffle: bool = True, padded: bool = False, groups: np.ndarray | None = None):
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if len(blocks) < batch_size:
             raise DataError(f"only {len(blocks)} blocks, fewer than one batch of {batch_size}; add text or lower the batch size")
+        if groups is not None and batch_size % groups.shape[1]:
+            raise DataError(f"batch_size {batch_size} is not a multiple of the neighbour group size {groups.shape[1]}")
         self.blocks = blocks
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.steps_per_epoch = len(blocks) // batch_size
+        self.groups = groups  # [n_groups, size] row indices that share a batch, in a shuffled order of groups
+        self.steps_per_epoch = (groups.size if groups is not None else len(blocks)) // batch_size
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if padded else None  # sentence rows: attention only where not [PAD]
         self.collator = (
@@ -465,7 +469,10 @@ class BlockBatcher:
             return np.arange(len(self.blocks))
         if self._order is None or self._order[0] != epoch:
             rng = np.random.default_rng(_seed(self.seed, _SHUFFLE, epoch))
-            self._order = (epoch, rng.permutation(len(self.blocks)))
+            if self.groups is None:
+                self._order = (epoch, rng.permutation(len(self.blocks)))
+            else:
+                self._order = (epoch, self.groups[rng.permutation(len(self.groups))].reshape(-1))
         return self._order[1]
 
     def global_ids(self, step: int) -> torch.Tensor:

@@ -88,6 +88,22 @@ def similarity_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
     return F.mse_loss(s @ s.T, t @ t.T)
 
 
+def contrastive_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL from the teacher's to the student's softmax over each row's cosine similarities to the other rows [B, H*].
+
+    The MSE of similarity matrices weighs every pair alike, and in a batch of unrelated sentences almost every pair
+    sits near 0; the softmax at a low temperature puts the weight on each sentence's nearest rows instead, the
+    ranking that STS and retrieval measure (contrastive distillation, as in the in-batch softmax sentence encoders
+    such as all-MiniLM-L6-v2 are trained with, at scale 20, i.e. temperature 0.05).
+    """
+    s = F.normalize(student.float(), dim=-1)
+    t = F.normalize(teacher.float(), dim=-1)
+    others = ~torch.eye(len(s), dtype=torch.bool, device=s.device)
+    log_s = F.log_softmax((s @ s.T)[others].view(len(s), -1) / temperature, dim=-1)
+    log_t = F.log_softmax((t @ t.T)[others].view(len(t), -1) / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
+
+
 def masked_mse(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """Mean squared error over valid tokens only: [B, T, H] pairs, ``token_mask`` [B, T] of 0/1."""
     err = (student - teacher).pow(2).mean(-1)  # [B, T]
@@ -157,7 +173,7 @@ class DistillationLoss(nn.Module):
         """Terms with a non-zero weight that this teacher can provide (no MLM head: no MLM/KL)."""
         w = {"mlm": self.spec.mlm, "kl": self.spec.kl, "hidden": self.spec.hidden, "attention": self.spec.attention,
              "embedding": self.spec.embedding, "relation": self.spec.relation, "sentence": self.spec.sentence,
-             "similarity": self.spec.similarity}
+             "similarity": self.spec.similarity, "contrastive": self.spec.contrastive}
         if not self.has_mlm:
             w["mlm"] = w["kl"] = 0.0
         return {k: v for k, v in w.items() if v > 0}
@@ -194,13 +210,15 @@ class DistillationLoss(nn.Module):
                 heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(t_heads, dtype=torch.bool)
                 per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
             terms["attention"] = torch.stack(per_layer).mean()
-        if "sentence" in active or "similarity" in active:
+        if {"sentence", "similarity", "contrastive"} & set(active):
             s_sent = mean_pool(student.hidden[-1], token_mask)
             t_sent = mean_pool(teacher.hidden[-1], token_mask)
             if "sentence" in active:
                 terms["sentence"] = F.mse_loss(self.hidden_proj[-1](s_sent).float(), t_sent.float())
             if "similarity" in active:
                 terms["similarity"] = similarity_mse(s_sent, t_sent)
+            if "contrastive" in active:
+                terms["contrastive"] = contrastive_kl(s_sent, t_sent, self.spec.contrastive_temperature)
         if "relation" in active:
             rel = [relation_kl(s, t, self.spec.relation_heads, token_mask) for s, t in zip(student.relation_qkv, teacher.relation_qkv)]
             terms["relation"] = torch.stack(rel).mean()

@@ -8,9 +8,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
+import torch
+
 from homoexport.config.recipe import Recipe
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
+from homoexport.distillation.grouping import teacher_neighbour_groups
 from homoexport.distillation.models import load_model, load_tokenizer
+from homoexport.distillation.precision import precision_context, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +56,12 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     mlm_prob = MLM_PROBABILITY if use_mlm else None
     seed = recipe.training.seed
     padded = recipe.data.unit == "sentence"
-    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded)
+    groups = None
+    if recipe.data.batching == "neighbours":
+        autocast = precision_context(resolve_precision(recipe.training.precision, torch.device("cpu")))
+        groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, autocast, seed)
+    batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
+                           groups=groups)
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
     eval_batcher = (BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False, padded=padded)
                     if len(eval_blocks) else None)

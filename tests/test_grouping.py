@@ -1,0 +1,74 @@
+"""Neighbour batches and the contrastive term: related sentences share a batch, and their ranking is what is distilled."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import make_tokenizer
+
+from homoexport.config.recipe import validate_recipe
+from homoexport.distillation.data import BlockBatcher, DataError
+from homoexport.distillation.grouping import GROUP_SIZE, neighbour_groups
+from homoexport.distillation.losses import contrastive_kl
+
+
+def clustered(n_clusters: int, size: int, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Unit vectors in tight clusters around random centres, rows shuffled; returns (embeddings, cluster of each row)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_clusters, dim, generator=g)
+    label = torch.arange(n_clusters).repeat_interleave(size)
+    x = centres[label] + 0.01 * torch.randn(len(label), dim, generator=g)
+    perm = torch.randperm(len(label), generator=g)
+    return torch.nn.functional.normalize(x[perm], dim=-1), label[perm].numpy()
+
+
+def test_neighbour_groups_gather_each_cluster_and_use_every_row_once():
+    emb, cluster = clustered(5, GROUP_SIZE)
+    groups = neighbour_groups(emb, GROUP_SIZE, seed=3)
+    assert groups.shape == (5, GROUP_SIZE)
+    assert sorted(groups.reshape(-1).tolist()) == list(range(5 * GROUP_SIZE))
+    assert all(len(set(cluster[g])) == 1 for g in groups)
+    assert np.array_equal(groups, neighbour_groups(emb, GROUP_SIZE, seed=3))  # deterministic for a seed
+    leftovers = neighbour_groups(torch.cat([emb, emb[:3]]), GROUP_SIZE)  # 43 rows: 5 groups, 3 rows left out
+    assert leftovers.shape == (5, GROUP_SIZE) and len(set(leftovers.reshape(-1).tolist())) == 5 * GROUP_SIZE
+    with pytest.raises(DataError, match="at least 8"):
+        neighbour_groups(emb[:5], GROUP_SIZE)
+
+
+def test_batcher_keeps_groups_whole_and_visits_every_grouped_row_once_an_epoch(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    rows = np.arange(48 * 4, dtype=np.int32).reshape(48, 4) + 10  # row i starts with token 10 + 4i
+    groups = np.random.default_rng(0).permutation(48).reshape(6, 8)
+    batcher = BlockBatcher(rows, tok, 16, mlm_probability=None, groups=groups)
+    assert batcher.steps_per_epoch == 3
+    member = {int(r): k for k, g in enumerate(groups) for r in g}
+    seen = []
+    for step in range(3):
+        ids = (batcher.global_ids(step)[:, 0].numpy() - 10) // 4
+        for half in (ids[:8], ids[8:]):
+            assert len({member[int(r)] for r in half}) == 1  # each 8 rows are one group
+        seen += ids.tolist()
+    assert sorted(seen) == list(range(48))
+    assert not torch.equal(batcher.global_ids(0), batcher.global_ids(3))  # the next epoch reshuffles the groups
+    with pytest.raises(DataError, match="multiple of the neighbour group size 8"):
+        BlockBatcher(rows, tok, 12, mlm_probability=None, groups=groups)
+
+
+def test_contrastive_kl_is_zero_for_the_same_ranking_at_any_width_and_scale():
+    torch.manual_seed(0)
+    t = torch.randn(8, 32)
+    assert float(contrastive_kl(t * 5, t, 0.05)) == pytest.approx(0.0, abs=1e-6)
+    rotated = t @ torch.linalg.qr(torch.randn(32, 32))[0]  # same cosines, other coordinates
+    assert float(contrastive_kl(rotated, t, 0.05)) == pytest.approx(0.0, abs=1e-4)
+    s = torch.randn(8, 16, requires_grad=True)
+    value = contrastive_kl(s, t, 0.05)
+    value.backward()
+    assert float(value.detach()) > 0 and s.grad is not None and float(s.grad.abs().sum()) > 0
+
+
+def test_neighbour_batching_needs_sentence_rows():
+    base = {"teacher": "t", "student": {"hidden": 32, "heads": 2, "ffn": 48}, "data": {"train": ["x.txt"], "batching": "neighbours"}}
+    with pytest.raises(ValueError, match="data.unit to sentence"):
+        validate_recipe(base)
+    assert validate_recipe({**base, "data": {**base["data"], "unit": "sentence"}}).data.batching == "neighbours"
