@@ -69,6 +69,8 @@ def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id:
                              seed: int = 0) -> np.ndarray:
     """Neighbour groups of ``rows`` under ``teacher``'s encoder (its base model when it carries a head)."""
     started = time.perf_counter()
+    logger.info("neighbour batches: embedding %s sentence rows with the teacher before the first step",
+                f"{len(rows):,}")
     encoder = getattr(teacher, "base_model", teacher)
     groups = neighbour_groups(row_embeddings(encoder, rows, pad_id, autocast), GROUP_SIZE, seed)
     logger.info("neighbour batches: %d groups of %d sentences by the teacher's embedding in %.1f s", len(groups), GROUP_SIZE,
