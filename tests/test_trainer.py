@@ -296,7 +296,7 @@ def test_sentence_embedding_terms_train_a_base_encoder(teachers, corpus, tmp_pat
                     training={"steps": 8, "batch_size": 8, "log_every": 1})
     records = []
     report = distill(validate_recipe(r), on_log=records.append)
-    assert set(report["active_loss_terms"]) == {"sentence", "similarity"}
+    assert set(report["active_loss_terms"]) == {"sentence", "similarity"} and report["grouping_s"] is None
     assert all("loss_sentence" in rec and "loss_similarity" in rec for rec in records)
     assert report["parity_max_abs_diff"] <= 1e-4
     # The same on sentence rows (one padded row per sentence): padding never counts, parity holds.
@@ -315,7 +315,7 @@ def test_neighbour_batches_and_the_contrastive_term_train_a_sentence_encoder(tea
     with caplog.at_level("INFO", logger="homoexport"):
         report = distill(validate_recipe(r), on_log=records.append)
     assert "groups of 8 sentences by the teacher's embedding" in caplog.text
-    assert set(report["active_loss_terms"]) == {"contrastive"}
+    assert set(report["active_loss_terms"]) == {"contrastive"} and report["grouping_s"] >= 0
     losses = [rec["loss_contrastive"] for rec in records]
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[-1] > 0  # a copy of the teacher ranks as it does, until pruned
     killed = dict(r, output=str(tmp_path / "killed"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
@@ -33,6 +34,7 @@ class CorpusSetup:
     batcher: BlockBatcher
     eval_batcher: BlockBatcher | None
     eval_steps: int
+    grouping_s: float | None = None  # seconds spent grouping rows into neighbour batches (data.batching neighbours)
 
 
 def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = contextlib.nullcontext, note: bool = True) -> CorpusSetup:
@@ -56,14 +58,16 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     mlm_prob = MLM_PROBABILITY if use_mlm else None
     seed = recipe.training.seed
     padded = recipe.data.unit == "sentence"
-    groups = None
+    groups, grouping_s = None, None
     if recipe.data.batching == "neighbours":
+        started = time.perf_counter()
         autocast = precision_context(resolve_precision(recipe.training.precision, torch.device("cpu")))
         groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, autocast, seed)
+        grouping_s = round(time.perf_counter() - started, 2)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
                            groups=groups)
     eval_bs = min(recipe.training.micro_batch_size or recipe.training.batch_size, max(1, len(eval_blocks)))
     eval_batcher = (BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False, padded=padded)
                     if len(eval_blocks) else None)
     eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
-    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps)
+    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps, grouping_s)

@@ -458,6 +458,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: 
             "steps": total, "resumed_from_step": start or None,
             "tokens": total * tokens_per_step,
             "wall_time_s": round(wall, 2),
+            "grouping_s": setup.grouping_s,  # before step 1, not in wall_time_s
             "precision": run.precision,
             "processes": accelerator.num_processes,
             "final_loss_terms": run.last_terms,
