@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from embedding_distill import SHAPES, sts_scores, unit
+from embedding_distill import sts_scores, unit
+from embedding_objectives import dense_arm_parser, print_arms, pruned_start
 
 from homoexport.atomic import atomic_write_json
 from homoexport.machine import fingerprint
 
-REPO = Path(__file__).resolve().parents[1]
-WIKI = "../shared/data/corpus/wikipedia-en-wikiextractor"
 PAIR_TASKS = ("stsb", "mrpc", "rte")
 ARMS = ("shuffled", "pairs", "neighbours", "shuffled+kl", "neighbours+kl", "pairs+pair")
 GROUP = 8
@@ -52,6 +51,8 @@ def training_pairs(glue_data: Path, dev: set[str]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(pairs))
 
 
+# teacher_embeddings and neighbour_order are the screening as it ran: the library's grouping
+# (homoexport.distillation.grouping) came after it, reads packed rows instead of strings and drops the leftover rows.
 def teacher_embeddings(teacher_dir: Path, sentences: list[str], batch_size: int = 256):
     """[n, H] L2-normalised mean-pooled teacher embeddings (bf16 autocast where the CPU multiplies it natively)."""
     import torch
@@ -169,29 +170,18 @@ def train_arm(student_dir: Path, teacher_dir: Path, out: Path, rows: list[list[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--teacher", type=Path, default=Path("../shared/models/all-MiniLM-L6-v2"))
-    ap.add_argument("--shape", default="192", choices=sorted(SHAPES))
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap = dense_arm_parser(__doc__)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--temperature", type=float, default=0.05, help="of the +kl arms (all-MiniLM-L6-v2 was trained at scale 20)")
     ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
     ap.add_argument("--arms", default=",".join(ARMS))
-    ap.add_argument("--glue-data", type=Path, default=Path("../shared/data/glue"))
-    ap.add_argument("--work", type=Path, default=Path("runs/embedding_bench"))
-    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
     from homoexport.evaluation.sts import stsb_dev
-    from homoexport.pruning.oneshot import prune_model
 
-    hidden, heads, ffn = SHAPES[args.shape]
     dev = stsb_dev(args.glue_data)
     pairs = training_pairs(args.glue_data, {*dev.first, *dev.second})
-    pruned = args.work / f"prune-{args.shape}"
-    if not (pruned / "config.json").is_file():
-        prune_model(args.teacher, pruned, hidden=hidden, heads=heads, ffn=ffn, data=[WIKI], batches=8, batch_size=8, overwrite=True)
+    pruned = pruned_start(args)
     rows: list[dict[str, Any]] = [{"arm": "prune only (start)", **unit(args.work / f"prune-{args.shape}-sts.json",
                                    lambda: {"pytorch": sts_scores(pruned, dev, args.teacher)["student (PyTorch)"]})}]
     for arm in args.arms.split(","):
@@ -210,9 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "batch_size": args.batch_size, "lr": args.lr, "temperature": args.temperature, "precision": args.precision, "pair_tasks": list(PAIR_TASKS),
                        "pairs": len(pairs), "metric": "STS-B dev Spearman x 100, zero-shot, PyTorch", "rows": rows,
                        "machine": fingerprint()})
-    print("\n| arm | STS-B dev | train s | tokens |\n|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['arm']} | {r['pytorch']:.2f} | {r.get('train_s', '-')} | {r.get('tokens', '-')} |")
+    print_arms(rows)
     return 0
 
 

@@ -78,26 +78,45 @@ def train_arm(student_dir: Path, teacher_dir: Path, out: Path, weights: dict[str
     return {"train_s": round(wall, 1), "tokens": int(real_tokens)}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def dense_arm_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every dense-arm benchmark shares (this one and embedding_batching.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", type=Path, default=Path("../shared/models/all-MiniLM-L6-v2"))
     ap.add_argument("--shape", default="192", choices=sorted(SHAPES))
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--arms", default=",".join(str(i) for i in range(len(ARMS))), help="indices into the arm list, comma-separated")
     ap.add_argument("--glue-data", type=Path, default=Path("../shared/data/glue"))
     ap.add_argument("--work", type=Path, default=Path("runs/embedding_bench"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
-    args = ap.parse_args(argv)
+    return ap
 
-    from homoexport.evaluation.sts import stsb_dev
+
+def pruned_start(args: argparse.Namespace) -> Path:
+    """The arms' common start: the teacher pruned once to --shape (no training), made once under --work."""
     from homoexport.pruning.oneshot import prune_model
 
     hidden, heads, ffn = SHAPES[args.shape]
-    pairs = stsb_dev(args.glue_data)
     pruned = args.work / f"prune-{args.shape}"
     if not (pruned / "config.json").is_file():
         prune_model(args.teacher, pruned, hidden=hidden, heads=heads, ffn=ffn, data=[WIKI], batches=8, batch_size=8, overwrite=True)
+    return pruned
+
+
+def print_arms(rows: Sequence[dict[str, Any]]) -> None:
+    print("\n| arm | STS-B dev | train s | tokens |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['arm']} | {r['pytorch']:.2f} | {r.get('train_s', '-')} | {r.get('tokens', '-')} |")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = dense_arm_parser(__doc__)
+    ap.add_argument("--arms", default=",".join(str(i) for i in range(len(ARMS))), help="indices into the arm list, comma-separated")
+    args = ap.parse_args(argv)
+
+    from homoexport.evaluation.sts import stsb_dev
+
+    pairs = stsb_dev(args.glue_data)
+    pruned = pruned_start(args)
     rows = [{"arm": "prune only (start)", "pytorch": sts_scores(pruned, pairs, args.teacher)["student (PyTorch)"]}]
     names = list(ARMS)
     for index in (int(i) for i in args.arms.split(",")):
@@ -116,9 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       {"schema": "homoexport.benchmark.embedding_objectives/1", "shape": args.shape, "steps": args.steps,
                        "batch_size": args.batch_size, "data": WIKI, "metric": "STS-B dev Spearman x 100, zero-shot, PyTorch",
                        "rows": rows, "machine": fingerprint()})
-    print("\n| arm | STS-B dev | train s | tokens |\n|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['arm']} | {r['pytorch']:.2f} | {r.get('train_s', '-')} | {r.get('tokens', '-')} |")
+    print_arms(rows)
     return 0
 
 
