@@ -69,6 +69,6 @@ def test_contrastive_kl_is_zero_for_the_same_ranking_at_any_width_and_scale():
 
 def test_neighbour_batching_needs_sentence_rows():
     base = {"teacher": "t", "student": {"hidden": 32, "heads": 2, "ffn": 48}, "data": {"train": ["x.txt"], "batching": "neighbours"}}
-    with pytest.raises(ValueError, match="data.unit to sentence"):
+    with pytest.raises(ValueError, match=r"data\.batching: .*data\.unit to sentence \(got .neighbours.\)"):
         validate_recipe(base)
     assert validate_recipe({**base, "data": {**base["data"], "unit": "sentence"}}).data.batching == "neighbours"

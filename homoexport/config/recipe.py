@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from homoexport.errors import UsageError
 
@@ -50,11 +50,13 @@ class DataSpec(_Strict):
     max_blocks: Optional[int] = Field(None, gt=0, description="cap on training blocks (for quick runs)")
     cache_dir: Optional[str] = None
 
-    @model_validator(mode="after")
-    def _neighbours_need_sentences(self) -> "DataSpec":
-        if self.batching == "neighbours" and self.unit != "sentence":
-            raise UsageError("data.batching neighbours groups sentence rows: set data.unit to sentence")
-        return self
+    @field_validator("batching")
+    @classmethod
+    def _neighbours_need_sentences(cls, batching: str, info: ValidationInfo) -> str:
+        # A field validator (unit is validated before it), so the error names data.batching and its value alone.
+        if batching == "neighbours" and info.data.get("unit") != "sentence":
+            raise ValueError("neighbours groups sentence rows: set data.unit to sentence")
+        return batching
 
 
 class LossSpec(_Strict):
