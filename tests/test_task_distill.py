@@ -252,9 +252,15 @@ def test_task_distillation_with_word_swapped_copies(tmp_path: Path, teacher_dir:
 
 
 def test_task_distillation_masked_to_the_end_passes_parity(tmp_path: Path, teacher_dir: Path, task_files):
-    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.materialize": False, "task.epochs": 2}))
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"pruning.materialize": False, "task.epochs": 2}))
     report = distill_task(recipe)
     assert report["parity_max_abs_diff"] is not None and report["parity_max_abs_diff"] <= 1e-4
+
+
+def test_the_old_task_materialize_key_reads_as_pruning_materialize(tmp_path: Path, teacher_dir: Path, task_files, caplog):
+    with caplog.at_level("WARNING", logger="homoexport"):
+        recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.materialize": False}))
+    assert recipe.pruning.materialize is False and "task.materialize is now pruning.materialize" in caplog.text
 
 
 def test_bf16_precision_autocasts_the_passes_and_saves_an_fp32_student(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):

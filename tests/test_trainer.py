@@ -121,6 +121,50 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
     assert steps == list(range(1, 17))
 
 
+def test_the_student_turns_dense_at_its_final_width_and_trains_on_as_the_masked_one_would(teachers, corpus, tmp_path):
+    """pruning.materialize: once the target is reached for good, the loop trains the materialised student (parity-checked),
+    with the Adam moments sliced, so the run goes on as the masked one does; without dropout the two students agree."""
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "dense", training={"steps": 16, "batch_size": 8, "log_every": 1, "precision": "fp32"})
+    records = []
+    report = distill(validate_recipe(r), on_log=records.append)
+    first_dense = next(rec["step"] for rec in records if rec["dense"])
+    assert report["dense_from_step"] == first_dense < 16 and report["parity_max_abs_diff"] <= 1e-4
+    assert all(rec["dense"] == (rec["step"] >= first_dense) for rec in records)
+    assert all(rec["widths"]["hidden"] == 32 for rec in records if rec["dense"])
+    masked = dict(r, output=str(tmp_path / "masked"), pruning={**r["pruning"], "materialize": False})
+    kept_masked = distill(validate_recipe(masked))
+    assert kept_masked["dense_from_step"] is None
+    assert report["final_loss_terms"] == pytest.approx(kept_masked["final_loss_terms"], rel=1e-4, abs=1e-6)
+    assert max_weight_difference(tmp_path / "dense" / "student", tmp_path / "masked" / "student") < 1e-5
+
+
+def test_kill_after_the_dense_switch_and_resume_reproduces_the_run_bitwise(teachers, corpus, tmp_path, caplog):
+    base = recipe_dict(teachers["mlm"], corpus, tmp_path / "full", training={"steps": 16, "batch_size": 8, "log_every": 1, "checkpoint_every": 2})
+    full = distill(validate_recipe(base))
+    assert full["dense_from_step"] is not None and full["dense_from_step"] < 14
+    killed = dict(base, output=str(tmp_path / "killed"))
+    with pytest.raises(Killed):
+        distill(validate_recipe(killed), on_log=kill_after(15))  # last checkpoint at 14, after the switch
+    with caplog.at_level("INFO", logger="homoexport"):
+        report = distill(validate_recipe(killed), resume=True)
+    assert report["resumed_from_step"] == 14 and "dense student" in caplog.text
+    assert report["dense_from_step"] == full["dense_from_step"] and report["parity_max_abs_diff"] == full["parity_max_abs_diff"]
+    assert max_weight_difference(tmp_path / "full" / "student", tmp_path / "killed" / "student") == 0.0
+
+
+def test_a_checkpoint_from_before_pruning_materialize_resumes_only_as_it_was_trained(tmp_path):
+    """Checkpoints written before the key existed: the task loop kept it as task.materialize, the task-agnostic loop
+    never switched; either resumes under a recipe that says the same, and a different one names the key."""
+    from homoexport.distillation.checkpoint import check_same_recipe, resumable_fields
+
+    r = recipe_dict(Path("teacher"), Path("corpus.txt"), tmp_path / "run")
+    old = resumable_fields(validate_recipe(r))
+    old["pruning"].pop("materialize")
+    with pytest.raises(ValueError, match=r"recipe changed.*pruning\.materialize"):
+        check_same_recipe(old, validate_recipe(r), tmp_path / "step.pt")
+    check_same_recipe(old, validate_recipe(dict(r, pruning={**r["pruning"], "materialize": False})), tmp_path / "step.pt")
+
+
 def test_finished_run_drops_checkpoints_and_resume_says_finished(teachers, corpus, tmp_path, caplog):
     r = recipe_dict(teachers["mlm"], corpus, tmp_path / "run", training={"steps": 6, "batch_size": 8, "checkpoint_every": 2})
     first = distill(validate_recipe(r))

@@ -8,6 +8,7 @@ validation. The resolved recipe (defaults filled in) is saved next to every run'
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -16,6 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from homoexport.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 
 class _Strict(BaseModel):
@@ -92,6 +95,8 @@ class PruningSpec(_Strict):
     interval: int = Field(10, ge=1, description="update masks every this many steps (ΔT)")
     multiple: int = Field(8, ge=1, description="round intermediate widths to this multiple")
     score_batches: int = Field(8, ge=1, description="batches used to score importance for one-shot pruning")
+    materialize: bool = Field(True, description="continue on the dense student once the target width is reached for good "
+                              "(late steps cost what the small model costs)")
 
 
 class OptimizerSpec(_Strict):
@@ -183,8 +188,6 @@ class TaskSpec(_Strict):
                                            "(copies, replace_prob, neighbours); epochs count passes over originals and copies")
     max_dev_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the dev rows")
     eval_batch_size: int = Field(64, gt=0)
-    materialize: bool = Field(True, description="continue on the dense student once the target width is reached "
-                              "(late steps cost what the small model costs)")
     export: bool = Field(True, description="export the student to OUT/export (optimum ONNX, O2 fusion, dynamic int8 for this "
                          "CPU) and score the int8 file on the dev set with onnxruntime")
     family: list[int] = Field(default_factory=list, description="hidden sizes at which to keep a student on the way down "
@@ -240,6 +243,20 @@ class Recipe(_Strict):
     assistant: AssistantSpec = Field(default_factory=AssistantSpec)
     task: Optional[TaskSpec] = Field(None, description="task-specific distillation from a fine-tuned classifier")
     output: str = Field("runs/{name}", description="output directory; {name} is replaced")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        """``task.materialize`` became ``pruning.materialize`` when the task-agnostic loop learnt it too; recipes and
+        resolved runs written before still load, with the value where it now lives."""
+        task = data.get("task") if isinstance(data, dict) else None
+        if isinstance(task, dict) and "materialize" in task:
+            logger.warning("recipe key task.materialize is now pruning.materialize; read it as that")
+            task = dict(task)
+            pruning = dict(data.get("pruning") or {})
+            pruning.setdefault("materialize", task.pop("materialize"))
+            data = {**data, "task": task, "pruning": pruning}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

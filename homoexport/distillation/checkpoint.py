@@ -64,6 +64,10 @@ def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None
     """Refuse to resume under a different recipe: the result would be neither run."""
     current = resumable_fields(recipe)
     saved = {**saved, "training": {k: v for k, v in saved.get("training", {}).items() if k != "precision"}}
+    if "materialize" not in saved.get("pruning", {}):  # written before pruning.materialize: a task run kept it under task
+        task = dict(saved["task"]) if saved.get("task") else None
+        materialize = task.pop("materialize", True) if task is not None else False  # the task-agnostic loop stayed masked
+        saved = {**saved, "task": task, "pruning": {**saved.get("pruning", {}), "materialize": materialize}}
     if saved != current:
         diff = sorted(_differing_keys(saved, current))
         raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "

@@ -45,6 +45,7 @@ from homoexport.distillation.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from homoexport.distillation.dense import carry_optimizer_state
 from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
 from homoexport.distillation.models import ModelLoadError, build_student, is_sequence_classifier, load_tokenizer
 from homoexport.distillation.precision import precision_context, resolve_precision
@@ -58,21 +59,16 @@ from homoexport.distillation.task_data import (
     load_glue,
     unlabelled_rows,
 )
-from homoexport.errors import OutputExistsError, ParityError, UsageError
+from homoexport.errors import OutputExistsError, UsageError
 from homoexport.evaluation.glue_data import GlueTask, predictions, score
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import config_widths
-from homoexport.pruning.pruner import HomoDistilPruner, slice_optimizer_state
-from homoexport.pruning.surgery import (
-    parameter_report,
-    parity_max_abs_diff,
-    save_student,
-)
+from homoexport.pruning.pruner import HomoDistilPruner
+from homoexport.pruning.surgery import model_inputs, parameter_report, save_student
 
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "homoexport.task_distill/1"
-PARITY_TOLERANCE = 1e-4
 
 
 class Ranks:
@@ -263,6 +259,7 @@ class TaskRun:
     scheduler: Any
     pruner: HomoDistilPruner | None
     dense: bool = False
+    parity: float | None = None  # max |masked - dense| when the loop switched to the dense student
     step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
     family: list[dict[str, Any]] = field(default_factory=list)  # students kept on the way down (task.family)
@@ -291,26 +288,20 @@ def _scheduler(optimizer, recipe: Recipe, total: int):
     return get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
 
 
-def to_dense(run: TaskRun, recipe: Recipe, total: int) -> None:
-    """Continue on the materialised student: slice weights, loss projections and Adam state to the kept units."""
+def to_dense(run: TaskRun, recipe: Recipe, total: int, probe: dict[str, torch.Tensor]) -> None:
+    """Continue on the materialised student (parity-checked on ``probe``): slice weights, loss projections and Adam state
+    to the kept units."""
     assert run.pruner is not None and not run.dense
     old = run.named_parameters()
     old_state = {n: run.optimizer.state.get(p, {}) for n, p in old.items()}
     old_lrs = [g["lr"] for g in run.optimizer.param_groups]
     sched_state = run.scheduler.state_dict()
-    kept_hidden = run.pruner.masks.hidden.nonzero().flatten()
-    run.student = run.pruner.materialize().train().requires_grad_(True)
-    run.loss.inner.keep_student_dims(kept_hidden)
+    dense, run.parity = run.pruner.materialize_checked(probe)
+    run.student = dense.train().requires_grad_(True)
+    run.loss.inner.keep_student_dims(run.pruner.masks.hidden.nonzero().flatten())
     new = run.named_parameters()
     run.optimizer = _optimizer(new, recipe)
-    for name, param in new.items():
-        state = old_state.get(name)
-        if not state:
-            continue
-        if name.startswith("student."):
-            run.optimizer.state[param] = slice_optimizer_state(run.pruner, name[len("student."):], state)
-        else:  # loss projections: their input columns follow the kept hidden dims
-            run.optimizer.state[param] = {k: v[:, kept_hidden].clone() if torch.is_tensor(v) and v.dim() == 2 else v for k, v in state.items()}
+    carry_optimizer_state(run.pruner, old_state, run.optimizer, new)
     run.scheduler = _scheduler(run.optimizer, recipe, total)
     run.scheduler.load_state_dict(sched_state)
     for group, lr in zip(run.optimizer.param_groups, old_lrs):
@@ -322,7 +313,7 @@ def to_dense(run: TaskRun, recipe: Recipe, total: int) -> None:
 def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks) -> None:
     rngs = ranks.gather(rng_state())  # every process's dropout stream, so that resume is exact for each
     if ranks.is_main:
-        state = {"step": run.step, "recipe": resumable_fields(recipe), "precision": run.precision, "dense": run.dense,
+        state = {"step": run.step, "recipe": resumable_fields(recipe), "precision": run.precision, "dense": run.dense, "parity": run.parity,
                  "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
                  "curve": run.curve, "family": run.family, "rng": rngs[0], "rng_ranks": rngs}
@@ -332,14 +323,15 @@ def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks
     ranks.barrier()
 
 
-def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, rank: int = 0) -> None:
+def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, probe: dict[str, torch.Tensor], rank: int = 0) -> None:
     state = torch.load(path, map_location="cpu", weights_only=False)
     check_same_recipe(state["recipe"], recipe, path)
     check_same_precision(state.get("precision"), run.precision, recipe.training.precision, path)
     if run.pruner is not None:
         run.pruner.load_state_dict(state["pruner"])
     if state["dense"]:
-        to_dense(run, recipe, total)
+        to_dense(run, recipe, total, probe)
+        run.parity = state.get("parity")
     run.student.load_state_dict(state["student"])
     run.loss.load_state_dict(state["loss"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -385,6 +377,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     data = load_task_data(recipe, _label_names(teacher.config), regression, tokenizer, teacher.get_input_embeddings().weight)
     train = TaskBatcher(data.train, tokenizer, recipe.training.batch_size, ts.max_length, seed=recipe.training.seed)
     dev = TaskBatcher(data.dev, tokenizer, ts.eval_batch_size, ts.max_length, shuffle=False)
+    probe = model_inputs(dev.batch_at(0))  # where the masked and the dense student must agree
     total = max(1, round(ts.epochs * train.steps_per_epoch))
 
     student = build_student(teacher, recipe.init, recipe.student.layers, recipe.truncate_layers).train().requires_grad_(True)
@@ -406,7 +399,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     checkpoints = out / "checkpoints"
     found = sorted(checkpoints.glob("step-*.pt")) if resume else []
     if found:
-        _load_checkpoint(found[-1], run, recipe, total, ranks.rank)
+        _load_checkpoint(found[-1], run, recipe, total, probe, ranks.rank)
         logger.info("resumed from %s (step %d of %d)", found[-1], run.step, total)
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
         _score_once(run, teacher, train, recipe, need_attn, ranks, autocast)
@@ -445,9 +438,9 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             run.pruner.after_optimizer_step()
             if changed and ts.family:
                 keep_family_member(run, out / "family", dev, data.task, ts.family, step + 1, tokenizer, ranks)
-            if ts.materialize and run.pruner.reached_target(step):
+            if recipe.pruning.materialize and run.pruner.reached_target(step):
                 run.step = step + 1
-                to_dense(run, recipe, total)
+                to_dense(run, recipe, total, probe)
         run.step = done = step + 1
         figures = ranks.sum_values({"loss": float(value.detach()) * share, **{f"loss_{k}": float(v.detach()) * share for k, v in terms.items()}})
         record: dict[str, Any] = {"step": done, "total": total, **figures, "lr": run.scheduler.get_last_lr()[0], "step_s": time.time() - t0,
@@ -540,13 +533,9 @@ def _export_and_score(student: Path, out: Path, data: TaskData, max_length: int)
 def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: TaskData, dev: TaskBatcher, teacher_dev: dict[str, float],
             total: int, resumed_from: int, wall: float) -> dict[str, Any]:
     """Materialise (if still masked), check parity, score, save the student and the report."""
-    parity = None
+    parity = run.parity
     if run.pruner is not None and not run.dense:
-        dense = run.pruner.materialize()
-        probe = {k: v for k, v in dev.batch_at(0).items() if k != "labels"}
-        parity = parity_max_abs_diff(run.pruner.masked, dense, probe)
-        if parity > PARITY_TOLERANCE:
-            raise ParityError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
+        dense, parity = run.pruner.materialize_checked(model_inputs(dev.batch_at(0)))
     else:
         dense = run.student
     dense = dense.eval()

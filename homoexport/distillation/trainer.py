@@ -37,11 +37,12 @@ from homoexport.distillation.checkpoint import (
     set_rng_state,
 )
 from homoexport.distillation.data import BlockBatcher
+from homoexport.distillation.dense import carry_optimizer_state
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import build_student, encode
 from homoexport.distillation.precision import precision_context, resolve_precision
 from homoexport.distillation.setup import NO_MLM_NOTE, CorpusSetup, build_corpus_setup
-from homoexport.errors import OutputExistsError, ParityError, UsageError
+from homoexport.errors import OutputExistsError, UsageError
 from homoexport.evaluation.sts import carry_pooling
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import (
@@ -52,17 +53,9 @@ from homoexport.pruning.mask_groups import (
     target_widths,
 )
 from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
-from homoexport.pruning.surgery import (
-    materialize,
-    parameter_report,
-    parity_max_abs_diff,
-    save_student,
-)
+from homoexport.pruning.surgery import materialize, model_inputs, parameter_report, save_student
 
 logger = logging.getLogger(__name__)
-
-PARITY_TOLERANCE = 1e-4
-
 
 class DistillModule(nn.Module):
     """Student + loss projections as one module, so data parallelism syncs both in one all-reduce."""
@@ -116,11 +109,65 @@ def recipe_target(recipe: Recipe, full: Widths) -> Widths:
 
 
 @dataclass
+class Optimized:
+    """What the loop steps and the dense switch replaces: the prepared (possibly data-parallel) student + loss module,
+    its unwrapped view, the optimizer and the schedule; and, once the student is dense, from which step and at what parity."""
+
+    module: Any
+    unwrapped: DistillModule
+    optimizer: Any
+    lr_scheduler: Any
+    dense_from: int | None = None
+    parity: float | None = None
+
+    @property
+    def dense(self) -> bool:
+        return self.dense_from is not None
+
+
+def _optimizer(module: DistillModule, o: OptimizerSpec, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over student and projections; no decay for biases, LayerNorms and embeddings."""
+    named = list(module.named_parameters())
+    decay = [p for n, p in named if p.ndim >= 2 and "embeddings" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embeddings" not in n)]
+    return adamw([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], o, device)
+
+
+def _scheduler(optimizer, o: OptimizerSpec, total: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
+
+
+def _to_dense(opt: Optimized, pruner: HomoDistilPruner, recipe: Recipe, accelerator, step: int, probe: dict[str, torch.Tensor]) -> None:
+    """Continue on the materialised student (parity-checked on ``probe``), with the loss projections and the optimizer
+    state cut to the kept units and the schedule where it was: from here a step costs what the small model costs."""
+    raw = getattr(opt.optimizer, "optimizer", opt.optimizer)  # accelerate wraps the torch optimizer
+    old_state = {n: raw.state.get(p, {}) for n, p in opt.unwrapped.named_parameters()}
+    old_lrs = [g["lr"] for g in raw.param_groups]
+    sched_state = opt.lr_scheduler.state_dict()
+    dense, opt.parity = pruner.materialize_checked(probe)
+    loss = opt.unwrapped.loss
+    loss.keep_student_dims(pruner.masks.hidden.nonzero().flatten())
+    module = DistillModule(dense.to(accelerator.device).train().requires_grad_(True), loss, opt.unwrapped.relation_layer)
+    optimizer = _optimizer(module, recipe.optimizer, accelerator.device)
+    carry_optimizer_state(pruner, old_state, optimizer, dict(module.named_parameters()))
+    opt.lr_scheduler = _scheduler(optimizer, recipe.optimizer, recipe.training.steps)
+    opt.lr_scheduler.load_state_dict(sched_state)
+    for group, lr in zip(optimizer.param_groups, old_lrs):
+        group["lr"] = lr
+    opt.module, opt.optimizer = accelerator.prepare(module, optimizer)
+    opt.unwrapped = accelerator.unwrap_model(opt.module)
+    opt.dense_from = step
+    logger.info("continuing on the dense student %s from step %d", pruner.widths(), step)
+
+
+@dataclass
 class AgnosticRun:
-    """What the task-agnostic loop trains and reports on: the (unwrapped) student + loss module, its pruner,
+    """What the task-agnostic loop trains and reports on: the student + loss module and its optimizer, its pruner,
     the data setup, the relation layer, and where the run stands."""
 
-    module: DistillModule
+    opt: Optimized
     pruner: HomoDistilPruner | None
     setup: CorpusSetup
     teacher_relation_layer: int | None
@@ -198,7 +245,6 @@ def distill(
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
-    from transformers import get_scheduler
 
     out = RunPaths(Path(out_dir) if out_dir else recipe.output_dir())
     if out.out.exists() and any(out.out.iterdir()) and not (resume or overwrite):
@@ -243,13 +289,12 @@ def distill(
     module = DistillModule(student, loss_fn, s_rel)
 
     o = recipe.optimizer
-    decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in module.named_parameters() if not (p.ndim >= 2 and "embeddings" not in n)]
-    optimizer = adamw([{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], o, accelerator.device)
-    lr_scheduler = get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
+    optimizer = _optimizer(module, o, accelerator.device)
+    lr_scheduler = _scheduler(optimizer, o, total)
     teacher.to(accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
-    unwrapped: DistillModule = accelerator.unwrap_model(module)
+    opt = Optimized(module, accelerator.unwrap_model(module), optimizer, lr_scheduler)
+    probe = model_inputs((setup.eval_batcher or batcher).batch_at(0), accelerator.device)  # where masked and dense must agree
 
     micro = recipe.training.micro_batch_size or recipe.training.batch_size // world
     if recipe.training.batch_size % (world * micro):
@@ -268,15 +313,18 @@ def distill(
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         check_same_recipe(state["recipe"], recipe, ckpt)
         check_same_precision(state.get("precision"), precision, recipe.training.precision, ckpt)
-        unwrapped.load_state_dict(state["module"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
         if pruner is not None:
             pruner.load_state_dict({"masks": state["masks"], "importance": state["importance"]})
+            if state.get("dense_from") is not None:
+                _to_dense(opt, pruner, recipe, accelerator, state["dense_from"], probe)
+                opt.parity = state["parity"]
+        opt.unwrapped.load_state_dict(state["module"])
+        opt.optimizer.load_state_dict(state["optimizer"])
+        opt.lr_scheduler.load_state_dict(state["lr_scheduler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
-        _score_and_prune_once(module, unwrapped, teacher, batcher, pruner, recipe, (n_micro, world, rank), accelerator, t_rel, autocast)
+        _score_and_prune_once(opt.module, opt.unwrapped, teacher, batcher, pruner, recipe, (n_micro, world, rank), accelerator, t_rel, autocast)
     if is_main:
         out.out.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
@@ -296,13 +344,14 @@ def distill(
         logger.info("resumed from %s at step %d of %d", ckpt, start, total)
     for step in range(start, total):
         t0 = time.time()
+        module = opt.module
         module.train()
         batches = batcher.micro_batches(step, n_micro, rank, world)
         terms_sum: dict[str, float] = {}
         for i, mb in enumerate(batches):
             mb = {k: v.to(accelerator.device) for k, v in mb.items()}
             with torch.no_grad(), autocast():
-                t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
+                t_out = teacher_outputs(teacher, mb, opt.unwrapped.loss, t_rel)
             ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
             with ctx:
                 with autocast():  # the backward stays outside autocast, as torch.amp prescribes
@@ -310,30 +359,33 @@ def distill(
                 accelerator.backward(loss / n_micro)
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
-        if pruner is not None:
+        masking = pruner is not None and not opt.dense
+        if masking:
             pruner.after_backward(step)
         if o.max_grad_norm > 0:
             accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if pruner is not None:
-            pruner.after_optimizer_step()
+        opt.optimizer.step()
+        opt.lr_scheduler.step()
+        opt.optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        if masking:
+            pruner.after_optimizer_step()
+            if recipe.pruning.materialize and pruner.reached_target(step):
+                _to_dense(opt, pruner, recipe, accelerator, done, probe)
         last_terms = _all_reduce_mean(accelerator, terms_sum)
-        record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in unwrapped.loss.active_terms.items()),
-                  **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": lr_scheduler.get_last_lr()[0],
+        record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in opt.unwrapped.loss.active_terms.items()),
+                  **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": opt.lr_scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "elapsed_s": round(time.time() - started, 1),
-                  **({"widths": masked.masks.widths().as_dict()} if masked is not None else {})}
+                  **({"widths": masked.masks.widths().as_dict(), "dense": opt.dense} if masked is not None else {})}
         ev = recipe.training.eval_every
         if ev and done % ev == 0 and done < total and is_main:
-            record.update(_evaluate(unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
+            record.update(_evaluate(opt.unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
         ce = recipe.training.checkpoint_every
         if (ce and done % ce == 0) or done == total:
-            _checkpoint(accelerator, out, done, recipe, unwrapped, optimizer, lr_scheduler, pruner, precision)
+            _checkpoint(accelerator, out, done, recipe, opt, pruner, precision)
         se = recipe.training.snapshot_every
         if se and done % se == 0 and done < total and is_main and (masked is None or masked.masks.widths().is_stock):
-            _snapshot(out.out / "snapshots" / f"step-{done:08d}", unwrapped.student, masked, setup.tokenizer, recipe)
+            _snapshot(out.out / "snapshots" / f"step-{done:08d}", opt.unwrapped.student, None if opt.dense else masked, setup.tokenizer, recipe)
         if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
             with open(out.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -341,7 +393,7 @@ def distill(
                 on_log(record)
 
     wall = time.time() - started
-    run = AgnosticRun(unwrapped, pruner, setup, t_rel, start, total, last_terms, precision)
+    run = AgnosticRun(opt, pruner, setup, t_rel, start, total, last_terms, precision)
     return _finish(recipe, out, accelerator, run, wall, tokens_per_step, plan)
 
 
@@ -374,8 +426,7 @@ def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped: DistillModule, optimizer, lr_scheduler,
-                pruner: HomoDistilPruner | None, precision: str) -> None:
+def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, opt: Optimized, pruner: HomoDistilPruner | None, precision: str) -> None:
     """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
     importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
     rngs = [rng_state()]
@@ -384,8 +435,9 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, unwrapped
 
         rngs = gather_object([rng_state()])
     if accelerator.is_main_process:
-        state = {"step": step, "recipe": resumable_fields(recipe), "precision": precision, "module": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
-                 "lr_scheduler": lr_scheduler.state_dict(), "rng": rngs,
+        state = {"step": step, "recipe": resumable_fields(recipe), "precision": precision, "module": opt.unwrapped.state_dict(),
+                 "optimizer": opt.optimizer.state_dict(), "lr_scheduler": opt.lr_scheduler.state_dict(), "rng": rngs,
+                 "dense_from": opt.dense_from, "parity": opt.parity,
                  "masks": pruner.masks.state_dict() if pruner is not None else None,
                  "importance": pruner.importance.state_dict() if pruner is not None else None}
         save_checkpoint(out.checkpoints / f"step-{step:08d}.pt", state)
@@ -427,23 +479,19 @@ def pruner_settings(recipe: Recipe, total: int) -> PrunerSettings:
 def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: float, tokens_per_step: int, plan: dict | None) -> dict[str, Any]:
     """Evaluate, materialise, check parity, save the student and the report (main process only)."""
     report: dict[str, Any] = {}
-    setup, unwrapped, masked = run.setup, run.module, run.pruner.masked if run.pruner is not None else None
+    setup, unwrapped = run.setup, run.opt.unwrapped
     teacher, has_mlm, start, total = setup.teacher, setup.has_mlm, run.start, run.total
     if accelerator.is_main_process:
         student = unwrapped.student
         student.eval()
         evaluation = _evaluate(unwrapped, teacher, setup.eval_batcher, setup.eval_steps, run.kept_heads(), run.teacher_relation_layer)
-        if masked is not None:
-            dense = materialize(masked)
-            probe = (setup.eval_batcher or setup.batcher).batch_at(0)
-            probe_inputs = {k: probe[k].to(accelerator.device) for k in ("input_ids", "attention_mask", "token_type_ids")}
-            parity = parity_max_abs_diff(masked, dense, probe_inputs)
-            if parity > PARITY_TOLERANCE:
-                raise ParityError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}; student not saved")
-            widths = masked.masks.widths()
-        else:
+        if run.pruner is None:
             dense, parity = student, None
-            widths = config_widths(student.config)
+        elif run.opt.dense:
+            dense, parity = student, run.opt.parity  # checked when the loop switched to it
+        else:
+            dense, parity = run.pruner.materialize_checked(model_inputs((setup.eval_batcher or setup.batcher).batch_at(0), accelerator.device))
+        widths = run.pruner.widths() if run.pruner is not None else config_widths(student.config)
         dense = dense.cpu()
         with staging_dir(out.out / "student", overwrite=True) as tmp:
             save_student(dense, tmp, setup.tokenizer)
@@ -466,6 +514,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: 
             "mlm_kl_active": "mlm" in active or "kl" in active,
             "mlm_kl_note": None if has_mlm else NO_MLM_NOTE,
             "parity_max_abs_diff": parity,
+            "dense_from_step": run.opt.dense_from,  # steps after it trained the materialised student (pruning.materialize)
             "evaluation": evaluation,
             "plan": plan,
             "machine": fingerprint(),

@@ -20,16 +20,11 @@ from homoexport.config.recipe import LossSpec
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import load_model, load_tokenizer
-from homoexport.distillation.trainer import PARITY_TOLERANCE, DistillModule, teacher_outputs
-from homoexport.errors import OutputExistsError, ParityError
+from homoexport.distillation.trainer import DistillModule, teacher_outputs
+from homoexport.errors import OutputExistsError
 from homoexport.pruning.mask_groups import config_widths, target_widths
 from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
-from homoexport.pruning.surgery import (
-    count_parameters,
-    parameter_report,
-    parity_max_abs_diff,
-    save_student,
-)
+from homoexport.pruning.surgery import count_parameters, model_inputs, parameter_report, save_student
 
 
 def synthetic_blocks(tokenizer, n_blocks: int, block_size: int, seed: int = 0) -> np.ndarray:
@@ -89,11 +84,7 @@ def prune_model(
         module.zero_grad(set_to_none=True)
     pruner.prune_to_target()
     model.eval()
-    student = pruner.materialize()
-    probe = {k: v for k, v in batcher.batch_at(0).items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    parity = parity_max_abs_diff(pruner.masked, student, probe)
-    if parity > PARITY_TOLERANCE:
-        raise ParityError(f"masked and materialised models differ by {parity:.2e} > {PARITY_TOLERANCE}; nothing written")
+    student, parity = pruner.materialize_checked(model_inputs(batcher.batch_at(0)))
     report = {
         "schema": "homoexport.prune/1",
         "model": str(model_path),

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from homoexport.errors import UsageError
+from homoexport.errors import ParityError, UsageError
 from homoexport.pruning.importance import METHODS, ImportanceTracker
 from homoexport.pruning.mask_groups import (
     MaskedModel,
@@ -33,9 +33,10 @@ from homoexport.pruning.mask_groups import (
     shrink,
 )
 from homoexport.pruning.schedule import Schedule, one_shot
-from homoexport.pruning.surgery import materialize
+from homoexport.pruning.surgery import materialize, parity_max_abs_diff
 
 ScheduleKind = Literal["homotopic", "one_shot"]
+PARITY_TOLERANCE = 1e-4  # max |masked - materialised| over every output: the invariant of the masked student
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,15 @@ class HomoDistilPruner:
     def materialize(self) -> nn.Module:
         """The dense, smaller model that computes what the masked one does (eval mode)."""
         return materialize(self.masked)
+
+    def materialize_checked(self, probe: dict[str, torch.Tensor]) -> tuple[nn.Module, float]:
+        """:meth:`materialize`, and the max |masked - dense| on ``probe`` (model inputs); a ParityError above
+        PARITY_TOLERANCE, since a dense student that computes something else must never be trained on or saved."""
+        dense = self.materialize()
+        parity = parity_max_abs_diff(self.masked, dense, probe)
+        if parity > PARITY_TOLERANCE:
+            raise ParityError(f"masked and materialised students differ by {parity:.2e} > {PARITY_TOLERANCE}")
+        return dense, parity
 
     def state_dict(self) -> dict:
         return {"masks": self.masks.state_dict(), "importance": self.importance.state_dict()}

@@ -167,6 +167,13 @@ def closed_form_parameters(
     return {"embedding": embedding, "backbone": backbone, "head": head, "total": embedding + backbone + head}
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The encoder's inputs of a training batch (labels, MLM targets and the like left out), on ``device``."""
+    return {k: v.to(device) if device is not None else v for k, v in batch.items() if k in MODEL_INPUTS}
+
 
 @torch.no_grad()
 def parity_max_abs_diff(masked: MaskedModel, student: nn.Module, inputs: dict[str, torch.Tensor]) -> float:
