@@ -353,19 +353,24 @@ def test_sentence_embedding_terms_train_a_base_encoder(teachers, corpus, tmp_pat
 def test_neighbour_batches_and_the_contrastive_term_train_a_sentence_encoder(teachers, corpus, tmp_path, caplog):
     """Rows grouped by the teacher's embedding share a batch; the contrastive term is logged and the run resumes exactly."""
     r = recipe_dict(teachers["base"], corpus, tmp_path / "run", losses={"hidden": 0.0, "attention": 0.0, "embedding": 0.0, "contrastive": 1.0},
-                    data={"train": [str(corpus)], "block_size": 32, "eval_blocks": 8, "unit": "sentence", "batching": "neighbours"},
+                    data={"train": [str(corpus)], "block_size": 32, "eval_blocks": 8, "unit": "sentence", "batching": "neighbours",
+                          "cache_dir": str(tmp_path / "cache")},
                     training={"steps": 8, "batch_size": 16, "log_every": 1, "checkpoint_every": 4, "precision": "fp32"})
     records = []
     with caplog.at_level("INFO", logger="homoexport"):
         report = distill(validate_recipe(r), on_log=records.append)
     assert "groups of 8 sentences by the teacher's embedding" in caplog.text
+    assert len(list((tmp_path / "cache").glob("groups-*.json"))) == 1  # kept beside the packed rows for the next run
+    caplog.clear()
     assert set(report["active_loss_terms"]) == {"contrastive"} and report["grouping_s"] >= 0
     losses = [rec["loss_contrastive"] for rec in records]
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[-1] > 0  # a copy of the teacher ranks as it does, until pruned
     killed = dict(r, output=str(tmp_path / "killed"))
     with pytest.raises(Killed):
         distill(validate_recipe(killed), on_log=kill_after(6))
-    distill(validate_recipe(killed), resume=True)
+    with caplog.at_level("INFO", logger="homoexport"):
+        distill(validate_recipe(killed), resume=True)
+    assert "groups of 8 sentences from" in caplog.text and "rows with the teacher" not in caplog.text  # read back, not recomputed
     assert max_weight_difference(tmp_path / "run" / "student", tmp_path / "killed" / "student") == 0.0
 
 

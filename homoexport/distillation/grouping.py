@@ -8,8 +8,11 @@ encoders) puts related sentences side by side without any labelled pairs: any un
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import numpy as np
@@ -22,22 +25,29 @@ from homoexport.distillation.losses import mean_pool
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 8
+GROUPS_FORMAT = 1  # bump when grouping changes, so that cached groups are not reused
 
 
 @torch.no_grad()
 def row_embeddings(encoder: torch.nn.Module, rows: np.ndarray, pad_id: int, autocast: Callable[[], ContextManager],
                    batch_size: int = 256) -> torch.Tensor:
-    """[n, H] L2-normalised mean-pooled last hidden states of padded sentence rows [n, T] (float32)."""
-    out = []
+    """[n, H] L2-normalised mean-pooled last hidden states of padded sentence rows [n, T] (float32), in row order.
+
+    Rows are encoded shortest first, each batch cut to its longest row: sentences vary in length far more than a
+    batch of 256 random ones shows, so this spends the teacher's time on tokens instead of padding.
+    """
+    lengths = (np.asarray(rows) != pad_id).sum(1)
+    order = np.argsort(lengths, kind="stable")
+    out = torch.empty(len(rows), encoder.config.hidden_size)
     for i in range(0, len(rows), batch_size):
-        ids = torch.from_numpy(np.asarray(rows[i:i + batch_size], dtype=np.int64))
+        index = order[i:i + batch_size]
+        width = max(1, int(lengths[index].max()))
+        ids = torch.from_numpy(np.asarray(rows[index, :width], dtype=np.int64))
         mask = (ids != pad_id).long()
-        width = int(mask.sum(1).max())
-        ids, mask = ids[:, :width], mask[:, :width]
         with autocast():
             hidden = encoder(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-        out.append(F.normalize(mean_pool(hidden.float(), mask), dim=-1))
-    return torch.cat(out)
+        out[torch.from_numpy(index)] = F.normalize(mean_pool(hidden.float(), mask), dim=-1)
+    return out
 
 
 def neighbour_groups(embeddings: torch.Tensor, group_size: int = GROUP_SIZE, seed: int = 0) -> np.ndarray:
@@ -65,14 +75,40 @@ def neighbour_groups(embeddings: torch.Tensor, group_size: int = GROUP_SIZE, see
     return np.asarray(groups, dtype=np.int64)
 
 
-def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id: int, autocast: Callable[[], ContextManager],
-                             seed: int = 0) -> np.ndarray:
-    """Neighbour groups of ``rows`` under ``teacher``'s encoder (its base model when it carries a head)."""
+def groups_key(teacher: torch.nn.Module, rows: np.ndarray, precision: str, seed: int) -> str:
+    """What the groups are a function of: the rows, the teacher's weights, the precision it embedded in, the seed."""
+    h = hashlib.sha256(json.dumps({"format": GROUPS_FORMAT, "group_size": GROUP_SIZE, "precision": precision, "seed": seed,
+                                   "rows": list(rows.shape)}).encode())
+    h.update(np.ascontiguousarray(rows).tobytes())
+    for name, tensor in teacher.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id: int, precision: str, seed: int = 0,
+                             cache_dir: str | Path | None = None) -> np.ndarray:
+    """Neighbour groups of ``rows`` under ``teacher``'s encoder (its base model when it carries a head), in ``precision``.
+
+    With a ``cache_dir`` they are kept there (a small JSON file beside the packed rows), so a resumed run, or another
+    run on the same rows from the same teacher, does not embed every row again.
+    """
+    from homoexport.atomic import atomic_write_json
+    from homoexport.distillation.precision import precision_context
+
     started = time.perf_counter()
+    cached = Path(cache_dir) / f"groups-{groups_key(teacher, rows, precision, seed)}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        groups = np.asarray(json.loads(cached.read_text())["groups"], dtype=np.int64)
+        logger.info("neighbour batches: %d groups of %d sentences from %s", len(groups), GROUP_SIZE, cached)
+        return groups
     logger.info("neighbour batches: embedding %s sentence rows with the teacher before the first step",
                 f"{len(rows):,}")
     encoder = getattr(teacher, "base_model", teacher)
-    groups = neighbour_groups(row_embeddings(encoder, rows, pad_id, autocast), GROUP_SIZE, seed)
+    groups = neighbour_groups(row_embeddings(encoder, rows, pad_id, precision_context(precision)), GROUP_SIZE, seed)
     logger.info("neighbour batches: %d groups of %d sentences by the teacher's embedding in %.1f s", len(groups), GROUP_SIZE,
                 time.perf_counter() - started)
+    if cached is not None:
+        atomic_write_json(cached, {"rows": len(rows), "group_size": GROUP_SIZE, "precision": precision, "seed": seed,
+                                   "groups": groups.tolist()})
     return groups

@@ -15,7 +15,7 @@ from homoexport.config.recipe import Recipe
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.distillation.grouping import teacher_neighbour_groups
 from homoexport.distillation.models import load_model, load_tokenizer
-from homoexport.distillation.precision import precision_context, resolve_precision
+from homoexport.distillation.precision import resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     groups, grouping_s = None, None
     if recipe.data.batching == "neighbours":
         started = time.perf_counter()
-        autocast = precision_context(resolve_precision(recipe.training.precision, torch.device("cpu")))
-        groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, autocast, seed)
+        precision = resolve_precision(recipe.training.precision, torch.device("cpu"))
+        with first():  # one process groups and caches, the others read the cache
+            groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, precision, seed, recipe.data.cache_dir)
         grouping_s = round(time.perf_counter() - started, 2)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
                            groups=groups)
