@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from embedding_distill import sts_scores, unit
-from embedding_objectives import dense_arm_parser, print_arms, pruned_start
+from embedding_objectives import dense_arm_parser, optimizer_step, print_arms, pruned_start, save_arm
 
 from homoexport.atomic import atomic_write_json
 from homoexport.machine import fingerprint
@@ -134,7 +134,6 @@ def train_arm(student_dir: Path, teacher_dir: Path, out: Path, rows: list[list[s
 
     from homoexport.distillation.losses import contrastive_kl, mean_pool, similarity_mse
     from homoexport.distillation.precision import precision_context
-    from homoexport.evaluation.sts import carry_pooling
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
@@ -158,14 +157,9 @@ def train_arm(student_dir: Path, teacher_dir: Path, out: Path, rows: list[list[s
                 if loss_name == "pair":
                     loss = loss + 10.0 * pair_cosine_mse(s, t)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(student, optimizer, scheduler)
     wall = time.time() - started
-    student.eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    carry_pooling(teacher_dir, out, student.config.hidden_size, 64)
+    save_arm(student, tok, teacher_dir, out)
     return {"train_s": round(wall, 1), "tokens": tokens}
 
 

@@ -43,7 +43,6 @@ def train_arm(student_dir: Path, teacher_dir: Path, out: Path, weights: dict[str
     from homoexport.config.recipe import LossSpec
     from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
     from homoexport.distillation.losses import DistillationLoss, EncoderOutputs
-    from homoexport.evaluation.sts import carry_pooling
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(str(teacher_dir))
@@ -66,14 +65,9 @@ def train_arm(student_dir: Path, teacher_dir: Path, out: Path, weights: dict[str
         s = student(**inputs, output_hidden_states=True)
         total, _ = loss_fn(EncoderOutputs(hidden=s.hidden_states), EncoderOutputs(hidden=t.hidden_states), inputs["attention_mask"], None, None)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(student, optimizer, scheduler)
     wall = time.time() - started
-    student.eval().save_pretrained(out)
-    tok.save_pretrained(out)
-    carry_pooling(teacher_dir, out, student.config.hidden_size, 64)
+    save_arm(student, tok, teacher_dir, out)
     real_tokens = args.steps * args.batch_size * batcher.tokens_per_row
     return {"train_s": round(wall, 1), "tokens": int(real_tokens)}
 
@@ -89,6 +83,25 @@ def dense_arm_parser(doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--work", type=Path, default=Path("runs/embedding_bench"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     return ap
+
+
+def optimizer_step(student, optimizer, scheduler) -> None:
+    """One update of a dense arm: clip at 1.0, step, advance the schedule, clear the gradients."""
+    import torch
+
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def save_arm(student, tok, teacher_dir, out) -> None:
+    """Save a trained arm as a student folder that ``homoexport sts`` scores (the teacher's pooling carried over)."""
+    from homoexport.evaluation.sts import carry_pooling
+
+    student.eval().save_pretrained(out)
+    tok.save_pretrained(out)
+    carry_pooling(teacher_dir, out, student.config.hidden_size, 64)
 
 
 def pruned_start(args: argparse.Namespace) -> Path:
