@@ -12,7 +12,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Callable, Iterator
+
+import numpy as np
 
 from homoexport.errors import OutputError, OutputExistsError
 
@@ -23,15 +25,15 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temporary file in ``path``'s directory, then rename it to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should be as readable as any file
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,6 +42,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same directory and a rename."""
+    return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_write_array(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` in NumPy's ``.npy`` format, atomically."""
+    return _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -31,3 +31,21 @@ def test_outputs_get_ordinary_permissions(tmp_path):
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "out" / "r.json").stat().st_mode) == 0o644
+
+
+def test_arrays_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    import numpy as np
+
+    from homoexport.atomic import atomic_write_array
+
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    atomic_write_array(tmp_path / "a.npy", a)
+    assert np.array_equal(np.load(tmp_path / "a.npy"), a)
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_array(tmp_path / "b.npy", a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]

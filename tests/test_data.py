@@ -203,7 +203,7 @@ def test_masking_rates_and_specials(blocks, tok):
 
 def test_masking_is_optional(blocks, tok):
     b = BlockBatcher(blocks, tok, batch_size=8, mlm_probability=None).batch_at(0)
-    assert set(b) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert set(b) == {"input_ids", "attention_mask", "token_type_ids", "rows"}
     assert b["input_ids"].dtype == torch.long and (b["attention_mask"] == 1).all() and (b["token_type_ids"] == 0).all()
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,7 @@ from tiny import make_model, make_tokenizer
 
 from homoexport.config.recipe import validate_recipe
 from homoexport.distillation.data import BlockBatcher, DataError
-from homoexport.distillation.grouping import GROUP_SIZE, groups_key, neighbour_groups, row_embeddings
+from homoexport.distillation.grouping import GROUP_SIZE, groups_key, neighbour_groups
 from homoexport.distillation.losses import contrastive_kl
 
 
@@ -36,22 +34,6 @@ def test_neighbour_groups_gather_each_cluster_and_use_every_row_once():
     assert leftovers.shape == (5, GROUP_SIZE) and len(set(leftovers.reshape(-1).tolist())) == 5 * GROUP_SIZE
     with pytest.raises(DataError, match="at least 8"):
         neighbour_groups(emb[:5], GROUP_SIZE)
-
-
-def test_row_embeddings_come_back_in_row_order_as_each_row_alone_embeds():
-    """Rows are encoded shortest first in batches cut to their longest row; the result is each row's own embedding."""
-    encoder = make_model("base", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).eval()
-    g = np.random.default_rng(0)
-    lengths = g.integers(2, 16, size=37)
-    rows = np.zeros((37, 16), dtype=np.int64)  # pad id 0, right-padded like sentence rows
-    for i, n in enumerate(lengths):
-        rows[i, :n] = g.integers(5, 100, size=n)
-    emb = row_embeddings(encoder, rows, 0, contextlib.nullcontext, batch_size=8)
-    with torch.no_grad():
-        for i in (0, 5, 36):
-            ids = torch.from_numpy(rows[i:i + 1, :lengths[i]])
-            alone = encoder(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.mean(1)
-            assert torch.allclose(emb[i], torch.nn.functional.normalize(alone, dim=-1)[0], atol=1e-5)
 
 
 def test_cached_groups_are_keyed_by_rows_teacher_precision_and_seed():

@@ -361,8 +361,9 @@ def test_neighbour_batches_and_the_contrastive_term_train_a_sentence_encoder(tea
         report = distill(validate_recipe(r), on_log=records.append)
     assert "groups of 8 sentences by the teacher's embedding" in caplog.text
     assert len(list((tmp_path / "cache").glob("groups-*.json"))) == 1  # kept beside the packed rows for the next run
+    assert len(list((tmp_path / "cache").glob("sentences-*.npy"))) == 1  # the teacher's vectors, read by row at each step
     caplog.clear()
-    assert set(report["active_loss_terms"]) == {"contrastive"} and report["grouping_s"] >= 0
+    assert set(report["active_loss_terms"]) == {"contrastive"} and report["grouping_s"] >= 0 and report["teacher_sentences_s"] >= 0
     losses = [rec["loss_contrastive"] for rec in records]
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[-1] > 0  # a copy of the teacher ranks as it does, until pruned
     killed = dict(r, output=str(tmp_path / "killed"))
@@ -371,6 +372,7 @@ def test_neighbour_batches_and_the_contrastive_term_train_a_sentence_encoder(tea
     with caplog.at_level("INFO", logger="homoexport"):
         distill(validate_recipe(killed), resume=True)
     assert "groups of 8 sentences from" in caplog.text and "rows with the teacher" not in caplog.text  # read back, not recomputed
+    assert "rows once" not in caplog.text
     assert max_weight_difference(tmp_path / "run" / "student", tmp_path / "killed" / "student") == 0.0
 
 

@@ -475,20 +475,23 @@ class BlockBatcher:
                 self._order = (epoch, self.groups[rng.permutation(len(self.groups))].reshape(-1))
         return self._order[1]
 
-    def global_ids(self, step: int) -> torch.Tensor:
-        """[batch_size, block_size] int64 clean token ids of the global batch at ``step``."""
+    def global_rows(self, step: int) -> np.ndarray:
+        """[batch_size] indices into ``blocks`` of the global batch at ``step``."""
         if step < 0:
             raise UsageError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
-        rows = self.order(epoch)[within * self.batch_size:(within + 1) * self.batch_size]
-        return torch.from_numpy(np.asarray(self.blocks[rows], dtype=np.int64))
+        return self.order(epoch)[within * self.batch_size:(within + 1) * self.batch_size]
+
+    def global_ids(self, step: int) -> torch.Tensor:
+        """[batch_size, block_size] int64 clean token ids of the global batch at ``step``."""
+        return torch.from_numpy(np.asarray(self.blocks[self.global_rows(step)], dtype=np.int64))
 
     def micro_batches(self, step: int, n_micro: int = 1, rank: int = 0, world_size: int = 1) -> list[dict[str, torch.Tensor]]:
         """This rank's share of the global batch at ``step``, split into ``n_micro`` equal micro-batches.
 
         Each dict holds [b, block_size] int64 ``input_ids``, ``attention_mask`` (ones; 0 on [PAD] when ``padded``),
-        ``token_type_ids`` (zeros), and with masking ``mlm_input_ids`` and ``mlm_labels`` (-100 where
-        not masked).
+        ``token_type_ids`` (zeros), with masking ``mlm_input_ids`` and ``mlm_labels`` (-100 where
+        not masked), and [b] int64 ``rows``, the index of each row in ``blocks``.
         """
         if not 0 <= rank < world_size:
             raise UsageError(f"rank must be in [0, {world_size}), got {rank}")
@@ -496,10 +499,11 @@ class BlockBatcher:
             raise UsageError(
                 f"global batch {self.batch_size} does not split into {world_size} ranks x {n_micro} micro-batches"
             )
-        ids = self.global_ids(step)
+        rows = self.global_rows(step)
+        ids = torch.from_numpy(np.asarray(self.blocks[rows], dtype=np.int64))
         batch: dict[str, torch.Tensor] = {
             "input_ids": ids, "attention_mask": torch.ones_like(ids) if self.pad_id is None else (ids != self.pad_id).long(),
-            "token_type_ids": torch.zeros_like(ids),
+            "token_type_ids": torch.zeros_like(ids), "rows": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
         }
         if self.collator is not None:
             self.collator.generator = torch.Generator().manual_seed(_seed(self.seed, _MASKING, step))

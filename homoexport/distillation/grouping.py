@@ -8,46 +8,22 @@ encoders) puts related sentences side by side without any labelled pairs: any un
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable, ContextManager
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from homoexport.distillation.data import DataError
-from homoexport.distillation.losses import mean_pool
+from homoexport.distillation.sentence_targets import pooled_rows, rows_key
 
 logger = logging.getLogger(__name__)
 
 GROUP_SIZE = 8
 GROUPS_FORMAT = 1  # bump when grouping changes, so that cached groups are not reused
-
-
-@torch.no_grad()
-def row_embeddings(encoder: torch.nn.Module, rows: np.ndarray, pad_id: int, autocast: Callable[[], ContextManager],
-                   batch_size: int = 256) -> torch.Tensor:
-    """[n, H] L2-normalised mean-pooled last hidden states of padded sentence rows [n, T] (float32), in row order.
-
-    Rows are encoded shortest first, each batch cut to its longest row: sentences vary in length far more than a
-    batch of 256 random ones shows, so this spends the teacher's time on tokens instead of padding.
-    """
-    lengths = (np.asarray(rows) != pad_id).sum(1)
-    order = np.argsort(lengths, kind="stable")
-    out = torch.empty(len(rows), encoder.config.hidden_size)
-    for i in range(0, len(rows), batch_size):
-        index = order[i:i + batch_size]
-        width = max(1, int(lengths[index].max()))
-        ids = torch.from_numpy(np.asarray(rows[index, :width], dtype=np.int64))
-        mask = (ids != pad_id).long()
-        with autocast():
-            hidden = encoder(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-        out[torch.from_numpy(index)] = F.normalize(mean_pool(hidden.float(), mask), dim=-1)
-    return out
 
 
 def neighbour_groups(embeddings: torch.Tensor, group_size: int = GROUP_SIZE, seed: int = 0) -> np.ndarray:
@@ -77,21 +53,16 @@ def neighbour_groups(embeddings: torch.Tensor, group_size: int = GROUP_SIZE, see
 
 def groups_key(teacher: torch.nn.Module, rows: np.ndarray, precision: str, seed: int) -> str:
     """What the groups are a function of: the rows, the teacher's weights, the precision it embedded in, the seed."""
-    h = hashlib.sha256(json.dumps({"format": GROUPS_FORMAT, "group_size": GROUP_SIZE, "precision": precision, "seed": seed,
-                                   "rows": list(rows.shape)}).encode())
-    h.update(np.ascontiguousarray(rows).tobytes())
-    for name, tensor in teacher.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:20]
+    return rows_key(teacher, rows, {"format": GROUPS_FORMAT, "group_size": GROUP_SIZE, "precision": precision, "seed": seed})
 
 
 def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id: int, precision: str, seed: int = 0,
-                             cache_dir: str | Path | None = None) -> np.ndarray:
+                             cache_dir: str | Path | None = None, pooled: torch.Tensor | None = None) -> np.ndarray:
     """Neighbour groups of ``rows`` under ``teacher``'s encoder (its base model when it carries a head), in ``precision``.
 
     With a ``cache_dir`` they are kept there (a small JSON file beside the packed rows), so a resumed run, or another
-    run on the same rows from the same teacher, does not embed every row again.
+    run on the same rows from the same teacher, does not embed every row again. ``pooled``: the teacher's sentence
+    embeddings of ``rows`` when the run has them already (:mod:`homoexport.distillation.sentence_targets`).
     """
     from homoexport.atomic import atomic_write_json
     from homoexport.distillation.precision import precision_context
@@ -102,10 +73,11 @@ def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id:
         groups = np.asarray(json.loads(cached.read_text())["groups"], dtype=np.int64)
         logger.info("neighbour batches: %d groups of %d sentences from %s", len(groups), GROUP_SIZE, cached)
         return groups
-    logger.info("neighbour batches: embedding %s sentence rows with the teacher before the first step",
-                f"{len(rows):,}")
-    encoder = getattr(teacher, "base_model", teacher)
-    groups = neighbour_groups(row_embeddings(encoder, rows, pad_id, precision_context(precision)), GROUP_SIZE, seed)
+    if pooled is None:
+        logger.info("neighbour batches: embedding %s sentence rows with the teacher before the first step", f"{len(rows):,}")
+        encoder = getattr(teacher, "base_model", teacher)
+        pooled = pooled_rows(encoder, rows, pad_id, precision_context(precision, teacher.device.type))
+    groups = neighbour_groups(F.normalize(pooled, dim=-1), GROUP_SIZE, seed)
     logger.info("neighbour batches: %d groups of %d sentences by the teacher's embedding in %.1f s", len(groups), GROUP_SIZE,
                 time.perf_counter() - started)
     if cached is not None:

@@ -29,6 +29,19 @@ class EncoderOutputs:
     attentions: tuple[torch.Tensor, ...] | None = None  # L x [B, heads, T, T]
     mlm_logits: torch.Tensor | None = None  # [N_masked, V]
     relation_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # Q, K, V [B, T, A] of the relation layer
+    sentence: torch.Tensor | None = None  # [B, H] mean-pooled last hidden state, when it was computed beforehand
+
+
+SENTENCE_TERMS = frozenset({"sentence", "similarity", "contrastive"})  # terms that read only the pooled sentence embedding
+
+
+def active_terms(spec: LossSpec, has_mlm: bool) -> dict[str, float]:
+    """Terms with a non-zero weight that a teacher can provide (no MLM head: no MLM/KL)."""
+    w = {"mlm": spec.mlm, "kl": spec.kl, "hidden": spec.hidden, "attention": spec.attention, "embedding": spec.embedding,
+         "relation": spec.relation, "sentence": spec.sentence, "similarity": spec.similarity, "contrastive": spec.contrastive}
+    if not has_mlm:
+        w["mlm"] = w["kl"] = 0.0
+    return {k: v for k, v in w.items() if v > 0}
 
 
 def layer_map(strategy: str, student_layers: int, teacher_layers: int) -> list[tuple[int, list[int]]]:
@@ -164,6 +177,11 @@ class DistillationLoss(nn.Module):
             proj.in_features = int(kept.numel())
 
     @property
+    def sentence_only(self) -> bool:
+        """True when every weighed term reads only the mean-pooled sentence embeddings."""
+        return set(self.active_terms) <= SENTENCE_TERMS
+
+    @property
     def uses_mlm(self) -> bool:
         """True when the student sees MLM-corrupted inputs: the teacher has an MLM head and MLM or KL is weighed."""
         return self.has_mlm and bool({"mlm", "kl"} & set(self.active_terms))
@@ -171,12 +189,7 @@ class DistillationLoss(nn.Module):
     @property
     def active_terms(self) -> dict[str, float]:
         """Terms with a non-zero weight that this teacher can provide (no MLM head: no MLM/KL)."""
-        w = {"mlm": self.spec.mlm, "kl": self.spec.kl, "hidden": self.spec.hidden, "attention": self.spec.attention,
-             "embedding": self.spec.embedding, "relation": self.spec.relation, "sentence": self.spec.sentence,
-             "similarity": self.spec.similarity, "contrastive": self.spec.contrastive}
-        if not self.has_mlm:
-            w["mlm"] = w["kl"] = 0.0
-        return {k: v for k, v in w.items() if v > 0}
+        return active_terms(self.spec, self.has_mlm)
 
     def forward(
         self, student: EncoderOutputs, teacher: EncoderOutputs, token_mask: torch.Tensor,
@@ -210,9 +223,9 @@ class DistillationLoss(nn.Module):
                 heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(t_heads, dtype=torch.bool)
                 per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
             terms["attention"] = torch.stack(per_layer).mean()
-        if {"sentence", "similarity", "contrastive"} & set(active):
-            s_sent = mean_pool(student.hidden[-1], token_mask)
-            t_sent = mean_pool(teacher.hidden[-1], token_mask)
+        if SENTENCE_TERMS & set(active):
+            s_sent = student.sentence if student.sentence is not None else mean_pool(student.hidden[-1], token_mask)
+            t_sent = teacher.sentence if teacher.sentence is not None else mean_pool(teacher.hidden[-1], token_mask)
             if "sentence" in active:
                 terms["sentence"] = F.mse_loss(self.hidden_proj[-1](s_sent).float(), t_sent.float())
             if "similarity" in active:

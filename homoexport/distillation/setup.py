@@ -14,8 +14,10 @@ import torch
 from homoexport.config.recipe import Recipe
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
 from homoexport.distillation.grouping import teacher_neighbour_groups
+from homoexport.distillation.losses import SENTENCE_TERMS, active_terms
 from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.distillation.precision import resolve_precision
+from homoexport.distillation.sentence_targets import teacher_sentence_targets
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +37,23 @@ class CorpusSetup:
     eval_batcher: BlockBatcher | None
     eval_steps: int
     grouping_s: float | None = None  # seconds spent grouping rows into neighbour batches (data.batching neighbours)
+    sentences: torch.Tensor | None = None  # [rows, H] the teacher's sentence embedding of every training row
+    sentences_s: float | None = None  # seconds spent embedding (or reading) them
 
 
-def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = contextlib.nullcontext, note: bool = True) -> CorpusSetup:
-    """Load the teacher (eager attention when attention maps are distilled) and pack the recipe's text.
+def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = contextlib.nullcontext, note: bool = True,
+                       device: torch.device | None = None, precision: str | None = None, sentence_targets: bool = False) -> CorpusSetup:
+    """Load the teacher onto ``device`` (eager attention when attention maps are distilled) and pack the recipe's text.
 
     ``first`` wraps the packing (accelerate's ``main_process_first``, so one rank fills the cache);
-    ``note`` logs that MLM/KL are off for a teacher without an MLM head.
+    ``note`` logs that MLM/KL are off for a teacher without an MLM head. ``precision``: the run's resolved
+    ``training.precision``, which the teacher embeds rows in (resolved here when not given). With ``sentence_targets``, a recipe whose
+    every term reads only the teacher's pooled sentence embedding gets those embedded once for all rows
+    (:mod:`homoexport.distillation.sentence_targets`), and neighbour grouping reuses them.
     """
+    device = device or torch.device("cpu")
     teacher, has_mlm = load_model(recipe.teacher, attention="eager" if recipe.losses.attention > 0 else "sdpa")
-    teacher.requires_grad_(False).eval()
+    teacher.requires_grad_(False).eval().to(device)
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
     spec = CorpusSpec(sources=recipe.data.train, eval_sources=recipe.data.eval, block_size=recipe.data.block_size,
                       eval_blocks=recipe.data.eval_blocks, max_blocks=recipe.data.max_blocks, cache_dir=recipe.data.cache_dir,
@@ -58,12 +67,19 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     mlm_prob = MLM_PROBABILITY if use_mlm else None
     seed = recipe.training.seed
     padded = recipe.data.unit == "sentence"
+    precision = precision or resolve_precision(recipe.training.precision, device)
+    sentences, sentences_s = None, None
+    if sentence_targets and set(active_terms(recipe.losses, has_mlm)) <= SENTENCE_TERMS:
+        started = time.perf_counter()
+        with first():  # one process embeds and caches, the others read the cache
+            sentences = teacher_sentence_targets(teacher, train_blocks, tokenizer.pad_token_id, precision, recipe.data.cache_dir)
+        sentences_s = round(time.perf_counter() - started, 2)
     groups, grouping_s = None, None
     if recipe.data.batching == "neighbours":
         started = time.perf_counter()
-        precision = resolve_precision(recipe.training.precision, torch.device("cpu"))
         with first():  # one process groups and caches, the others read the cache
-            groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, precision, seed, recipe.data.cache_dir)
+            groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, precision, seed, recipe.data.cache_dir,
+                                              pooled=sentences)
         grouping_s = round(time.perf_counter() - started, 2)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
                            groups=groups)
@@ -71,4 +87,4 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     eval_batcher = (BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False, padded=padded)
                     if len(eval_blocks) else None)
     eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
-    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps, grouping_s)
+    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps, grouping_s, sentences, sentences_s)

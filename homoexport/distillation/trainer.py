@@ -38,9 +38,10 @@ from homoexport.distillation.checkpoint import (
 )
 from homoexport.distillation.data import BlockBatcher
 from homoexport.distillation.dense import carry_optimizer_state
-from homoexport.distillation.losses import DistillationLoss, pooled_cosine
-from homoexport.distillation.models import build_student, encode
+from homoexport.distillation.losses import DistillationLoss, EncoderOutputs, pooled_cosine
+from homoexport.distillation.models import base_and_head, build_student, encode
 from homoexport.distillation.precision import precision_context, resolve_precision
+from homoexport.distillation.sentence_targets import pooled_by_length
 from homoexport.distillation.setup import NO_MLM_NOTE, CorpusSetup, build_corpus_setup
 from homoexport.errors import OutputExistsError, UsageError
 from homoexport.evaluation.sts import carry_pooling
@@ -68,6 +69,9 @@ class DistillModule(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], teacher_out, kept_heads: torch.Tensor | None):
         inputs, mlm_positions = student_inputs(batch, self.loss.uses_mlm)
+        if self.loss.sentence_only:  # nothing but the pooled embedding is read: encode rows of like length together
+            out = EncoderOutputs(hidden=(), sentence=pooled_by_length(base_and_head(self.student)[0], inputs))
+            return self.loss(out, teacher_out, inputs["attention_mask"], None, kept_heads)
         out = encode(self.student, inputs, attentions="attention" in self.loss.active_terms,
                      mlm_positions=mlm_positions, relation_layer=self.relation_layer)
         labels = batch["mlm_labels"][mlm_positions] if mlm_positions is not None else None
@@ -88,8 +92,12 @@ def adamw(params: Any, o: OptimizerSpec, device: torch.device) -> torch.optim.Ad
     return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=device.type in ("cpu", "cuda"))
 
 
-def teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], loss: DistillationLoss, relation_layer: int | None):
-    """The teacher's view of the same (possibly corrupted) inputs the student sees."""
+def teacher_outputs(teacher: nn.Module, batch: dict[str, torch.Tensor], loss: DistillationLoss, relation_layer: int | None,
+                    sentences: torch.Tensor | None = None):
+    """The teacher's view of the same (possibly corrupted) inputs the student sees; read from ``sentences`` (the
+    teacher's embedding of every training row, by the batch's ``rows``) instead when they were computed beforehand."""
+    if sentences is not None:
+        return EncoderOutputs(hidden=(), sentence=sentences[batch["rows"]])
     use_mlm = loss.uses_mlm
     inputs, positions = student_inputs(batch, use_mlm)
     return encode(teacher, inputs, attentions="attention" in loss.active_terms,
@@ -267,8 +275,10 @@ def distill(
     set_seed(recipe.training.seed)
 
     # Teacher, tokenizer, data.
-    setup = build_corpus_setup(recipe, accelerator.main_process_first, note=is_main)
+    setup = build_corpus_setup(recipe, accelerator.main_process_first, note=is_main, device=accelerator.device, precision=precision,
+                               sentence_targets=True)
     teacher, has_mlm = setup.teacher, setup.has_mlm
+    sentences = setup.sentences.to(accelerator.device) if setup.sentences is not None else None
     batcher, eval_batcher, eval_steps = setup.batcher, setup.eval_batcher, setup.eval_steps
 
     # Student and schedule.
@@ -291,7 +301,6 @@ def distill(
     o = recipe.optimizer
     optimizer = _optimizer(module, o, accelerator.device)
     lr_scheduler = _scheduler(optimizer, o, total)
-    teacher.to(accelerator.device)
     module, optimizer = accelerator.prepare(module, optimizer)
     opt = Optimized(module, accelerator.unwrap_model(module), optimizer, lr_scheduler)
     probe = model_inputs((setup.eval_batcher or batcher).batch_at(0), accelerator.device)  # where masked and dense must agree
@@ -324,7 +333,8 @@ def distill(
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         start = state["step"]
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
-        _score_and_prune_once(opt.module, opt.unwrapped, teacher, batcher, pruner, recipe, (n_micro, world, rank), accelerator, t_rel, autocast)
+        _score_and_prune_once(opt.module, opt.unwrapped, teacher, batcher, pruner, recipe, (n_micro, world, rank), accelerator, t_rel,
+                              autocast, sentences)
     if is_main:
         out.out.mkdir(parents=True, exist_ok=True)
         if ckpt is None:
@@ -351,7 +361,7 @@ def distill(
         for i, mb in enumerate(batches):
             mb = {k: v.to(accelerator.device) for k, v in mb.items()}
             with torch.no_grad(), autocast():
-                t_out = teacher_outputs(teacher, mb, opt.unwrapped.loss, t_rel)
+                t_out = teacher_outputs(teacher, mb, opt.unwrapped.loss, t_rel, sentences)
             ctx = accelerator.no_sync(module) if i < n_micro - 1 else contextlib.nullcontext()
             with ctx:
                 with autocast():  # the backward stays outside autocast, as torch.amp prescribes
@@ -447,7 +457,7 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, opt: Opti
 
 
 def _score_and_prune_once(module, unwrapped, teacher, batcher, pruner: HomoDistilPruner, recipe, shards: tuple[int, int, int], accelerator, t_rel,
-                          autocast) -> None:
+                          autocast, sentences: torch.Tensor | None) -> None:
     """One-shot pruning: score importance on ``score_batches`` batches (no update), prune to target.
     ``shards`` is (micro-batches per step, processes, this rank)."""
     n_micro, world, rank = shards
@@ -455,7 +465,7 @@ def _score_and_prune_once(module, unwrapped, teacher, batcher, pruner: HomoDisti
         for mb in batcher.micro_batches(step, n_micro, rank, world):
             mb = {k: v.to(accelerator.device) for k, v in mb.items()}
             with torch.no_grad(), autocast():
-                t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel)
+                t_out = teacher_outputs(teacher, mb, unwrapped.loss, t_rel, sentences)
             with autocast():
                 loss, _ = module(mb, t_out, pruner.kept_heads())
             accelerator.backward(loss / n_micro)
@@ -507,6 +517,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: 
             "tokens": total * tokens_per_step,
             "wall_time_s": round(wall, 2),
             "grouping_s": setup.grouping_s,  # before step 1, not in wall_time_s
+            "teacher_sentences_s": setup.sentences_s,  # the teacher's embedding of every row, before step 1, not in wall_time_s
             "precision": run.precision,
             "processes": accelerator.num_processes,
             "final_loss_terms": run.last_terms,
