@@ -119,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     teacher = Path(base.teacher)
     pairs = stsb_dev(args.glue_data)
     if args.in_domain:
+        cap = "" if args.in_domain_per_task == 10000 else f"-{args.in_domain_per_task}"  # the default's file keeps its first name
         text = in_domain_sentences(args.glue_data, args.in_domain.split(","), args.in_domain_per_task, {*pairs.first, *pairs.second},
-                                   args.work / f"in-domain-{args.in_domain.replace(',', '-')}.txt")
+                                   args.work / f"in-domain-{args.in_domain.replace(',', '-')}{cap}.txt")
         args.overrides = [*args.overrides, f"data.train={json.dumps([str(text), *base.data.train])}"]
     rows = [{"model": "teacher", **unit(args.work / "teacher.json", lambda: {"pytorch": sts_scores(teacher, pairs, teacher)["teacher (PyTorch)"]})}]
     for key in args.shapes.split(","):
