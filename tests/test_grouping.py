@@ -36,7 +36,7 @@ def test_neighbour_groups_gather_each_cluster_and_use_every_row_once():
         neighbour_groups(emb[:5], GROUP_SIZE)
 
 
-def test_cached_groups_are_keyed_by_rows_teacher_precision_and_seed():
+def test_cached_groups_are_keyed_by_rows_teacher_precision_seed_and_pooling():
     teacher = make_model("base")
     rows = np.arange(64, dtype=np.int32).reshape(8, 8)
     key = groups_key(teacher, rows, "fp32", 0)
@@ -44,7 +44,7 @@ def test_cached_groups_are_keyed_by_rows_teacher_precision_and_seed():
     other_rows = rows.copy()
     other_rows[3, 3] = 0
     assert len({key, groups_key(teacher, other_rows, "fp32", 0), groups_key(make_model("base", seed=1), rows, "fp32", 0),
-                groups_key(teacher, rows, "bf16", 0), groups_key(teacher, rows, "fp32", 1)}) == 5
+                groups_key(teacher, rows, "bf16", 0), groups_key(teacher, rows, "fp32", 1), groups_key(teacher, rows, "fp32", 0, "cls")}) == 6
 
 
 def test_batcher_keeps_groups_whole_and_visits_every_grouped_row_once_an_epoch(tmp_path):

@@ -14,9 +14,10 @@ from tiny import make_model, make_tokenizer, max_weight_difference, save_model_d
 import homoexport.distillation.trainer as trainer
 from homoexport.config.recipe import LossSpec, validate_recipe
 from homoexport.distillation.data import BlockBatcher
-from homoexport.distillation.losses import DistillationLoss, active_terms, mean_pool
+from homoexport.distillation.losses import DistillationLoss, active_terms, mean_pool, pool_hidden
 from homoexport.distillation.sentence_targets import pooled_by_length, pooled_rows, teacher_sentence_targets
 from homoexport.distillation.trainer import distill, teacher_outputs
+from homoexport.evaluation.sts import Pooling, write_pooling
 
 
 def padded_rows(n: int, width: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +42,18 @@ def test_pooled_rows_come_back_in_row_order_as_each_row_alone_embeds():
             assert torch.allclose(pooled[i], alone[0], atol=1e-5)
 
 
-def test_rows_encoded_in_length_runs_give_the_whole_batch_vectors_and_gradients():
+def test_pool_hidden_pools_as_sentence_transformers_modes_do():
+    hidden = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    hidden[mask == 0] = 1e4  # padding must never reach the embedding
+    assert torch.equal(pool_hidden(hidden, mask), mean_pool(hidden, mask))
+    assert torch.equal(pool_hidden(hidden, mask, "cls"), hidden[:, 0])
+    expected = torch.stack([hidden[i, :int(mask[i].sum())].amax(0) for i in range(3)])
+    assert torch.equal(pool_hidden(hidden, mask, "max"), expected)
+
+
+@pytest.mark.parametrize("mode", ["mean", "cls", "max"])
+def test_rows_encoded_in_length_runs_give_the_whole_batch_vectors_and_gradients(mode):
     """pooled_by_length against one pass over the padded batch: the same pooled vectors, and the same gradients."""
     rows, _ = padded_rows(13, width=24, seed=4)
     ids = torch.from_numpy(rows)
@@ -49,7 +61,8 @@ def test_rows_encoded_in_length_runs_give_the_whole_batch_vectors_and_gradients(
     grads = []
     for runs in (1, 4):
         encoder = make_model("base", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        pooled = pooled_by_length(encoder, inputs, runs) if runs > 1 else mean_pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"])
+        pooled = (pooled_by_length(encoder, inputs, runs, mode) if runs > 1
+                  else pool_hidden(encoder(**inputs).last_hidden_state, inputs["attention_mask"], mode))
         pooled.pow(2).sum(-1).sqrt().mul(torch.arange(13.0)).sum().backward()  # a different weight for each row
         grads.append({n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None})
         if runs == 1:
@@ -60,7 +73,7 @@ def test_rows_encoded_in_length_runs_give_the_whole_batch_vectors_and_gradients(
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4) for n in grads[0])
 
 
-def test_targets_are_cached_by_rows_teacher_and_precision(tmp_path, caplog):
+def test_targets_are_cached_by_rows_teacher_precision_and_pooling(tmp_path, caplog):
     teacher = make_model("base").eval()
     rows, _ = padded_rows(20)
     first = teacher_sentence_targets(teacher, rows, 0, "fp32", tmp_path)
@@ -71,7 +84,8 @@ def test_targets_are_cached_by_rows_teacher_and_precision(tmp_path, caplog):
     assert "rows from" in caplog.text and torch.equal(first, again)
     teacher_sentence_targets(teacher, rows, 0, "bf16", tmp_path)
     teacher_sentence_targets(make_model("base", seed=1), rows, 0, "fp32", tmp_path)
-    assert len(list(tmp_path.glob("sentences-*.npy"))) == 3
+    teacher_sentence_targets(teacher, rows, 0, "fp32", tmp_path, "cls")
+    assert len(list(tmp_path.glob("sentences-*.npy"))) == 4
 
 
 def test_read_back_targets_give_the_loss_the_online_teacher_gives(tmp_path):
@@ -141,3 +155,24 @@ def test_targets_are_kept_only_when_every_term_reads_the_sentence_embedding_alon
     setup = trainer.build_corpus_setup(sentence_only, sentence_targets=True)
     assert setup.sentences is not None and setup.sentences.shape == (len(setup.batcher.blocks), 64)
     assert trainer.build_corpus_setup(sentence_only).sentences is None  # only a loop that reads them asks for them
+
+
+def test_a_cls_pooling_teacher_is_distilled_by_its_cls_embedding(tmp_path, caplog):
+    """The sentence terms read the embedding the teacher's sentence-transformers files declare, not always the mean."""
+    teacher_dir = save_model_dir(tmp_path / "cls-teacher", "base")
+    write_pooling(teacher_dir, Pooling("cls"), 64, 32)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(200, seed=5)))
+    r = sentence_recipe(teacher_dir, corpus, tmp_path / "run")
+    with caplog.at_level("INFO", logger="homoexport"):
+        setup = trainer.build_corpus_setup(validate_recipe(r), sentence_targets=True)
+    assert setup.pooling == "cls" and "cls pooling" in caplog.text
+    rows = setup.batcher.blocks
+    with torch.no_grad():
+        for i in (0, 7):
+            length = int((rows[i] != setup.tokenizer.pad_token_id).sum())
+            ids = torch.from_numpy(np.asarray(rows[i:i + 1, :length], dtype=np.int64))
+            states = setup.teacher(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+            assert torch.allclose(setup.sentences[i], states[0, 0], atol=1e-5)
+            assert not torch.allclose(setup.sentences[i], states[0].mean(0), atol=1e-3)
+    assert distill(validate_recipe(r))["sentence_pooling"] == "cls"

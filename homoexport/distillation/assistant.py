@@ -291,7 +291,8 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
     masked = prepare(student)
     s_rel, t_rel = relation_layers(recipe, teacher.config.num_hidden_layers)
     c = teacher.config
-    loss_fn = DistillationLoss(recipe.losses, c.hidden_size, c.hidden_size, c.num_hidden_layers, c.num_hidden_layers, has_mlm)
+    loss_fn = DistillationLoss(recipe.losses, c.hidden_size, c.hidden_size, c.num_hidden_layers, c.num_hidden_layers, has_mlm,
+                               setup.pooling)
     module = DistillModule(student, loss_fn, s_rel).to(device).train()
 
     # 1. Order units once. Sensitivity (a plain mean) rather than PLATON: a few batches give PLATON's

@@ -51,24 +51,28 @@ def neighbour_groups(embeddings: torch.Tensor, group_size: int = GROUP_SIZE, see
     return np.asarray(groups, dtype=np.int64)
 
 
-def groups_key(teacher: torch.nn.Module, rows: np.ndarray, precision: str, seed: int) -> str:
-    """What the groups are a function of: the rows, the teacher's weights, the precision it embedded in, the seed."""
-    return rows_key(teacher, rows, {"format": GROUPS_FORMAT, "group_size": GROUP_SIZE, "precision": precision, "seed": seed})
+def groups_key(teacher: torch.nn.Module, rows: np.ndarray, precision: str, seed: int, pooling: str = "mean") -> str:
+    """What the groups are a function of: the rows, the teacher's weights, the precision it embedded in, its pooling,
+    the seed."""
+    return rows_key(teacher, rows, {"format": GROUPS_FORMAT, "group_size": GROUP_SIZE, "precision": precision, "seed": seed,
+                                    "pooling": pooling})
 
 
 def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id: int, precision: str, seed: int = 0,
-                             cache_dir: str | Path | None = None, pooled: torch.Tensor | None = None) -> np.ndarray:
+                             cache_dir: str | Path | None = None, pooled: torch.Tensor | None = None,
+                             pooling: str = "mean") -> np.ndarray:
     """Neighbour groups of ``rows`` under ``teacher``'s encoder (its base model when it carries a head), in ``precision``.
 
     With a ``cache_dir`` they are kept there (a small JSON file beside the packed rows), so a resumed run, or another
     run on the same rows from the same teacher, does not embed every row again. ``pooled``: the teacher's sentence
-    embeddings of ``rows`` when the run has them already (:mod:`homoexport.distillation.sentence_targets`).
+    embeddings of ``rows`` when the run has them already (:mod:`homoexport.distillation.sentence_targets`), pooled as
+    ``pooling`` (the teacher's sentence-transformers pooling) says.
     """
     from homoexport.atomic import atomic_write_json
     from homoexport.distillation.precision import precision_context
 
     started = time.perf_counter()
-    cached = Path(cache_dir) / f"groups-{groups_key(teacher, rows, precision, seed)}.json" if cache_dir is not None else None
+    cached = Path(cache_dir) / f"groups-{groups_key(teacher, rows, precision, seed, pooling)}.json" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         groups = np.asarray(json.loads(cached.read_text())["groups"], dtype=np.int64)
         logger.info("neighbour batches: %d groups of %d sentences from %s", len(groups), GROUP_SIZE, cached)
@@ -76,7 +80,7 @@ def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id:
     if pooled is None:
         logger.info("neighbour batches: embedding %s sentence rows with the teacher before the first step", f"{len(rows):,}")
         encoder = getattr(teacher, "base_model", teacher)
-        pooled = pooled_rows(encoder, rows, pad_id, precision_context(precision, teacher.device.type))
+        pooled = pooled_rows(encoder, rows, pad_id, precision_context(precision, teacher.device.type), pooling)
     groups = neighbour_groups(F.normalize(pooled, dim=-1), GROUP_SIZE, seed)
     logger.info("neighbour batches: %d groups of %d sentences by the teacher's embedding in %.1f s", len(groups), GROUP_SIZE,
                 time.perf_counter() - started)

@@ -29,7 +29,7 @@ class EncoderOutputs:
     attentions: tuple[torch.Tensor, ...] | None = None  # L x [B, heads, T, T]
     mlm_logits: torch.Tensor | None = None  # [N_masked, V]
     relation_qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # Q, K, V [B, T, A] of the relation layer
-    sentence: torch.Tensor | None = None  # [B, H] mean-pooled last hidden state, when it was computed beforehand
+    sentence: torch.Tensor | None = None  # [B, H] pooled last hidden state, when it was computed beforehand
 
 
 SENTENCE_TERMS = frozenset({"sentence", "similarity", "contrastive"})  # terms that read only the pooled sentence embedding
@@ -87,6 +87,16 @@ def mean_pool(hidden: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, H] token states -> [B, H] mean over valid tokens (the default sentence-transformers pooling)."""
     mask = token_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
+def pool_hidden(hidden: torch.Tensor, token_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """[B, T, H] token states -> [B, H] sentence embedding, pooled as sentence-transformers' Pooling ``mode`` does:
+    ``mean`` or ``max`` over valid tokens, or the first token's state (``cls``)."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(token_mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).amax(1)
+    return mean_pool(hidden, token_mask)
 
 
 def pooled_cosine(student_last: torch.Tensor, teacher_last: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
@@ -159,12 +169,18 @@ def relation_kl(student: torch.Tensor, teacher: torch.Tensor, heads: int, token_
 
 
 class DistillationLoss(nn.Module):
-    """The weighted sum of loss terms; owns the learnable projections W_k and W_e."""
+    """The weighted sum of loss terms; owns the learnable projections W_k and W_e.
 
-    def __init__(self, spec: LossSpec, student_hidden: int, teacher_hidden: int, student_layers: int, teacher_layers: int, has_mlm: bool):
+    ``pooling``: how the sentence-level terms pool token states into the sentence embedding, the teacher's own
+    (``homoexport.evaluation.sts.read_pooling``), so that the student learns the embedding its users will read.
+    """
+
+    def __init__(self, spec: LossSpec, student_hidden: int, teacher_hidden: int, student_layers: int, teacher_layers: int, has_mlm: bool,
+                 pooling: str = "mean"):
         super().__init__()
         self.spec = spec
         self.has_mlm = has_mlm
+        self.pooling = pooling
         self.pairs = layer_map(spec.layer_mapping, student_layers, teacher_layers)
         self.hidden_proj = nn.ModuleList(_identity_projection(student_hidden, teacher_hidden) for _ in self.pairs)
         self.embedding_proj = _identity_projection(student_hidden, teacher_hidden)
@@ -178,7 +194,7 @@ class DistillationLoss(nn.Module):
 
     @property
     def sentence_only(self) -> bool:
-        """True when every weighed term reads only the mean-pooled sentence embeddings."""
+        """True when every weighed term reads only the pooled sentence embeddings."""
         return set(self.active_terms) <= SENTENCE_TERMS
 
     @property
@@ -224,8 +240,8 @@ class DistillationLoss(nn.Module):
                 per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
             terms["attention"] = torch.stack(per_layer).mean()
         if SENTENCE_TERMS & set(active):
-            s_sent = student.sentence if student.sentence is not None else mean_pool(student.hidden[-1], token_mask)
-            t_sent = teacher.sentence if teacher.sentence is not None else mean_pool(teacher.hidden[-1], token_mask)
+            s_sent = student.sentence if student.sentence is not None else pool_hidden(student.hidden[-1], token_mask, self.pooling)
+            t_sent = teacher.sentence if teacher.sentence is not None else pool_hidden(teacher.hidden[-1], token_mask, self.pooling)
             if "sentence" in active:
                 terms["sentence"] = F.mse_loss(self.hidden_proj[-1](s_sent).float(), t_sent.float())
             if "similarity" in active:

@@ -24,7 +24,7 @@ from typing import Callable, ContextManager
 import numpy as np
 import torch
 
-from homoexport.distillation.losses import mean_pool
+from homoexport.distillation.losses import pool_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ LENGTH_BUCKETS = 4  # runs per batch: on 64 mixed sentences (21.6 tokens of 64 o
 
 @torch.no_grad()
 def pooled_rows(encoder: torch.nn.Module, rows: np.ndarray, pad_id: int, autocast: Callable[[], ContextManager],
-                batch_size: int = 256) -> torch.Tensor:
-    """[n, H] float32 mean-pooled last hidden states of padded sentence rows [n, T], in row order.
+                mode: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    """[n, H] float32 pooled (``mode``: mean, cls, max) last hidden states of padded sentence rows [n, T], in row order.
 
     Rows are encoded shortest first, each batch cut to its longest row: sentences vary in length far more than a
     batch of 256 random ones shows, so this spends the teacher's time on tokens instead of padding. A row's vector
@@ -51,12 +51,13 @@ def pooled_rows(encoder: torch.nn.Module, rows: np.ndarray, pad_id: int, autocas
         mask = (ids != pad_id).long()
         with autocast():
             hidden = encoder(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids)).last_hidden_state
-        out[torch.from_numpy(index)] = mean_pool(hidden.float(), mask).cpu()
+        out[torch.from_numpy(index)] = pool_hidden(hidden.float(), mask, mode).cpu()
     return out
 
 
-def pooled_by_length(encoder: torch.nn.Module, inputs: dict[str, torch.Tensor], buckets: int = LENGTH_BUCKETS) -> torch.Tensor:
-    """[B, H] mean-pooled last hidden states of a padded batch, differentiable, in the batch's row order.
+def pooled_by_length(encoder: torch.nn.Module, inputs: dict[str, torch.Tensor], buckets: int = LENGTH_BUCKETS,
+                     mode: str = "mean") -> torch.Tensor:
+    """[B, H] pooled (``mode``: mean, cls, max) last hidden states of a padded batch, differentiable, in the batch's row order.
 
     The rows are sorted by length and encoded in ``buckets`` runs, each cut to its longest row. A row's vector is
     the one the whole batch gives (its padding is masked either way, up to float rounding); the cost follows the
@@ -69,7 +70,7 @@ def pooled_by_length(encoder: torch.nn.Module, inputs: dict[str, torch.Tensor], 
     for index in order.tensor_split(min(buckets, len(order))):
         width = max(1, int(lengths[index].max()))
         run = {k: v[index, :width] for k, v in inputs.items()}
-        pieces.append(mean_pool(encoder(**run).last_hidden_state, run["attention_mask"]))
+        pieces.append(pool_hidden(encoder(**run).last_hidden_state, run["attention_mask"], mode))
     return torch.cat(pieces)[torch.argsort(order)]
 
 
@@ -85,8 +86,8 @@ def rows_key(teacher: torch.nn.Module, rows: np.ndarray, settings: dict) -> str:
 
 
 def teacher_sentence_targets(teacher: torch.nn.Module, rows: np.ndarray, pad_id: int, precision: str,
-                             cache_dir: str | Path | None = None) -> torch.Tensor:
-    """[n, H] float32 teacher sentence embeddings (mean-pooled, not normalised) of ``rows``, in ``precision``.
+                             cache_dir: str | Path | None = None, pooling: str = "mean") -> torch.Tensor:
+    """[n, H] float32 teacher sentence embeddings (pooled as ``pooling`` says, not normalised) of ``rows``, in ``precision``.
 
     The encoder is the teacher's base model when it carries a head. With a ``cache_dir`` the array is kept there
     (``sentences-<key>.npy``), so a resumed run, or another run on the same rows from the same teacher, reads it
@@ -96,14 +97,14 @@ def teacher_sentence_targets(teacher: torch.nn.Module, rows: np.ndarray, pad_id:
     from homoexport.distillation.precision import precision_context
 
     started = time.perf_counter()
-    key = rows_key(teacher, rows, {"format": TARGETS_FORMAT, "precision": precision})
+    key = rows_key(teacher, rows, {"format": TARGETS_FORMAT, "precision": precision, "pooling": pooling})
     cached = Path(cache_dir) / f"sentences-{key}.npy" if cache_dir is not None else None
     if cached is not None and cached.is_file():
         targets = torch.from_numpy(np.load(cached, allow_pickle=False))
         logger.info("teacher sentence embeddings of %s rows from %s", f"{len(targets):,}", cached)
         return targets
     logger.info("teacher sentence embeddings: embedding %s rows once, before the first step", f"{len(rows):,}")
-    targets = pooled_rows(getattr(teacher, "base_model", teacher), rows, pad_id, precision_context(precision, teacher.device.type))
+    targets = pooled_rows(getattr(teacher, "base_model", teacher), rows, pad_id, precision_context(precision, teacher.device.type), pooling)
     logger.info("teacher sentence embeddings: %s rows x %d in %.1f s (%.1f MB kept in memory)", f"{len(rows):,}",
                 targets.shape[1], time.perf_counter() - started, targets.numel() * 4 / 1e6)
     if cached is not None:

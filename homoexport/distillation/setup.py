@@ -18,6 +18,7 @@ from homoexport.distillation.losses import SENTENCE_TERMS, active_terms
 from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.distillation.precision import resolve_precision
 from homoexport.distillation.sentence_targets import teacher_sentence_targets
+from homoexport.evaluation.sts import read_pooling
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class CorpusSetup:
     grouping_s: float | None = None  # seconds spent grouping rows into neighbour batches (data.batching neighbours)
     sentences: torch.Tensor | None = None  # [rows, H] the teacher's sentence embedding of every training row
     sentences_s: float | None = None  # seconds spent embedding (or reading) them
+    pooling: str = "mean"  # how the teacher pools its sentence embedding (its sentence-transformers Pooling; mean without one)
 
 
 def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = contextlib.nullcontext, note: bool = True,
@@ -49,7 +51,8 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     ``note`` logs that MLM/KL are off for a teacher without an MLM head. ``precision``: the run's resolved
     ``training.precision``, which the teacher embeds rows in (resolved here when not given). With ``sentence_targets``, a recipe whose
     every term reads only the teacher's pooled sentence embedding gets those embedded once for all rows
-    (:mod:`homoexport.distillation.sentence_targets`), and neighbour grouping reuses them.
+    (:mod:`homoexport.distillation.sentence_targets`), and neighbour grouping reuses them. Sentence embeddings are
+    pooled as the teacher's sentence-transformers files say (mean pooling without them).
     """
     device = device or torch.device("cpu")
     teacher, has_mlm = load_model(recipe.teacher, attention="eager" if recipe.losses.attention > 0 else "sdpa")
@@ -68,18 +71,23 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     seed = recipe.training.seed
     padded = recipe.data.unit == "sentence"
     precision = precision or resolve_precision(recipe.training.precision, device)
+    terms = set(active_terms(recipe.losses, has_mlm))
+    pooling = read_pooling(recipe.teacher)
+    if note and (terms & SENTENCE_TERMS or recipe.data.batching == "neighbours"):
+        logger.info("sentence embedding: %s pooling (%s)", pooling.mode, pooling.source)
     sentences, sentences_s = None, None
-    if sentence_targets and set(active_terms(recipe.losses, has_mlm)) <= SENTENCE_TERMS:
+    if sentence_targets and terms <= SENTENCE_TERMS:
         started = time.perf_counter()
         with first():  # one process embeds and caches, the others read the cache
-            sentences = teacher_sentence_targets(teacher, train_blocks, tokenizer.pad_token_id, precision, recipe.data.cache_dir)
+            sentences = teacher_sentence_targets(teacher, train_blocks, tokenizer.pad_token_id, precision, recipe.data.cache_dir,
+                                                 pooling.mode)
         sentences_s = round(time.perf_counter() - started, 2)
     groups, grouping_s = None, None
     if recipe.data.batching == "neighbours":
         started = time.perf_counter()
         with first():  # one process groups and caches, the others read the cache
             groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, precision, seed, recipe.data.cache_dir,
-                                              pooled=sentences)
+                                              pooled=sentences, pooling=pooling.mode)
         grouping_s = round(time.perf_counter() - started, 2)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
                            groups=groups)
@@ -87,4 +95,5 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     eval_batcher = (BlockBatcher(eval_blocks, tokenizer, eval_bs, seed=seed + 1, mlm_probability=mlm_prob, shuffle=False, padded=padded)
                     if len(eval_blocks) else None)
     eval_steps = max(1, len(eval_blocks) // eval_bs) if eval_batcher else 0
-    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps, grouping_s, sentences, sentences_s)
+    return CorpusSetup(teacher, has_mlm, use_mlm, tokenizer, batcher, eval_batcher, eval_steps, grouping_s, sentences, sentences_s,
+                       pooling.mode)

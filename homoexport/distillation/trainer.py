@@ -38,7 +38,7 @@ from homoexport.distillation.checkpoint import (
 )
 from homoexport.distillation.data import BlockBatcher
 from homoexport.distillation.dense import carry_optimizer_state
-from homoexport.distillation.losses import DistillationLoss, EncoderOutputs, pooled_cosine
+from homoexport.distillation.losses import SENTENCE_TERMS, DistillationLoss, EncoderOutputs, pooled_cosine
 from homoexport.distillation.models import base_and_head, build_student, encode
 from homoexport.distillation.precision import precision_context, resolve_precision
 from homoexport.distillation.sentence_targets import pooled_by_length
@@ -70,7 +70,7 @@ class DistillModule(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor], teacher_out, kept_heads: torch.Tensor | None):
         inputs, mlm_positions = student_inputs(batch, self.loss.uses_mlm)
         if self.loss.sentence_only:  # nothing but the pooled embedding is read: encode rows of like length together
-            out = EncoderOutputs(hidden=(), sentence=pooled_by_length(base_and_head(self.student)[0], inputs))
+            out = EncoderOutputs(hidden=(), sentence=pooled_by_length(base_and_head(self.student)[0], inputs, mode=self.loss.pooling))
             return self.loss(out, teacher_out, inputs["attention_mask"], None, kept_heads)
         out = encode(self.student, inputs, attentions="attention" in self.loss.active_terms,
                      mlm_positions=mlm_positions, relation_layer=self.relation_layer)
@@ -295,7 +295,7 @@ def distill(
     student.requires_grad_(True).train()
     s_rel, t_rel = relation_layers(recipe, teacher.config.num_hidden_layers)
     loss_fn = DistillationLoss(recipe.losses, student.config.hidden_size, teacher.config.hidden_size,
-                               student.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm)
+                               student.config.num_hidden_layers, teacher.config.num_hidden_layers, has_mlm, setup.pooling)
     module = DistillModule(student, loss_fn, s_rel)
 
     o = recipe.optimizer
@@ -518,6 +518,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: 
             "wall_time_s": round(wall, 2),
             "grouping_s": setup.grouping_s,  # before step 1, not in wall_time_s
             "teacher_sentences_s": setup.sentences_s,  # the teacher's embedding of every row, before step 1, not in wall_time_s
+            "sentence_pooling": setup.pooling if SENTENCE_TERMS & set(active) else None,  # what the sentence terms pooled
             "precision": run.precision,
             "processes": accelerator.num_processes,
             "final_loss_terms": run.last_terms,
