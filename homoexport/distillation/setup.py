@@ -74,7 +74,7 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     terms = set(active_terms(recipe.losses, has_mlm))
     pooling = read_pooling(recipe.teacher)
     if note and (terms & SENTENCE_TERMS or recipe.data.batching == "neighbours"):
-        logger.info("sentence embedding: %s pooling (%s)", pooling.mode, pooling.source)
+        logger.info("sentence embedding: %s pooling [%s]", pooling.mode, pooling.source)
     sentences, sentences_s = None, None
     if sentence_targets and terms <= SENTENCE_TERMS:
         started = time.perf_counter()
