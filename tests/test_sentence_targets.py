@@ -176,3 +176,22 @@ def test_a_cls_pooling_teacher_is_distilled_by_its_cls_embedding(tmp_path, caplo
             assert torch.allclose(setup.sentences[i], states[0, 0], atol=1e-5)
             assert not torch.allclose(setup.sentences[i], states[0].mean(0), atol=1e-3)
     assert distill(validate_recipe(r))["sentence_pooling"] == "cls"
+
+
+def test_a_bad_pooling_config_stops_only_runs_that_pool(tmp_path):
+    """The teacher's pooling files are read, and a bad one named, only where a sentence embedding is pooled."""
+    import json
+
+    from homoexport.errors import UsageError
+
+    teacher_dir = save_model_dir(tmp_path / "teacher", "base")
+    write_pooling(teacher_dir, Pooling("mean"), 64, 32)
+    config = teacher_dir / "1_Pooling" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "pooling_mode_cls_token": True}))  # two modes at once
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(synthetic_sentences(100, seed=6)))
+    with pytest.raises(UsageError, match="1_Pooling/config.json"):
+        trainer.build_corpus_setup(validate_recipe(sentence_recipe(teacher_dir, corpus, tmp_path / "a")))
+    r = sentence_recipe(teacher_dir, corpus, tmp_path / "b", hidden=1.0, contrastive=0.0)
+    r["data"]["batching"] = "random"
+    assert trainer.build_corpus_setup(validate_recipe(r)).pooling == "mean"

@@ -18,7 +18,7 @@ from homoexport.distillation.losses import SENTENCE_TERMS, active_terms
 from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.distillation.precision import resolve_precision
 from homoexport.distillation.sentence_targets import teacher_sentence_targets
-from homoexport.evaluation.sts import read_pooling
+from homoexport.evaluation.sts import Pooling, read_pooling
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     padded = recipe.data.unit == "sentence"
     precision = precision or resolve_precision(recipe.training.precision, device)
     terms = set(active_terms(recipe.losses, has_mlm))
-    pooling = read_pooling(recipe.teacher)
-    if note and (terms & SENTENCE_TERMS or recipe.data.batching == "neighbours"):
+    reads_sentences = bool(terms & SENTENCE_TERMS) or recipe.data.batching == "neighbours"
+    pooling = read_pooling(recipe.teacher) if reads_sentences else Pooling()  # a run that never pools does not read the files
+    if note and reads_sentences:
         logger.info("sentence embedding: %s pooling [%s]", pooling.mode, pooling.source)
     sentences, sentences_s = None, None
     if sentence_targets and terms <= SENTENCE_TERMS:
