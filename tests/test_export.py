@@ -287,6 +287,12 @@ def test_int8_metrics_and_fusion_explanations():
     b = np.array([[[0.0, 1.0], [0.0, 1.0], [-9.0, 9.0]]])
     m = ex.int8_agreement("feature-extraction", [a], [b], [mask])
     assert m["cosine_min"] == pytest.approx(0.0) and m["max_abs_diff"] == pytest.approx(1.0)  # padding ignored
+    # A CLS-pooling embedding model is gated on its CLS vector: here the mean of the real tokens moves, the first does not.
+    from homoexport.evaluation.sts import Pooling
+
+    c = np.array([[[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    assert ex.int8_agreement("feature-extraction", [a], [c], [mask])["cosine_min"] < 0.8
+    assert ex.int8_agreement("feature-extraction", [a], [c], [mask], Pooling("cls"))["cosine_min"] == pytest.approx(1.0)
     logits = np.array([[0.1, 0.9], [0.8, 0.2]])
     assert ex.int8_agreement("text-classification", [logits], [logits[:, ::-1]], [np.ones((2, 4))])["agreement"] == 0.0
     assert ex.attention_fusion_check("O2", {"Attention": 6}, 6, [])["all_layers_fused"]

@@ -14,7 +14,7 @@ from tiny import make_model, make_tokenizer, max_weight_difference, save_model_d
 import homoexport.distillation.trainer as trainer
 from homoexport.config.recipe import LossSpec, validate_recipe
 from homoexport.distillation.data import BlockBatcher
-from homoexport.distillation.losses import DistillationLoss, active_terms, mean_pool, pool_hidden
+from homoexport.distillation.losses import DistillationLoss, active_terms, mean_pool, pool_hidden, pooled_cosine
 from homoexport.distillation.sentence_targets import pooled_by_length, pooled_rows, teacher_sentence_targets
 from homoexport.distillation.trainer import distill, teacher_outputs
 from homoexport.evaluation.sts import Pooling, write_pooling
@@ -50,6 +50,16 @@ def test_pool_hidden_pools_as_sentence_transformers_modes_do():
     assert torch.equal(pool_hidden(hidden, mask, "cls"), hidden[:, 0])
     expected = torch.stack([hidden[i, :int(mask[i].sum())].amax(0) for i in range(3)])
     assert torch.equal(pool_hidden(hidden, mask, "max"), expected)
+
+
+def test_the_held_out_cosine_to_the_teacher_reads_the_pooled_embedding_the_run_distils():
+    """A CLS-pooling run is scored on its CLS vectors: equal first tokens give cosine 1 whatever the other tokens hold."""
+    teacher = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(0))
+    student = teacher.clone()
+    student[:, 1:] = -student[:, 1:]
+    mask = torch.ones(2, 4)
+    assert float(pooled_cosine(student, teacher, mask, "cls")) == pytest.approx(1.0)
+    assert float(pooled_cosine(student, teacher, mask)) < 0.9
 
 
 @pytest.mark.parametrize("mode", ["mean", "cls", "max"])

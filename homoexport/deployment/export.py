@@ -28,7 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from homoexport.errors import (
 )
 from homoexport.machine import cpu_info, fingerprint
 from homoexport.progress import ProgressFn, Tracker
+
+if TYPE_CHECKING:  # sts imports datasets (seconds); export imports it only when a model has a sentence embedding
+    from homoexport.evaluation.sts import Pooling
 
 TASKS = ("feature-extraction", "fill-mask", "text-classification")
 OPTIMIZE_LEVELS = ("none", "O1", "O2", "O3")
@@ -329,19 +332,18 @@ def max_abs_diff(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], masks: Se
     return max(float(np.max(np.abs(real_token_values(r, m) - real_token_values(g, m)))) for r, g, m in zip(ref, got, masks))
 
 
-def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    """Mean of hidden states [B,S,H] over real tokens -> [B,H] (the sentence-embedding pooling)."""
-    m = attention_mask[..., None].astype(np.float64)
-    return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1.0)
-
-
-def int8_agreement(task: str, fp32: Sequence[np.ndarray], int8: Sequence[np.ndarray], masks: Sequence[np.ndarray]) -> dict[str, float]:
-    """How far int8 is from fp32: cosine of mean-pooled embeddings (feature-extraction), agreement of
-    predicted classes (text-classification) or top-1 tokens on real positions (fill-mask), plus max-abs-diff."""
+def int8_agreement(task: str, fp32: Sequence[np.ndarray], int8: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                   pooling: Pooling | None = None) -> dict[str, float]:
+    """How far int8 is from fp32: cosine of the sentence embeddings, pooled as ``pooling`` says (the model's declared
+    pooling; mean when None), for feature-extraction; agreement of predicted classes (text-classification) or top-1
+    tokens on real positions (fill-mask); plus max-abs-diff."""
     out: dict[str, float] = {"max_abs_diff": max_abs_diff(fp32, int8, masks)}
     if task == "feature-extraction":
-        a = np.concatenate([mean_pool(x, m) for x, m in zip(fp32, masks)])
-        b = np.concatenate([mean_pool(x, m) for x, m in zip(int8, masks)])
+        from homoexport.evaluation.sts import Pooling, pool
+
+        pooling = pooling or Pooling()
+        a = np.concatenate([pool(x.astype(np.float64), m, pooling) for x, m in zip(fp32, masks)])
+        b = np.concatenate([pool(x.astype(np.float64), m, pooling) for x, m in zip(int8, masks)])
         cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         out |= {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
     else:
@@ -597,6 +599,12 @@ def export_model(model_dir: Path, out_dir: Path, settings: ExportSettings = Expo
         work = stage / ".work"
         steps.start("loading model and tokenizer")
         model = load_for_export(model_dir, task)
+        # An embedding model's int8 gate and in-graph pooling use the pooling its sentence-transformers files declare.
+        pooling = None
+        if task == "feature-extraction":
+            from homoexport.evaluation.sts import read_pooling, write_pooling
+
+            pooling = read_pooling(model_dir)
         tokenizer = load_export_tokenizer(model_dir, int(config.vocab_size))
         batches = validation_batches(tokenizer, list(validation_texts), max_length)
         masks = [b["attention_mask"] for b in batches]
@@ -638,7 +646,7 @@ def export_model(model_dir: Path, out_dir: Path, settings: ExportSettings = Expo
             steps.start("validating int8")
             try:
                 chosen, quant_report = _choose_candidate(candidates, task, batches, stage, masks, order, max_length,
-                                                         latency_threads, int8_min_cosine, int8_min_agreement)
+                                                         latency_threads, int8_min_cosine, int8_min_agreement, pooling)
             except Int8GateError as err:
                 raise Int8GateError(f"{err} {int8_advice(quantize, per_channel, keep_fp32)}") from None
             shutil.move(chosen.path, stage / QUANTIZED_FILE)
@@ -651,10 +659,7 @@ def export_model(model_dir: Path, out_dir: Path, settings: ExportSettings = Expo
         shutil.rmtree(work, ignore_errors=True)
         tokenizer.save_pretrained(stage)
         config.save_pretrained(stage)
-        if task == "feature-extraction":  # the export says how its sentence embedding is pooled (sentence-transformers files)
-            from homoexport.evaluation.sts import read_pooling, write_pooling
-
-            pooling = read_pooling(model_dir)
+        if pooling is not None:  # the export says how its sentence embedding is pooled (sentence-transformers files)
             write_pooling(stage, pooling, int(config.hidden_size), max_length)
             if settings.sentence_embedding:
                 parity["sentence_embedding_vs_pytorch"] = _add_sentence_embedding(stage, pooling, batches, reference, atol)
@@ -755,7 +760,8 @@ def _build_candidates(stage: Path, work: Path, optimize: str, order: str, qconfi
 
 
 def _choose_candidate(candidates: list[Int8Build], task: str, batches: list, stage: Path, masks: list, order: str,
-                      seq: int, threads: int | None, min_cosine: float, min_agreement: float) -> tuple[Int8Build, dict[str, Any]]:
+                      seq: int, threads: int | None, min_cosine: float, min_agreement: float,
+                      pooling: Pooling | None) -> tuple[Int8Build, dict[str, Any]]:
     """Validate every built candidate against fp32 ONNX and keep the fastest one that passes."""
     fp32_session = load_session(stage / FP32_FILE)
     fp32 = [onnx_outputs(fp32_session, b) for b in batches]
@@ -768,7 +774,7 @@ def _choose_candidate(candidates: list[Int8Build], task: str, batches: list, sta
             entry["error"] = c.error
         else:
             session = load_session(c.path)
-            metrics = int8_agreement(task, fp32, [onnx_outputs(session, b) for b in batches], masks)
+            metrics = int8_agreement(task, fp32, [onnx_outputs(session, b) for b in batches], masks, pooling)
             entry |= {"metrics": metrics, "passed": int8_passes(task, metrics, min_cosine, min_agreement), "operators": _int8_ops(c.path)}
             metrics_by[c.order] = metrics
             if entry["passed"]:

@@ -99,9 +99,10 @@ def pool_hidden(hidden: torch.Tensor, token_mask: torch.Tensor, mode: str = "mea
     return mean_pool(hidden, token_mask)
 
 
-def pooled_cosine(student_last: torch.Tensor, teacher_last: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cosine between the mean-pooled (over valid tokens) last hidden states [B, T, H] of student and teacher."""
-    return F.cosine_similarity(mean_pool(student_last, token_mask).float(), mean_pool(teacher_last, token_mask).float(), dim=-1).mean()
+def pooled_cosine(student_last: torch.Tensor, teacher_last: torch.Tensor, token_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """Mean cosine between the pooled (``pool_hidden`` ``mode``) last hidden states [B, T, H] of student and teacher."""
+    s, t = pool_hidden(student_last, token_mask, mode), pool_hidden(teacher_last, token_mask, mode)
+    return F.cosine_similarity(s.float(), t.float(), dim=-1).mean()
 
 
 def similarity_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

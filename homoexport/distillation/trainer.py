@@ -228,7 +228,7 @@ def _evaluate(module: DistillModule, teacher: nn.Module, batcher: BlockBatcher |
             if positions is not None and s_out.mlm_logits is not None:
                 correct += int((s_out.mlm_logits.argmax(-1) == labels).sum())
                 total += int(positions.sum())
-            cos = pooled_cosine(loss_fn.hidden_proj[-1](s_out.hidden[-1]), t_out.hidden[-1], inputs["attention_mask"])
+            cos = pooled_cosine(loss_fn.hidden_proj[-1](s_out.hidden[-1]), t_out.hidden[-1], inputs["attention_mask"], loss_fn.pooling)
             sums["cosine_to_teacher"] = sums.get("cosine_to_teacher", 0.0) + float(cos)
     student.train(was_training)
     out = {f"eval_{k}": v / steps for k, v in sums.items()}
