@@ -645,8 +645,7 @@ def export_model(model_dir: Path, out_dir: Path, settings: ExportSettings = Expo
             steps.done()
             steps.start("validating int8")
             try:
-                chosen, quant_report = _choose_candidate(candidates, task, batches, stage, masks, order, max_length,
-                                                         latency_threads, int8_min_cosine, int8_min_agreement, pooling)
+                chosen, quant_report = _choose_candidate(candidates, s, task, batches, stage, max_length, pooling)
             except Int8GateError as err:
                 raise Int8GateError(f"{err} {int8_advice(quantize, per_channel, keep_fp32)}") from None
             shutil.move(chosen.path, stage / QUANTIZED_FILE)
@@ -759,10 +758,13 @@ def _build_candidates(stage: Path, work: Path, optimize: str, order: str, qconfi
     return out
 
 
-def _choose_candidate(candidates: list[Int8Build], task: str, batches: list, stage: Path, masks: list, order: str,
-                      seq: int, threads: int | None, min_cosine: float, min_agreement: float,
+def _choose_candidate(candidates: list[Int8Build], settings: ExportSettings, task: str, batches: list, stage: Path, seq: int,
                       pooling: Pooling | None) -> tuple[Int8Build, dict[str, Any]]:
-    """Validate every built candidate against fp32 ONNX and keep the fastest one that passes."""
+    """Validate every built candidate against fp32 ONNX (tolerances and order from ``settings``; ``task`` resolved) and
+    keep the fastest one that passes."""
+    order, threads = settings.order, settings.latency_threads
+    min_cosine, min_agreement = settings.int8_min_cosine, settings.int8_min_agreement
+    masks = [b["attention_mask"] for b in batches]
     fp32_session = load_session(stage / FP32_FILE)
     fp32 = [onnx_outputs(fp32_session, b) for b in batches]
     report: dict[str, Any] = {"order_candidates": {}}
