@@ -11,6 +11,7 @@ from homoexport.config.recipe import validate_recipe
 from homoexport.distillation.data import BlockBatcher, DataError
 from homoexport.distillation.grouping import GROUP_SIZE, groups_key, neighbour_groups
 from homoexport.distillation.losses import contrastive_kl
+from homoexport.errors import UsageError
 
 
 def clustered(n_clusters: int, size: int, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
@@ -83,3 +84,14 @@ def test_neighbour_batching_needs_sentence_rows():
     with pytest.raises(ValueError, match=r"data\.batching: .*data\.unit to sentence \(got .neighbours.\)"):
         validate_recipe(base)
     assert validate_recipe({**base, "data": {**base["data"], "unit": "sentence"}}).data.batching == "neighbours"
+
+
+def test_a_neighbour_batch_size_that_splits_a_group_fails_when_the_recipe_loads():
+    """Before the teacher embeds a single row (minutes on a real corpus), not when the batcher is built."""
+    base = {"teacher": "t", "student": {"hidden": 32, "heads": 2, "ffn": 48},
+            "data": {"train": ["x.txt"], "unit": "sentence", "batching": "neighbours"}}
+    with pytest.raises(UsageError, match=r"training\.batch_size 100 is not a multiple of 8") as err:
+        validate_recipe({**base, "training": {"batch_size": 100}})
+    assert "Value error" not in str(err.value) and "'teacher'" not in str(err.value)  # the message, not the recipe echoed
+    assert validate_recipe({**base, "training": {"batch_size": 128}}).training.batch_size == 128
+    assert validate_recipe({**base, "data": {**base["data"], "batching": "random"}, "training": {"batch_size": 100}})

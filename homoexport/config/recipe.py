@@ -40,6 +40,9 @@ class StudentSpec(_Strict):
         return self
 
 
+NEIGHBOUR_GROUP_SIZE = 8  # data.batching neighbours: a sentence and its 7 nearest by the teacher's embedding share a batch
+
+
 class DataSpec(_Strict):
     train: list[str] = Field(default_factory=list, description="text/jsonl/parquet/WikiExtractor .txt.gz files, globs or dirs, or a hub dataset name")
     eval: list[str] = Field(default_factory=list, description="held-out text; empty = take eval_blocks from the training data")
@@ -267,6 +270,9 @@ class Recipe(_Strict):
         if self.task is not None and (self.init == "random" or self.assistant.mode != "off"):
             raise UsageError("a task recipe starts from the fine-tuned teacher's own weights: init must be copy (or truncate, for a "
                              "shallower student) and assistant off")
+        if self.data.batching == "neighbours" and self.training.batch_size % NEIGHBOUR_GROUP_SIZE:
+            raise UsageError(f"training.batch_size {self.training.batch_size} is not a multiple of {NEIGHBOUR_GROUP_SIZE}: with "
+                             f"data.batching neighbours a batch holds whole groups of {NEIGHBOUR_GROUP_SIZE} sentences")
         if self.task is not None and self.losses.relation > 0:
             raise UsageError("losses.relation (MiniLMv2 relations) is not available in task recipes: use hidden/attention/embedding")
         return self
@@ -312,7 +318,9 @@ def _format_errors(err: ValidationError) -> str:
         elif e["type"] == "missing":
             lines.append(f"{path}: required key is missing")
         else:
-            lines.append(f"{path}: {e['msg']} (got {e.get('input')!r})")
+            # A check across keys (a section or the whole recipe) names its keys itself: echoing the input dict buries it.
+            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}{got}")
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
 

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from homoexport.config.recipe import NEIGHBOUR_GROUP_SIZE
 from homoexport.distillation.data import DataError
 from homoexport.distillation.sentence_targets import pooled_rows, rows_key
 
 logger = logging.getLogger(__name__)
 
-GROUP_SIZE = 8
+GROUP_SIZE = NEIGHBOUR_GROUP_SIZE  # the recipe checks that a batch holds whole groups
 GROUPS_FORMAT = 1  # bump when grouping changes, so that cached groups are not reused
 
 
