@@ -239,3 +239,22 @@ def test_sentence_transformers_and_optimum_load_the_export_as_is(tmp_path: Path)
     ort_model = ORTModelForFeatureExtraction.from_pretrained(out, file_name="model.onnx")
     ort_hidden = ort_model(**tok(texts, padding=True, return_tensors="pt")).last_hidden_state.numpy()
     assert np.allclose(pool(ort_hidden, batch["attention_mask"].numpy(), Pooling("mean", True)), expected, atol=1e-4)
+
+
+def test_the_int8_gate_of_a_cls_model_compares_its_cls_embeddings(tmp_path: Path, monkeypatch):
+    """export reads the declared pooling before quantizing, and the gate scores every int8 candidate on it."""
+    import homoexport.deployment.export as ex
+
+    seen: list[Pooling | None] = []
+    real = ex.int8_agreement
+
+    def spy(task, fp32, int8, masks, pooling=None):
+        seen.append(pooling)
+        return real(task, fp32, int8, masks, pooling)
+
+    monkeypatch.setattr(ex, "int8_agreement", spy)
+    model_dir = save_model_dir(tmp_path / "m", kind="base")
+    write_st_files(model_dir, "cls", normalize=True)
+    report = ex.export_model(model_dir, tmp_path / "onnx", ex.ExportSettings(task="feature-extraction", latency_repeats=2))
+    assert seen and all(p is not None and (p.mode, p.normalize) == ("cls", True) for p in seen)
+    assert report["parity"]["int8_vs_fp32"]["passed"]
