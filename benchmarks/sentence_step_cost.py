@@ -32,7 +32,7 @@ import torch
 from homoexport.atomic import atomic_write_json
 from homoexport.config.recipe import LossSpec, OptimizerSpec
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.distillation.grouping import teacher_neighbour_groups
+from homoexport.distillation.grouping import Grouping, teacher_neighbour_groups
 from homoexport.distillation.losses import DistillationLoss
 from homoexport.distillation.models import encode, load_model, load_tokenizer
 from homoexport.distillation.sentence_targets import teacher_sentence_targets
@@ -64,7 +64,7 @@ def main() -> None:
     started = time.perf_counter()
     sentences = teacher_sentence_targets(teacher, rows, tokenizer.pad_token_id, "fp32", args.cache_dir)
     embed_s = time.perf_counter() - started
-    groups = teacher_neighbour_groups(teacher, rows, tokenizer.pad_token_id, "fp32", 0, args.cache_dir, pooled=sentences)
+    groups = teacher_neighbour_groups(teacher, rows, tokenizer.pad_token_id, Grouping(), args.cache_dir, pooled=sentences)
     batcher = BlockBatcher(rows, tokenizer, args.batch, mlm_probability=None, padded=True, groups=groups)
 
     masked = prepare(copy.deepcopy(teacher))

@@ -9,7 +9,7 @@ from tiny import make_model, make_tokenizer
 
 from homoexport.config.recipe import validate_recipe
 from homoexport.distillation.data import BlockBatcher, DataError
-from homoexport.distillation.grouping import GROUP_SIZE, groups_key, neighbour_groups
+from homoexport.distillation.grouping import Grouping, groups_key, neighbour_groups
 from homoexport.distillation.losses import contrastive_kl
 from homoexport.errors import UsageError
 
@@ -24,6 +24,9 @@ def clustered(n_clusters: int, size: int, dim: int = 16, seed: int = 0) -> tuple
     return torch.nn.functional.normalize(x[perm], dim=-1), label[perm].numpy()
 
 
+GROUP_SIZE = 8
+
+
 def test_neighbour_groups_gather_each_cluster_and_use_every_row_once():
     emb, cluster = clustered(5, GROUP_SIZE)
     groups = neighbour_groups(emb, GROUP_SIZE, seed=3)
@@ -35,17 +38,23 @@ def test_neighbour_groups_gather_each_cluster_and_use_every_row_once():
     assert leftovers.shape == (5, GROUP_SIZE) and len(set(leftovers.reshape(-1).tolist())) == 5 * GROUP_SIZE
     with pytest.raises(DataError, match="at least 8"):
         neighbour_groups(emb[:5], GROUP_SIZE)
+    emb, cluster = clustered(3, 16)
+    groups = neighbour_groups(emb, 16)
+    assert groups.shape == (3, 16) and all(len(set(cluster[g])) == 1 for g in groups)
 
 
-def test_cached_groups_are_keyed_by_rows_teacher_precision_seed_and_pooling():
+def test_cached_groups_are_keyed_by_rows_teacher_size_seed_precision_and_pooling():
     teacher = make_model("base")
     rows = np.arange(64, dtype=np.int32).reshape(8, 8)
-    key = groups_key(teacher, rows, "fp32", 0)
-    assert key == groups_key(make_model("base"), rows.copy(), "fp32", 0)
+    key = groups_key(teacher, rows, Grouping())
+    assert key == groups_key(make_model("base"), rows.copy(), Grouping(8, 0, "fp32", "mean"))
     other_rows = rows.copy()
     other_rows[3, 3] = 0
-    assert len({key, groups_key(teacher, other_rows, "fp32", 0), groups_key(make_model("base", seed=1), rows, "fp32", 0),
-                groups_key(teacher, rows, "bf16", 0), groups_key(teacher, rows, "fp32", 1), groups_key(teacher, rows, "fp32", 0, "cls")}) == 6
+    assert len({key, groups_key(teacher, other_rows, Grouping()), groups_key(make_model("base", seed=1), rows, Grouping()),
+                groups_key(teacher, rows, Grouping(precision="bf16")), groups_key(teacher, rows, Grouping(seed=1)),
+                groups_key(teacher, rows, Grouping(pooling="cls")), groups_key(teacher, rows, Grouping(size=16))}) == 7
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        Grouping(size=1)
 
 
 def test_batcher_keeps_groups_whole_and_visits_every_grouped_row_once_an_epoch(tmp_path):
@@ -90,8 +99,19 @@ def test_a_neighbour_batch_size_that_splits_a_group_fails_when_the_recipe_loads(
     """Before the teacher embeds a single row (minutes on a real corpus), not when the batcher is built."""
     base = {"teacher": "t", "student": {"hidden": 32, "heads": 2, "ffn": 48},
             "data": {"train": ["x.txt"], "unit": "sentence", "batching": "neighbours"}}
-    with pytest.raises(UsageError, match=r"training\.batch_size 100 is not a multiple of 8") as err:
+    with pytest.raises(UsageError, match=r"training\.batch_size 100 is not a multiple of data\.group_size 8") as err:
         validate_recipe({**base, "training": {"batch_size": 100}})
     assert "Value error" not in str(err.value) and "'teacher'" not in str(err.value)  # the message, not the recipe echoed
     assert validate_recipe({**base, "training": {"batch_size": 128}}).training.batch_size == 128
     assert validate_recipe({**base, "data": {**base["data"], "batching": "random"}, "training": {"batch_size": 100}})
+    with pytest.raises(UsageError, match=r"training\.batch_size 64 is not a multiple of data\.group_size 48"):
+        validate_recipe({**base, "data": {**base["data"], "group_size": 48}, "training": {"batch_size": 64}})
+    assert validate_recipe({**base, "data": {**base["data"], "group_size": 16}, "training": {"batch_size": 128}}).data.group_size == 16
+
+
+def test_a_group_size_without_neighbour_batches_is_an_error_not_ignored():
+    base = {"teacher": "t", "student": {"hidden": 32, "heads": 2, "ffn": 48}, "data": {"train": ["x.txt"], "unit": "sentence"}}
+    with pytest.raises(UsageError, match=r"data\.group_size: .*set data\.batching to neighbours"):
+        validate_recipe({**base, "data": {**base["data"], "group_size": 16}})
+    with pytest.raises(UsageError, match=r"data\.group_size"):
+        validate_recipe({**base, "data": {**base["data"], "batching": "neighbours", "group_size": 1}})

@@ -205,3 +205,12 @@ def test_a_bad_pooling_config_stops_only_runs_that_pool(tmp_path):
     r = sentence_recipe(teacher_dir, corpus, tmp_path / "b", hidden=1.0, contrastive=0.0)
     r["data"]["batching"] = "random"
     assert trainer.build_corpus_setup(validate_recipe(r)).pooling == "mean"
+
+
+def test_the_recipe_group_size_sizes_the_neighbour_groups_of_a_run(setting, tmp_path):
+    teacher, corpus = setting
+    r = sentence_recipe(teacher, corpus, tmp_path / "run")
+    for size in (8, 16):
+        setup = trainer.build_corpus_setup(validate_recipe({**r, "data": {**r["data"], "group_size": size}}), sentence_targets=True)
+        assert setup.batcher.groups is not None and setup.batcher.groups.shape[1] == size
+        assert len(setup.batcher.groups) == len(setup.batcher.blocks) // size

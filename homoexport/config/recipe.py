@@ -40,9 +40,6 @@ class StudentSpec(_Strict):
         return self
 
 
-NEIGHBOUR_GROUP_SIZE = 8  # data.batching neighbours: a sentence and its 7 nearest by the teacher's embedding share a batch
-
-
 class DataSpec(_Strict):
     train: list[str] = Field(default_factory=list, description="text/jsonl/parquet/WikiExtractor .txt.gz files, globs or dirs, or a hub dataset name")
     eval: list[str] = Field(default_factory=list, description="held-out text; empty = take eval_blocks from the training data")
@@ -50,8 +47,11 @@ class DataSpec(_Strict):
     unit: Literal["block", "sentence"] = Field("block", description="block: text packed into full blocks; sentence: one padded row per "
                                                 "sentence split from each document (for sentence-embedding objectives)")
     batching: Literal["random", "neighbours"] = Field("random", description="random: rows in a shuffled order; neighbours (unit "
-                                                       "sentence): groups of 8 rows that are nearest neighbours by the teacher's "
-                                                       "sentence embedding share a batch, so in-batch terms see related sentences")
+                                                       "sentence): groups of group_size rows that are nearest neighbours by the "
+                                                       "teacher's sentence embedding share a batch, so in-batch terms see related "
+                                                       "sentences")
+    group_size: int = Field(8, ge=2, description="with batching neighbours: rows per group, an anchor and its group_size - 1 "
+                                                  "nearest unused rows; training.batch_size must be a multiple of it")
     eval_blocks: int = Field(256, ge=0)
     max_blocks: Optional[int] = Field(None, gt=0, description="cap on training blocks (for quick runs)")
     cache_dir: Optional[str] = None
@@ -63,6 +63,14 @@ class DataSpec(_Strict):
         if batching == "neighbours" and info.data.get("unit") != "sentence":
             raise ValueError("neighbours groups sentence rows: set data.unit to sentence")
         return batching
+
+    @field_validator("group_size")
+    @classmethod
+    def _groups_need_neighbours(cls, group_size: int, info: ValidationInfo) -> int:
+        # Set only when it is written in the recipe (the default is not validated), so a stray key is not ignored silently.
+        if info.data.get("batching") != "neighbours":
+            raise ValueError("group_size sizes neighbour groups: set data.batching to neighbours, or remove data.group_size")
+        return group_size
 
 
 class LossSpec(_Strict):
@@ -270,9 +278,9 @@ class Recipe(_Strict):
         if self.task is not None and (self.init == "random" or self.assistant.mode != "off"):
             raise UsageError("a task recipe starts from the fine-tuned teacher's own weights: init must be copy (or truncate, for a "
                              "shallower student) and assistant off")
-        if self.data.batching == "neighbours" and self.training.batch_size % NEIGHBOUR_GROUP_SIZE:
-            raise UsageError(f"training.batch_size {self.training.batch_size} is not a multiple of {NEIGHBOUR_GROUP_SIZE}: with "
-                             f"data.batching neighbours a batch holds whole groups of {NEIGHBOUR_GROUP_SIZE} sentences")
+        if self.data.batching == "neighbours" and self.training.batch_size % self.data.group_size:
+            raise UsageError(f"training.batch_size {self.training.batch_size} is not a multiple of data.group_size "
+                             f"{self.data.group_size}: with data.batching neighbours a batch holds whole groups of sentences")
         if self.task is not None and self.losses.relation > 0:
             raise UsageError("losses.relation (MiniLMv2 relations) is not available in task recipes: use hidden/attention/embedding")
         return self

@@ -13,7 +13,7 @@ import torch
 
 from homoexport.config.recipe import Recipe
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.distillation.grouping import teacher_neighbour_groups
+from homoexport.distillation.grouping import Grouping, teacher_neighbour_groups
 from homoexport.distillation.losses import SENTENCE_TERMS, active_terms
 from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.distillation.precision import resolve_precision
@@ -87,8 +87,9 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
     if recipe.data.batching == "neighbours":
         started = time.perf_counter()
         with first():  # one process groups and caches, the others read the cache
-            groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id, precision, seed, recipe.data.cache_dir,
-                                              pooled=sentences, pooling=pooling.mode)
+            groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id,
+                                              Grouping(recipe.data.group_size, seed, precision, pooling.mode), recipe.data.cache_dir,
+                                              pooled=sentences)
         grouping_s = round(time.perf_counter() - started, 2)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
                            groups=groups)
