@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,6 @@ def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id:
     logger.info("neighbour batches: %d groups of %d sentences by the teacher's embedding in %.1f s", len(groups), grouping.size,
                 time.perf_counter() - started)
     if cached is not None:
-        record = {key: value for key, value in asdict(grouping).items() if key != "size"}
-        atomic_write_json(cached, {"rows": len(rows), "group_size": grouping.size, **record, "groups": groups.tolist()})
+        atomic_write_json(cached, {"rows": len(rows), "group_size": grouping.size, "precision": grouping.precision,
+                                   "seed": grouping.seed, "pooling": grouping.pooling, "groups": groups.tolist()})
     return groups
