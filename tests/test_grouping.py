@@ -115,3 +115,5 @@ def test_a_group_size_without_neighbour_batches_is_an_error_not_ignored():
         validate_recipe({**base, "data": {**base["data"], "group_size": 16}})
     with pytest.raises(UsageError, match=r"data\.group_size"):
         validate_recipe({**base, "data": {**base["data"], "batching": "neighbours", "group_size": 1}})
+    resolved = validate_recipe(base).model_dump(mode="json")  # what recipe.resolved.yaml writes: the default group size
+    assert resolved["data"]["group_size"] == 8 and validate_recipe(resolved).data.batching == "random"

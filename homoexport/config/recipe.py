@@ -67,8 +67,9 @@ class DataSpec(_Strict):
     @field_validator("group_size")
     @classmethod
     def _groups_need_neighbours(cls, group_size: int, info: ValidationInfo) -> int:
-        # Set only when it is written in the recipe (the default is not validated), so a stray key is not ignored silently.
-        if info.data.get("batching") != "neighbours":
+        # Runs only when the key is written: a size other than the default without neighbour batches would be ignored
+        # silently. The default passes, since every resolved recipe (recipe.resolved.yaml) writes it and loads again.
+        if info.data.get("batching") != "neighbours" and group_size != cls.model_fields["group_size"].default:
             raise ValueError("group_size sizes neighbour groups: set data.batching to neighbours, or remove data.group_size")
         return group_size
 
