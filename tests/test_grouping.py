@@ -115,5 +115,8 @@ def test_a_group_size_without_neighbour_batches_is_an_error_not_ignored():
         validate_recipe({**base, "data": {**base["data"], "group_size": 16}})
     with pytest.raises(UsageError, match=r"data\.group_size"):
         validate_recipe({**base, "data": {**base["data"], "batching": "neighbours", "group_size": 1}})
+    with pytest.raises(UsageError) as err:  # a misspelt batching: one error, not a second one about group_size
+        validate_recipe({**base, "data": {**base["data"], "batching": "neighbors", "group_size": 16}})
+    assert "data.batching" in str(err.value) and "data.group_size" not in str(err.value)
     resolved = validate_recipe(base).model_dump(mode="json")  # what recipe.resolved.yaml writes: the default group size
     assert resolved["data"]["group_size"] == 8 and validate_recipe(resolved).data.batching == "random"

@@ -69,7 +69,9 @@ class DataSpec(_Strict):
     def _groups_need_neighbours(cls, group_size: int, info: ValidationInfo) -> int:
         # Runs only when the key is written: a size other than the default without neighbour batches would be ignored
         # silently. The default passes, since every resolved recipe (recipe.resolved.yaml) writes it and loads again.
-        if info.data.get("batching") != "neighbours" and group_size != cls.model_fields["group_size"].default:
+        # batching is absent when its own value was bad: that error alone names the fix.
+        batching = info.data.get("batching", "neighbours")
+        if batching != "neighbours" and group_size != cls.model_fields["group_size"].default:
             raise ValueError("group_size sizes neighbour groups: set data.batching to neighbours, or remove data.group_size")
         return group_size
 
