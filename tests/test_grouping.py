@@ -9,7 +9,7 @@ from tiny import make_model, make_tokenizer
 
 from homoexport.config.recipe import validate_recipe
 from homoexport.distillation.data import BlockBatcher, DataError
-from homoexport.distillation.grouping import Grouping, groups_key, neighbour_groups
+from homoexport.distillation.grouping import EpochGroups, Grouping, groups_key, neighbour_groups
 from homoexport.distillation.losses import contrastive_kl
 from homoexport.errors import UsageError
 
@@ -74,6 +74,41 @@ def test_batcher_keeps_groups_whole_and_visits_every_grouped_row_once_an_epoch(t
     assert not torch.equal(batcher.global_ids(0), batcher.global_ids(3))  # the next epoch reshuffles the groups
     with pytest.raises(DataError, match="multiple of the neighbour group size 8"):
         BlockBatcher(rows, tok, 12, mlm_probability=None, groups=groups)
+
+
+def test_regrouping_mines_other_groups_each_epoch_as_a_pure_function_of_the_epoch(tmp_path):
+    emb = torch.nn.functional.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    first = neighbour_groups(emb, 8, seed=0)
+    fixed = EpochGroups(first)
+    assert fixed.shape == (8, 8) and all(fixed.at(e) is first for e in (0, 1, 5))
+    regrouped = EpochGroups(first, emb, seed=0)
+    epochs = [regrouped.at(e) for e in range(4)]
+    assert epochs[0] is first  # the cached groups open the run
+    for groups in epochs:
+        assert groups.shape == (8, 8) and sorted(groups.reshape(-1).tolist()) == list(range(64))
+    partitions = [frozenset(frozenset(g.tolist()) for g in groups) for groups in epochs]
+    assert len(set(partitions)) == 4  # each epoch its own groups
+    resumed = EpochGroups(first, emb, seed=0)  # a resumed run asks for epoch 2 first
+    assert np.array_equal(resumed.at(2), epochs[2]) and np.array_equal(resumed.at(1), epochs[1])
+    assert not np.array_equal(EpochGroups(first, emb, seed=1).at(1), epochs[1])
+    tok = make_tokenizer(tmp_path)
+    rows = np.arange(64 * 4, dtype=np.int32).reshape(64, 4) + 10  # row i starts with token 10 + 4i
+    batcher = BlockBatcher(rows, tok, 16, mlm_probability=None, groups=regrouped)
+    assert batcher.steps_per_epoch == 4
+    for epoch in (0, 1, 2):
+        member = {int(r): k for k, g in enumerate(epochs[epoch]) for r in g}
+        for step in range(epoch * 4, epoch * 4 + 4):
+            ids = (batcher.global_ids(step)[:, 0].numpy() - 10) // 4
+            assert all(len({member[int(r)] for r in half}) == 1 for half in (ids[:8], ids[8:]))  # that epoch's groups, whole
+
+
+def test_regroup_needs_neighbour_batches():
+    base = {"teacher": "t", "student": {"hidden": 32, "heads": 2, "ffn": 48}, "data": {"train": ["x.txt"], "unit": "sentence"}}
+    with pytest.raises(UsageError, match=r"data\.regroup: .*set data\.batching to neighbours"):
+        validate_recipe({**base, "data": {**base["data"], "regroup": True}})
+    assert validate_recipe({**base, "data": {**base["data"], "batching": "neighbours", "regroup": True}}).data.regroup
+    resolved = validate_recipe(base).model_dump(mode="json")  # recipe.resolved.yaml writes regroup: false
+    assert resolved["data"]["regroup"] is False and validate_recipe(resolved).data.batching == "random"
 
 
 def test_contrastive_kl_is_zero_for_the_same_ranking_at_any_width_and_scale():

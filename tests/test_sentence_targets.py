@@ -213,4 +213,22 @@ def test_the_recipe_group_size_sizes_the_neighbour_groups_of_a_run(setting, tmp_
     for size in (8, 16):
         setup = trainer.build_corpus_setup(validate_recipe({**r, "data": {**r["data"], "group_size": size}}), sentence_targets=True)
         assert setup.batcher.groups is not None and setup.batcher.groups.shape[1] == size
-        assert len(setup.batcher.groups) == len(setup.batcher.blocks) // size
+        assert setup.batcher.groups.shape[0] == len(setup.batcher.blocks) // size
+
+
+@pytest.mark.parametrize("targets", [True, False])
+def test_a_regrouping_run_mines_each_epoch_from_the_teacher_vectors_and_trains_across_epochs(setting, tmp_path, targets, caplog):
+    teacher, corpus = setting
+    r = sentence_recipe(teacher, corpus, tmp_path / "run")
+    r["data"]["regroup"] = True
+    setup = trainer.build_corpus_setup(validate_recipe(r), sentence_targets=targets)
+    groups = setup.batcher.groups
+    assert groups is not None and groups.embeddings is not None and groups.embeddings.shape[0] == len(setup.batcher.blocks)
+    assert torch.allclose(groups.embeddings.norm(dim=-1), torch.ones(len(setup.batcher.blocks)), atol=1e-5)
+    assert not np.array_equal(groups.at(0), groups.at(1))
+    if targets:  # the whole run: it crosses into the second epoch, whose batches come from the new groups
+        steps = setup.batcher.steps_per_epoch + 2
+        r["training"] = {**r["training"], "steps": steps}
+        with caplog.at_level("INFO", logger="homoexport"):
+            report = distill(validate_recipe(r))
+        assert report["steps"] == steps and "epoch 1 regrouped" in caplog.text

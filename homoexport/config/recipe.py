@@ -52,6 +52,8 @@ class DataSpec(_Strict):
                                                        "sentences")
     group_size: int = Field(8, ge=2, description="with batching neighbours: rows per group, an anchor and its group_size - 1 "
                                                   "nearest unused rows; training.batch_size must be a multiple of it")
+    regroup: bool = Field(False, description="with batching neighbours: mine fresh groups from new random anchors at each epoch, so "
+                                             "a row meets other neighbours each time and the leftover groups change")
     eval_blocks: int = Field(256, ge=0)
     max_blocks: Optional[int] = Field(None, gt=0, description="cap on training blocks (for quick runs)")
     cache_dir: Optional[str] = None
@@ -74,6 +76,14 @@ class DataSpec(_Strict):
         if batching != "neighbours" and group_size != cls.model_fields["group_size"].default:
             raise ValueError("group_size sizes neighbour groups: set data.batching to neighbours, or remove data.group_size")
         return group_size
+
+    @field_validator("regroup")
+    @classmethod
+    def _regroup_needs_neighbours(cls, regroup: bool, info: ValidationInfo) -> bool:
+        # As for group_size: resolved recipes write false, which passes.
+        if regroup and info.data.get("batching", "neighbours") != "neighbours":
+            raise ValueError("regroup re-mines neighbour groups: set data.batching to neighbours, or remove data.regroup")
+        return regroup
 
 
 class LossSpec(_Strict):

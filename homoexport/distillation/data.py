@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from glob import glob
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFas
 
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.errors import UsageError
+
+if TYPE_CHECKING:
+    from homoexport.distillation.grouping import EpochGroups
 
 logger = logging.getLogger(__name__)
 
@@ -412,7 +415,7 @@ def build_blocks(spec: CorpusSpec, tokenizer: PreTrainedTokenizerFast) -> tuple[
 # --------------------------------------------------------------------------- blocks -> batches
 
 
-def _seed(*words: int) -> int:
+def mixed_seed(*words: int) -> int:
     """A well-mixed 63-bit seed derived from integers (so nearby steps get unrelated streams)."""
     return int(np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
@@ -435,7 +438,12 @@ class BlockBatcher:
     """
 
     def __init__(self, blocks: np.ndarray, tokenizer: PreTrainedTokenizerFast, batch_size: int, seed: int = 0,
-                 mlm_probability: float | None = 0.15, shuffle: bool = True, padded: bool = False, groups: np.ndarray | None = None):
+                 mlm_probability: float | None = 0.15, shuffle: bool = True, padded: bool = False,
+                 groups: np.ndarray | EpochGroups | None = None):
+        from homoexport.distillation.grouping import EpochGroups  # grouping reads this module's errors and seeds
+
+        if isinstance(groups, np.ndarray):
+            groups = EpochGroups(groups)
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if len(blocks) < batch_size:
@@ -446,8 +454,8 @@ class BlockBatcher:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
-        self.groups = groups  # [n_groups, size] row indices that share a batch, in a shuffled order of groups
-        self.steps_per_epoch = (groups.size if groups is not None else len(blocks)) // batch_size
+        self.groups = groups  # each epoch's [n_groups, size] row indices that share a batch, visited in a shuffled order
+        self.steps_per_epoch = (groups.shape[0] * groups.shape[1] if groups is not None else len(blocks)) // batch_size
         self.special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
         self.pad_id = tokenizer.pad_token_id if padded else None  # sentence rows: attention only where not [PAD]
         self.collator = (
@@ -468,11 +476,12 @@ class BlockBatcher:
         if not self.shuffle:
             return np.arange(len(self.blocks))
         if self._order is None or self._order[0] != epoch:
-            rng = np.random.default_rng(_seed(self.seed, _SHUFFLE, epoch))
+            rng = np.random.default_rng(mixed_seed(self.seed, _SHUFFLE, epoch))
             if self.groups is None:
                 self._order = (epoch, rng.permutation(len(self.blocks)))
             else:
-                self._order = (epoch, self.groups[rng.permutation(len(self.groups))].reshape(-1))
+                groups = self.groups.at(epoch)
+                self._order = (epoch, groups[rng.permutation(len(groups))].reshape(-1))
         return self._order[1]
 
     def global_rows(self, step: int) -> np.ndarray:
@@ -506,7 +515,7 @@ class BlockBatcher:
             "token_type_ids": torch.zeros_like(ids), "rows": torch.from_numpy(np.asarray(rows, dtype=np.int64)),
         }
         if self.collator is not None:
-            self.collator.generator = torch.Generator().manual_seed(_seed(self.seed, _MASKING, step))
+            self.collator.generator = torch.Generator().manual_seed(mixed_seed(self.seed, _MASKING, step))
             special = torch.isin(ids, self.special_ids)
             batch["mlm_input_ids"], batch["mlm_labels"] = self.collator.torch_mask_tokens(ids.clone(), special)
         size = self.batch_size // (world_size * n_micro)

@@ -18,12 +18,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from homoexport.distillation.data import DataError
+from homoexport.distillation.data import DataError, mixed_seed
 from homoexport.distillation.sentence_targets import pooled_rows, rows_key
 
 logger = logging.getLogger(__name__)
 
 GROUPS_FORMAT = 1  # bump when grouping changes, so that cached groups are not reused
+_REGROUP = 3  # a seed stream of its own (data.py uses 1 for shuffling, 2 for masking)
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,36 @@ def teacher_neighbour_groups(teacher: torch.nn.Module, rows: np.ndarray, pad_id:
         atomic_write_json(cached, {"rows": len(rows), "group_size": grouping.size, "precision": grouping.precision,
                                    "seed": grouping.seed, "pooling": grouping.pooling, "groups": groups.tolist()})
     return groups
+
+
+class EpochGroups:
+    """The neighbour groups each epoch's batches are drawn from.
+
+    Fixed groups (``embeddings`` None) serve every epoch. With the teacher's normalized sentence embeddings
+    (``data.regroup``) epoch 0 keeps ``first`` (the cached groups) and each later epoch mines fresh groups from anchors
+    drawn with a seed of ``(seed, epoch)``: over many epochs a row is ranked against more of its neighbours than one
+    group holds, and the greedy leftovers (the least coherent groups) are different rows each time. A pure function of
+    the epoch, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, first: np.ndarray, embeddings: torch.Tensor | None = None, seed: int = 0):
+        self.first = first
+        self.embeddings = embeddings
+        self.seed = seed
+        self._last: tuple[int, np.ndarray] = (0, first)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[groups, group size], the same at every epoch."""
+        return self.first.shape[0], self.first.shape[1]
+
+    def at(self, epoch: int) -> np.ndarray:
+        """[groups, group size] row indices of ``epoch``'s groups (the last epoch's are kept)."""
+        if self.embeddings is None or epoch == 0:
+            return self.first
+        if self._last[0] != epoch:
+            started = time.perf_counter()
+            groups = neighbour_groups(self.embeddings, self.shape[1], mixed_seed(self.seed, _REGROUP, epoch))
+            logger.info("neighbour batches: epoch %d regrouped in %.1f s", epoch, time.perf_counter() - started)
+            self._last = (epoch, groups)
+        return self._last[1]

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
 import torch
+import torch.nn.functional as F
 
 from homoexport.config.recipe import Recipe
 from homoexport.distillation.data import BlockBatcher, CorpusSpec, build_blocks
-from homoexport.distillation.grouping import Grouping, teacher_neighbour_groups
+from homoexport.distillation.grouping import EpochGroups, Grouping, teacher_neighbour_groups
 from homoexport.distillation.losses import SENTENCE_TERMS, active_terms
 from homoexport.distillation.models import load_model, load_tokenizer
 from homoexport.distillation.precision import resolve_precision
@@ -83,13 +84,18 @@ def build_corpus_setup(recipe: Recipe, first: Callable[[], ContextManager] = con
             sentences = teacher_sentence_targets(teacher, train_blocks, tokenizer.pad_token_id, precision, recipe.data.cache_dir,
                                                  pooling.mode)
         sentences_s = round(time.perf_counter() - started, 2)
-    groups, grouping_s = None, None
+    groups: Any = None  # np.ndarray, or EpochGroups with data.regroup
+    grouping_s = None
     if recipe.data.batching == "neighbours":
         started = time.perf_counter()
         with first():  # one process groups and caches, the others read the cache
             groups = teacher_neighbour_groups(teacher, train_blocks, tokenizer.pad_token_id,
                                               Grouping(recipe.data.group_size, seed, precision, pooling.mode), recipe.data.cache_dir,
                                               pooled=sentences)
+            if recipe.data.regroup:  # later epochs mine their groups from the teacher's vectors (cached like the targets)
+                vectors = sentences if sentences is not None else teacher_sentence_targets(
+                    teacher, train_blocks, tokenizer.pad_token_id, precision, recipe.data.cache_dir, pooling.mode)
+                groups = EpochGroups(groups, F.normalize(vectors, dim=-1), seed)
         grouping_s = round(time.perf_counter() - started, 2)
     batcher = BlockBatcher(train_blocks, tokenizer, recipe.training.batch_size, seed=seed, mlm_probability=mlm_prob, padded=padded,
                            groups=groups)
