@@ -21,6 +21,9 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
     (abh)             (ab) with ``task.hard_label`` ``HARD_LABEL``: the student also learns the gold labels the teacher misses
     (a0)              (ab) without pruning: the teacher's own copy distilled for the same epochs, the control that
                       separates what pruning loses from what continued training on the task loses
+    (afam)            (a) keeping a dense student at each of ``FAMILY``'s hidden sizes on the way down (``task.family``); the
+                      run exports every student to int8 ONNX, scores it on dev and times them side by side: the
+                      width-vs-score-vs-latency curve of one run (its final student is (a)'s, the same seed and steps)
     (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
                       in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
                       ``--work``), the same epochs over both: about (a)'s wall time on RTE
@@ -64,17 +67,19 @@ ARMS = {
     "abh": ("homodistil", "task HomoDistil in bf16 + the gold labels' term", "192"),
     "axt": ("homodistil", "task HomoDistil in bf16 + the task's unlabelled test text for the teacher", "192"),
     "a0": ("distill", "task distillation in bf16 without pruning (control)", "384"),
+    "afam": ("homodistil", "task HomoDistil (iterative), keeping a family of students", "192"),
 }
 SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
 FAST_T_F = 0.7
 AUGMENT_COPIES = 4
 HARD_LABEL = 1.0
+FAMILY = [320, 288, 256, 224]  # (afam): hidden sizes kept on the way to 192
 # The arms that change one thing of (a)'s recipe: task_recipe's keyword arguments.
 VARIANTS: dict[str, dict[str, Any]] = {
     "ax": {"unlabelled": True}, "aa": {"augment": True}, "af": {"t_f": FAST_T_F}, "ab": {"precision": "bf16"},
     "abh": {"precision": "bf16", "hard_label": HARD_LABEL},
-    "axt": {"precision": "bf16", "test_text": True}, "a0": {"precision": "bf16"},
+    "axt": {"precision": "bf16", "test_text": True}, "a0": {"precision": "bf16"}, "afam": {"family": FAMILY},
 }
 # Columns of each task's GLUE test.tsv that hold its text (and pair).
 TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
@@ -106,11 +111,13 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
                 unlabelled: bool = False, augment: bool = False, t_f: float = T_F, precision: str = "fp32", hard_label: float = 0.0,
-                test_text: bool = False) -> dict[str, Any]:
+                test_text: bool = False, family: Sequence[int] = ()) -> dict[str, Any]:
     """The recipe of arms (a), (b), (a128) and ``VARIANTS``: KL at T=2 on the logits plus hidden/attention/embedding terms."""
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False}
     if hard_label:
         spec["hard_label"] = hard_label
+    if family:
+        spec |= {"family": list(family), "export": True}
     if unlabelled:
         from homoexport.evaluation.glue_data import get_task, read_tsv
 
@@ -122,7 +129,7 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
         "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}"
-                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else ""),
+                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else ""),
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
@@ -284,6 +291,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "widths": distill["student"]["widths"] if distill else None,
                     "data": distill["data"] if distill else None,  # rows trained on: labelled, unlabelled, word-swapped, dev
                     **step_times(run / "distill" / "train_log.jsonl"),
+                    "family": family_curve(distill),
                 })
     have = {(r["task"], r["arm"], r["seed"]) for r in rows}
     rows += [r for r in earlier if (r["task"], r["arm"], r["seed"]) not in have and r["task"] in tasks]
@@ -295,6 +303,16 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                          "augment_copies": AUGMENT_COPIES, "t_f": {"a": T_F, "af": FAST_T_F},
                          "variants": VARIANTS},
             "machine": fingerprint()}
+
+
+def family_curve(distill: dict[str, Any] | None) -> list[dict[str, Any]] | None:
+    """(afam): each kept student's shape, size, dev score in PyTorch and as int8 ONNX, and int8 latency (side by side)."""
+    if not distill or len(distill.get("family") or []) < 2:
+        return None
+    metric = distill["primary_metric"]
+    return [{"widths": m["widths"], "parameters": m["parameters"], "step": m["step"], "metric": metric, "pytorch": m["dev"][metric],
+             "onnx_int8": (m.get("int8") or {}).get("dev", {}).get(metric), "int8_p50_ms_b1": (m.get("int8") or {}).get("p50_ms"),
+             "int8_mb": (m.get("int8") or {}).get("file_mb")} for m in distill["family"]]
 
 
 def step_times(log: Path) -> dict[str, Any]:
@@ -345,7 +363,27 @@ def markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
         lines.append(f"| {title.get(s['arm'], s['arm'])} | " + " | ".join(cells) + f" | {avg} |")
     return ("GLUE dev scores in points (the mean of a task's metrics: MRPC F1 and accuracy, CoLA MCC, RTE and SST-2 accuracy); "
             "students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where n > 1; — not run yet.\n\n"
-            + "\n".join(lines) + "\n" + _details(result))
+            + "\n".join(lines) + "\n" + _families(result) + _details(result))
+
+
+def _families(result: dict[str, Any]) -> str:
+    """(afam): one table per run, widest student first, against its teacher."""
+    out = []
+    for r in result["rows"]:
+        if not r.get("family"):
+            continue
+        teacher = next((t for t in result["rows"] if t["task"] == r["task"] and t["arm"] == "teacher"), None)
+        metric = r["family"][0]["metric"]
+        t_score = teacher["metrics"]["pytorch"].get(metric) if teacher else None
+        out += ["", f"{r['task']} seed {r['seed']}: the students of one run (dev {metric}; teacher {t_score:.2f} in PyTorch)" if t_score is not None
+                else f"{r['task']} seed {r['seed']}: the students of one run (dev {metric})", "",
+                "| hidden/heads/ffn | params | step | PyTorch | int8 ONNX | int8 drop | int8 p50 ms b1/s128 | int8 MB |", "|---|---|---|---|---|---|---|---|"]
+        for m in r["family"]:
+            w = m["widths"]
+            drop = f"{t_score - m['onnx_int8']:.2f}" if t_score is not None and m["onnx_int8"] is not None else "—"
+            out.append(f"| {w['hidden']}/{w['heads']}/{w['ffn']} | {m['parameters'] / 1e6:.2f}M | {m['step']} | {m['pytorch']:.2f} | "
+                       f"{m['onnx_int8']:.2f} | {drop} | {m['int8_p50_ms_b1']:.2f} | {m['int8_mb']:.1f} |")
+    return "\n".join(out) + ("\n" if out else "")
 
 
 def _details(result: dict[str, Any]) -> str:

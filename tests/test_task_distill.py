@@ -347,15 +347,23 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     import yaml
 
     path = tmp_path / "task.yaml"
-    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.epochs": 1, "task.export": True})))
-    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress"])
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.export": True})))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", "accuracy-drop=100"])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert "dev accuracy: teacher" in out and "int8 ONNX" in out and (tmp_path / "run" / "student" / "config.json").is_file()
+    assert "students of tiny-task" in out and "accuracy-drop <= 100 points of accuracy (int8 ONNX): chose" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert (tmp_path / "run" / "export" / "model_quantized.onnx").is_file() and 0 <= report["deployed"]["dev_int8"]["accuracy"] <= 100
-    # The int8 file agrees with the PyTorch student on this easy task within a few examples (16 dev rows).
-    assert abs(report["deployed"]["dev_int8"]["accuracy"] - report["student"]["dev"]["accuracy"]) <= 100 * 3 / 16
+    assert (tmp_path / "run" / "export" / "model_quantized.onnx").is_file() and 0 <= report["deployed"]["dev"]["accuracy"] <= 100
+    assert report["deployed"] == report["family"][-1]["int8"] and report["plan"] is None
+    # Every student of the curve was exported into its own directory, scored as int8 and timed beside the others.
+    kept, final = report["family"][0], report["family"][-1]
+    assert 32 < kept["widths"]["hidden"] <= 56 and kept["int8"]["path"] == str(Path(kept["path"]) / "export" / "model_quantized.onnx")
+    for member in report["family"]:
+        assert Path(member["int8"]["path"]).is_file() and member["int8"]["p50_ms"] > 0 and member["int8"]["file_mb"] > 0
+        # The int8 file agrees with its PyTorch student on this easy task within a few examples (16 dev rows).
+        assert abs(member["int8"]["dev"]["accuracy"] - member["dev"]["accuracy"]) <= 100 * 3 / 16
+    assert kept["int8"]["file_mb"] > final["int8"]["file_mb"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.label_column": "gold"})))
     result = CliRunner().invoke(app, ["distill", str(bad), "--no-progress"])
@@ -406,6 +414,48 @@ def test_one_run_keeps_a_family_and_an_accuracy_drop_budget_picks_the_narrowest(
     assert select_within_drop(members, 90.4, "accuracy", 1.0)["chosen"] == "mid"
     missed = select_within_drop(members, 95.0, "accuracy", 1.0)
     assert missed["chosen"] is None and not missed["met"] and missed["best_drop"] == pytest.approx(5.0)
+
+
+def test_the_accuracy_drop_reads_the_int8_score_and_respects_a_latency_plan():
+    from homoexport.distillation.task import select_within_drop, within_plan
+
+    def member(path: str, hidden: int, params: int, pytorch: float, int8: float | None) -> dict:
+        return {"path": path, "parameters": params, "layers": 6, "widths": {"hidden": hidden, "heads": hidden // 32, "ffn": 4 * hidden},
+                "dev": {"accuracy": pytorch}, **({"int8": {"dev": {"accuracy": int8}}} if int8 is not None else {})}
+
+    # The mid student is within a point in PyTorch but not as int8, the file that ships: the wide one is chosen.
+    members = [member("wide", 320, 10, 90.0, 89.8), member("mid", 256, 6, 89.6, 88.9), member("narrow", 192, 3, 85.0, 84.6)]
+    chosen = select_within_drop(members, 90.4, "accuracy", 1.0)
+    assert chosen["chosen"] == "wide" and chosen["scored"] == "int8 ONNX" and chosen["over_budget"] is None
+    # A latency plan chose 192/6/768: every wider student is over the budget, so none within the drop may ship.
+    fits = within_plan({"budget": "latency=8ms", "chosen": {"layers": 6, "hidden": 192, "heads": 6, "ffn": 768}})
+    assert fits is not None and [fits(m) for m in members] == [False, False, True]
+    missed = select_within_drop(members, 90.4, "accuracy", 1.0, fits)
+    assert not missed["met"] and missed["over_budget"] == "wide" and missed["best_drop"] == pytest.approx(0.6)
+    assert select_within_drop(members, 85.0, "accuracy", 1.0, fits)["chosen"] == "narrow"
+    assert within_plan(None) is None
+    scored_in_pytorch = select_within_drop([member("only", 192, 3, 85.0, None)], 85.5, "accuracy", 1.0)
+    assert scored_in_pytorch["scored"] == "PyTorch" and scored_in_pytorch["met"]
+
+
+def test_a_latency_plan_is_recorded_and_bounds_the_accuracy_drop_choice(tmp_path: Path, teacher_dir: Path, task_files):
+    import yaml
+
+    from homoexport.deployment.budget import SCHEMA
+
+    layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
+    plan = {"schema": SCHEMA, "budget": "latency=8ms", "teacher_shape": {"layers": layers},
+            "chosen": {"name": "x", "layers": layers, "hidden": 32, "heads": 2, "ffn": 64}}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.max_drop": 100.0})))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--plan", str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["plan"]["budget"] == "latency=8ms" and report["student"]["widths"]["hidden"] == 32
+    # Every student is within 100 points, but only the plan's shape fits its budget.
+    assert report["selection"]["met"] and report["selection"]["chosen"] == str(tmp_path / "run" / "student")
+    assert report["selection"]["scored"] == "PyTorch" and len(report["family"]) == 2
 
 
 def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir: Path, task_files):

@@ -150,16 +150,23 @@ def prune_command(
 def _print_task_report(report: dict) -> None:
     s, t, metric = report["student"], report["teacher"], report["primary_metric"]
     deployed = report.get("deployed")
-    int8 = f", int8 ONNX {deployed['dev_int8'][metric]:.2f} ({deployed['path']})" if deployed else ""
+    int8 = f", int8 ONNX {deployed['dev'][metric]:.2f} ({deployed['path']})" if deployed else ""
     console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
                   f"{report['wall_time_s']:.0f}s; dev {metric}: teacher {t['dev'][metric]:.2f}, student {s['dev'][metric]:.2f}{int8}; "
                   f"wrote {s['path']}", highlight=False)
-    for m in report.get("family", [])[:-1]:
-        console.print(f"  family: {_shape(m)} ({m['parameters']:,} params) dev {metric} {m['dev'][metric]:.2f} -> {m['path']}", highlight=False)
+    if len(report.get("family", [])) > 1:
+        from homoexport.cli.tables import family_table
+
+        console.print(family_table(report))
     sel = report.get("selection")
     if sel:
-        verdict = f"chose {sel['chosen']}" if sel["met"] else f"missed: the smallest drop is {sel['best_drop']:.2f} points"
-        console.print(f"accuracy-drop <= {sel['max_drop']:g} points of {metric}: {verdict}", highlight=False)
+        if sel["met"]:
+            verdict = f"chose {sel['chosen']}"
+        elif sel.get("over_budget"):
+            verdict = f"missed: {sel['over_budget']} is within it but over the budget; deployed the final student"
+        else:
+            verdict = f"missed: the smallest drop is {sel['best_drop']:.2f} points"
+        console.print(f"accuracy-drop <= {sel['max_drop']:g} points of {metric} ({sel['scored']}): {verdict}", highlight=False)
 
 
 def _sci(x: float | None) -> str:
@@ -218,7 +225,7 @@ def distill_command(
         if r.task is not None:
             from homoexport.distillation.task import distill_task
 
-            report = distill_task(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update)
+            report = distill_task(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
         elif r.assistant.mode != "off":
             report = distill_with_assistant(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
         else:

@@ -215,9 +215,11 @@ class TaskSpec(_Strict):
     export: bool = Field(True, description="export the student to OUT/export (optimum ONNX, O2 fusion, dynamic int8 for this "
                          "CPU) and score the int8 file on the dev set with onnxruntime")
     family: list[int] = Field(default_factory=list, description="hidden sizes at which to keep a student on the way down "
-                              "(OUT/family/...), each scored on dev: one run gives the width-vs-score curve")
-    max_drop: Optional[float] = Field(None, gt=0, description="keep the narrowest student of the family within this many dev "
-                                      "points of the teacher (`--budget accuracy-drop=1`); it is the one exported")
+                              "(OUT/family/...), each scored on dev and, with export, exported to its own export/, scored as int8 "
+                              "and timed beside the others: one run gives the width-vs-score-vs-latency curve")
+    max_drop: Optional[float] = Field(None, gt=0, description="deploy the narrowest student of the family within this many dev "
+                                      "points of the teacher, scored as int8 when exported (`--budget accuracy-drop=1`); under a "
+                                      "latency or memory budget, only students that fit it")
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskSpec":

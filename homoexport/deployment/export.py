@@ -474,16 +474,15 @@ def _calibrate(src: Path, work: Path, model_config: Any, tokenizer: Any, texts: 
     return quantizer.fit(dataset, AutoCalibrationConfig.minmax(dataset), onnx_augmented_model_name=work / "augmented.onnx", operators_to_quantize=STATIC_OPERATORS)
 
 
-def _faster(paths: dict[str, Path], seq: int, threads: int | None, rounds: int = 3, repeats: int = 15) -> tuple[str, dict[str, float]]:
-    """The fastest of ``paths`` at batch 1 / ``seq``: median of per-round p50s, rounds interleaved so
-    that load from other processes hits every candidate alike."""
+def interleaved_p50(paths: dict[str, Path], seq: int, threads: int | None, rounds: int = 3, repeats: int = 15) -> dict[str, float]:
+    """p50 ms of each of ``paths`` at batch 1 / ``seq``: the median of per-round p50s, rounds interleaved so
+    that load from other processes hits every file alike (figures of one call compare; separate calls may not)."""
     sessions = {name: load_session(p, threads) for name, p in paths.items()}
     p50s: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(rounds):
         for name, p in paths.items():
             p50s[name].append(measure_latency(p, batch=1, seq=seq, session=sessions[name], warmup=3, repeats=repeats).p50_ms)
-    medians = {name: float(np.median(v)) for name, v in p50s.items()}
-    return min(medians, key=medians.get), medians
+    return {name: float(np.median(v)) for name, v in p50s.items()}
 
 
 def file_sizes(directory: Path) -> dict[str, int]:
@@ -786,7 +785,8 @@ def _choose_candidate(candidates: list[Int8Build], settings: ExportSettings, tas
         details = "; ".join(f"{o}: {e.get('error') or e.get('metrics')}" for o, e in report["order_candidates"].items())
         raise Int8GateError(f"no int8 model met the tolerance (cosine >= {min_cosine} / agreement >= {min_agreement}): {details}.")
     if len(passing) > 1:
-        winner, medians = _faster({o: c.path for o, c in passing.items()}, seq, threads)
+        medians = interleaved_p50({o: c.path for o, c in passing.items()}, seq, threads)
+        winner = min(medians, key=medians.__getitem__)
         for o, ms in medians.items():
             report["order_candidates"][o]["p50_ms_b1"] = ms
         report["order_reason"] = f"fastest at batch 1 / seq {seq} (median of interleaved p50s)"

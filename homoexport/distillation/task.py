@@ -342,8 +342,11 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, probe
 
 
 def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = False, overwrite: bool = False,
-                 on_log: Callable[[dict], None] | None = None) -> dict[str, Any]:
+                 on_log: Callable[[dict], None] | None = None, plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a task recipe end to end; returns the report (also ``out_dir/report.json``).
+
+    ``plan``: the budget plan that chose the recipe's widths (``homoexport plan``), recorded in the report; under it
+    ``task.max_drop`` may only choose a student that fits the budget.
 
     ``on_log`` receives every logged record (``step``, ``total``, loss terms, widths, and the dev
     metrics at evaluation steps): the CLI draws its progress from it.
@@ -460,7 +463,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             if on_log is not None:
                 on_log(record)
     wall = time.time() - started
-    report = _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall) if ranks.is_main else {}
+    report = _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall, plan) if ranks.is_main else {}
     ranks.barrier()
     return report
 
@@ -489,12 +492,33 @@ def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: Gl
     logger.info("kept %s at step %d: dev %s", widths, step, metrics)
 
 
-def select_within_drop(members: list[dict[str, Any]], teacher_dev: float, metric: str, max_drop: float) -> dict[str, Any]:
-    """The narrowest member whose dev score is within ``max_drop`` points of the teacher's (None when none is)."""
-    within = [m for m in members if teacher_dev - m["dev"][metric] <= max_drop]
-    chosen = min(within, key=lambda m: m["parameters"]) if within else None
-    return {"max_drop": max_drop, "metric": metric, "chosen": chosen["path"] if chosen else None,
-            "met": chosen is not None, "best_drop": min(teacher_dev - m["dev"][metric] for m in members)}
+def deployed_score(member: dict[str, Any], metric: str) -> float:
+    """A family member's dev score as it ships: its int8 ONNX file's when it was exported, else PyTorch's."""
+    return (member.get("int8") or member)["dev"][metric]
+
+
+def select_within_drop(members: list[dict[str, Any]], teacher_dev: float, metric: str, max_drop: float,
+                       fits: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """The narrowest member whose dev score (:func:`deployed_score`) is within ``max_drop`` points of the teacher's
+    and, under a budget, that ``fits`` it (None when none is). ``over_budget`` names the narrowest member within the
+    drop that the budget ruled out, if that is why none was chosen."""
+    within = [m for m in members if teacher_dev - deployed_score(m, metric) <= max_drop]
+    allowed = [m for m in within if fits is None or fits(m)]
+    chosen = min(allowed, key=lambda m: m["parameters"]) if allowed else None
+    over = min(within, key=lambda m: m["parameters"]) if within and not allowed else None
+    return {"max_drop": max_drop, "metric": metric, "scored": "int8 ONNX" if all(m.get("int8") for m in members) else "PyTorch",
+            "chosen": chosen["path"] if chosen else None, "met": chosen is not None,
+            "best_drop": min(teacher_dev - deployed_score(m, metric) for m in members),
+            "over_budget": over["path"] if over else None}
+
+
+def within_plan(plan: dict[str, Any] | None) -> Callable[[dict[str, Any]], bool] | None:
+    """Under a measured budget, whether a member fits it: the plan chose the largest shape that fits, so a member
+    fits when no width (or depth) exceeds the chosen shape's. None without a plan."""
+    if not plan or not plan.get("chosen"):
+        return None
+    chosen = plan["chosen"]
+    return lambda m: m["layers"] <= chosen["layers"] and all(m["widths"][k] <= chosen[k] for k in ("hidden", "heads", "ffn"))
 
 
 def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Recipe, need_attn: bool, ranks: Ranks,
@@ -515,23 +539,37 @@ def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Re
     run.pruner.prune_to_target()
 
 
-def _export_and_score(student: Path, out: Path, data: TaskData, max_length: int) -> dict[str, Any]:
-    """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8) to OUT/export and score the int8 file."""
+def _export_and_score(student: Path, export_dir: Path, data: TaskData, max_length: int) -> dict[str, Any]:
+    """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8) to ``export_dir`` and score the int8 file on dev."""
     from datasets import DatasetDict
 
     from homoexport.deployment.export import QUANTIZED_FILE, ExportSettings, export_model
     from homoexport.evaluation.glue import evaluate_onnx
 
-    logger.info("exporting the student to %s and scoring the int8 file on dev", out / "export")
-    export = export_model(student, out / "export", ExportSettings(task="text-classification"), overwrite=True)
-    result = evaluate_onnx(out / "export" / QUANTIZED_FILE, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
+    logger.info("exporting %s to %s and scoring the int8 file on dev", student, export_dir)
+    export = export_model(student, export_dir, ExportSettings(task="text-classification"), overwrite=True)
+    path = export_dir / QUANTIZED_FILE
+    result = evaluate_onnx(path, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
-    return {"student": str(student), "path": str(out / "export" / QUANTIZED_FILE), "dev_int8": metrics, "latency": result.latency.get(data.task.primary_split),
-            "int8_build": export.get("quantization", {}).get("order")}
+    return {"student": str(student), "path": str(path), "dev": metrics, "file_mb": round(path.stat().st_size / 2**20, 2),
+            "dev_latency": result.latency.get(data.task.primary_split), "int8_build": export.get("quantization", {}).get("order")}
+
+
+def export_family(members: list[dict[str, Any]], out: Path, data: TaskData, max_length: int) -> None:
+    """Export every member to int8 ONNX (the final student to OUT/export, a kept one to its own ``export/``), score
+    each file on dev, and time them side by side (batch 1, ``max_length`` tokens): the width-vs-score-vs-latency curve."""
+    from homoexport.deployment.export import interleaved_p50
+
+    for m in members:
+        final = m["path"] == str(out / "student")
+        m["int8"] = _export_and_score(Path(m["path"]), out / "export" if final else Path(m["path"]) / "export", data, max_length)
+    p50 = interleaved_p50({m["path"]: Path(m["int8"]["path"]) for m in members}, seq=max_length, threads=None)
+    for m in members:
+        m["int8"]["p50_ms"] = round(p50[m["path"]], 3)
 
 
 def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: TaskData, dev: TaskBatcher, teacher_dev: dict[str, float],
-            total: int, resumed_from: int, wall: float) -> dict[str, Any]:
+            total: int, resumed_from: int, wall: float, plan: dict[str, Any] | None) -> dict[str, Any]:
     """Materialise (if still masked), check parity, score, save the student and the report."""
     parity = run.parity
     if run.pruner is not None and not run.dense:
@@ -547,12 +585,16 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     primary = data.task.primary_metric
     members = [*run.family, {"requested_hidden": [], "step": total, "path": str(out / "student"), "dev": student_dev,
                              **parameter_report(dense, config_widths(dense.config))}]
-    selection = select_within_drop(members, teacher_dev[primary], primary, recipe.task.max_drop) if recipe.task.max_drop else None
+    if recipe.task.export:
+        export_family(members, out, data, recipe.task.max_length)
+    fits = within_plan(plan)
+    selection = select_within_drop(members, teacher_dev[primary], primary, recipe.task.max_drop, fits) if recipe.task.max_drop else None
     if selection is not None and not selection["met"]:
-        logger.warning("no student is within %.2f points of the teacher (best drop %.2f): exporting the final one",
-                       selection["max_drop"], selection["best_drop"])
-    deployed_dir = Path(selection["chosen"]) if selection and selection["met"] else out / "student"
-    deployed = _export_and_score(deployed_dir, out, data, recipe.task.max_length) if recipe.task.export else None
+        why = (f"{selection['over_budget']} is, but it is over the budget {plan and plan.get('budget')}" if selection["over_budget"]
+               else f"best drop {selection['best_drop']:.2f}")
+        logger.warning("no student within the budget is within %.2f points of the teacher (%s): deploying the final one", selection["max_drop"], why)
+    deployed_path = selection["chosen"] if selection and selection["met"] else str(out / "student")
+    deployed = next((m.get("int8") for m in members if m["path"] == deployed_path), None)
     report = {
         "schema": REPORT_SCHEMA,
         "homoexport_version": __version__,
@@ -568,6 +610,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "curve": run.curve,
         "family": members,
         "selection": selection,
+        "plan": plan,
         "steps": total,
         "epochs": recipe.task.epochs,
         "resumed_from_step": resumed_from or None,
