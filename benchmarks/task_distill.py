@@ -266,7 +266,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
         teacher = work / f"teacher-{task}" / "glue_report.json"
         if teacher.is_file():
             t = json.loads(teacher.read_text())
-            rows.append({"task": task, "arm": "teacher", "seed": 42, "pytorch": task_score(t, "pytorch"), "onnx_int8": None, "onnx_fp32": None,
+            rows.append({"task": task, "arm": "teacher", "seed": 42, "cpu": (t.get("machine") or {}).get("cpu_model"), "pytorch": task_score(t, "pytorch"), "onnx_int8": None, "onnx_fp32": None,
                          "metrics": {"pytorch": metric_values(t, "pytorch")}, "train_s": t["runs"][0]["wall_s"]["train_s"]})
         for arm in arms:
             for run in sorted((work / task).glob(f"{arm}-s*")):
@@ -288,6 +288,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "fp32_p50_ms_b1_s128": export_latency_ms(best_dir, "model.onnx"),
                     "dev_curve": distill["curve"] if distill else None,  # (step, widths, dev metrics) during distillation
                     "load_average_1m": best.get("load_average_1m"),
+                    "cpu": (best.get("machine") or {}).get("cpu_model"),  # rows of one table were run on different machines
                     "widths": distill["student"]["widths"] if distill else None,
                     "data": distill["data"] if distill else None,  # rows trained on: labelled, unlabelled, word-swapped, dev
                     **step_times(run / "distill" / "train_log.jsonl"),
