@@ -69,7 +69,8 @@ def timed(fn, sync=lambda: None):
     return out, time.perf_counter() - t
 
 
-def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq: int, steps: int, precision: str) -> dict:
+def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq: int, steps: int, precision: str,
+            compiled: bool = False) -> dict:
     teacher, has_mlm = load_model(teacher_path, attention="eager")
     teacher.requires_grad_(False).eval()
     tokenizer = load_tokenizer(teacher_path)
@@ -85,13 +86,18 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
         student = materialize(masked).train().requires_grad_(True)
         loss.keep_student_dims(masked.masks.hidden.nonzero().flatten())
     module = DistillModule(student, loss, None)
+    if compiled:  # torch.compile (inductor) of the student + losses and of the teacher, in place (nn.Module.compile)
+        module.compile()
+        teacher.compile()
     tracker = ImportanceTracker(student, masked.layout, "platon") if not dense else None
     optimizer = adamw(module.parameters(), OptimizerSpec(), torch.device("cpu"))  # as the trainer builds it
-    batcher = BlockBatcher(synthetic_blocks(tokenizer, batch * (steps + 2), seq), tokenizer, batch, mlm_probability=0.15 if has_mlm else None)
+    batcher = BlockBatcher(synthetic_blocks(tokenizer, batch * (steps + 4), seq), tokenizer, batch, mlm_probability=0.15 if has_mlm else None)
     autocast = precision_context(precision)
+    warmup = 3 if compiled else 1  # the first compiled steps compile (and recompile once the shapes are marked dynamic)
     parts = {"teacher": 0.0, "student_forward_and_losses": 0.0, "backward": 0.0, "importance": 0.0, "optimizer_and_masking": 0.0}
     total, step_times = 0.0, []
-    for step in range(steps + 1):
+    compile_s = 0.0
+    for step in range(steps + warmup):
         batch_ = batcher.batch_at(step)
         t0 = time.perf_counter()
         with autocast():  # as the trainers run the forward passes and losses
@@ -107,7 +113,8 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
                 masked.apply()
 
         _, dt_o = timed(opt)
-        if step == 0:
+        if step < warmup:
+            compile_s += time.perf_counter() - t0
             continue  # warm-up
         step_times.append(time.perf_counter() - t0)
         total += step_times[-1]
@@ -118,7 +125,7 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
     # A masked student computes at full width (zeros are multiplied too): its FLOPs are the teacher's.
     student_flops = 3 * forward_flops(widths if dense else full, c.num_hidden_layers, batch, seq)
     step_s = statistics.median(step_times)  # robust to a step slowed by another process on a shared machine
-    return {"widths": widths.as_dict(), "precision": precision, "batch": batch, "seq": seq, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
+    return {"widths": widths.as_dict(), "precision": precision, "compiled": compiled, "warmup_s": compile_s, "batch": batch, "seq": seq, "step_s": step_s, "tokens_per_s": batch * seq / step_s,
             "teacher_gflop": teacher_flops / 1e9, "student_fwd_bwd_gflop": student_flops / 1e9,
             "share": {k: v / total for k, v in parts.items()}}
 
@@ -134,6 +141,8 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=768)
     ap.add_argument("--precision", default="fp32", help="comma-separated fp32,bf16: the precisions to time (bf16 = autocast, as "
                     "training.precision bf16 runs; its rows also give the ratio to the bf16 GEMM floor)")
+    ap.add_argument("--compile", action="store_true", help="add a row of the dense stage under torch.compile: the student + losses "
+                    "and the teacher compiled, timed after the compiling warm-up steps (whether compiling would pay)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_throughput.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -146,11 +155,11 @@ def main() -> None:
     target = Widths(args.hidden, args.heads, args.hidden // args.heads, args.ffn)
     rows = []
     for precision in precisions:
-        for name in ("full", "target", "dense"):
-            r = measure(args.teacher, name, target, args.batch, args.seq, args.steps, precision)
+        for name, compiled in [("full", False), ("target", False), ("dense", False), *([("dense", True)] if args.compile else [])]:
+            r = measure(args.teacher, name, target, args.batch, args.seq, args.steps, precision, compiled)
             # The floor stays the fp32 GEMM rate's, so that rows of both precisions compare on one scale.
             floor_s = (r["teacher_gflop"] + r["student_fwd_bwd_gflop"]) / gflops
-            r.update(stage=name, floor_step_s=floor_s, floor_tokens_per_s=args.batch * args.seq / floor_s, ratio_to_floor=r["step_s"] / floor_s)
+            r.update(stage=name + (" compiled" if compiled else ""), floor_step_s=floor_s, floor_tokens_per_s=args.batch * args.seq / floor_s, ratio_to_floor=r["step_s"] / floor_s)
             if precision == "bf16":
                 r["ratio_to_bf16_floor"] = r["step_s"] / ((r["teacher_gflop"] + r["student_fwd_bwd_gflop"]) / bf16_gflops)
             rows.append(r)
