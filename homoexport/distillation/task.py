@@ -590,9 +590,12 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     fits = within_plan(plan)
     selection = select_within_drop(members, teacher_dev[primary], primary, recipe.task.max_drop, fits) if recipe.task.max_drop else None
     if selection is not None and not selection["met"]:
-        why = (f"{selection['over_budget']} is, but it is over the budget {plan and plan.get('budget')}" if selection["over_budget"]
-               else f"best drop {selection['best_drop']:.2f}")
-        logger.warning("no student within the budget is within %.2f points of the teacher (%s): deploying the final one", selection["max_drop"], why)
+        if selection["over_budget"]:
+            logger.warning("no student within the budget %s is within %.2f points of the teacher (%s is, but it is over the budget): "
+                           "deploying the final one", plan and plan.get("budget"), selection["max_drop"], selection["over_budget"])
+        else:
+            logger.warning("no student is within %.2f points of the teacher (best drop %.2f): deploying the final one",
+                           selection["max_drop"], selection["best_drop"])
     deployed_path = selection["chosen"] if selection and selection["met"] else str(out / "student")
     deployed = next((m.get("int8") for m in members if m["path"] == deployed_path), None)
     report = {
