@@ -403,6 +403,7 @@ def test_one_run_keeps_a_family_and_an_accuracy_drop_budget_picks_the_narrowest(
     assert family[-1]["path"] == str(tmp_path / "run" / "student") and report["selection"] is None
     member = AutoModelForSequenceClassification.from_pretrained(kept[0]["path"])
     assert member.config.hidden_size == kept[0]["widths"]["hidden"] < 64
+    assert report["family_skipped"] == []
     generous = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.family": [56, 48], "task.max_drop": 100.0}))
     chosen = distill_task(generous)["selection"]
     assert chosen["met"] and chosen["chosen"] == str(tmp_path / "run2" / "student")  # every member is within 100 points: the narrowest
@@ -414,6 +415,15 @@ def test_one_run_keeps_a_family_and_an_accuracy_drop_budget_picks_the_narrowest(
     assert select_within_drop(members, 90.4, "accuracy", 1.0)["chosen"] == "mid"
     missed = select_within_drop(members, 95.0, "accuracy", 1.0)
     assert missed["chosen"] is None and not missed["met"] and missed["best_drop"] == pytest.approx(5.0)
+
+
+def test_family_widths_the_schedule_jumps_past_are_reported(tmp_path: Path, teacher_dir: Path, task_files, caplog):
+    # One mask update takes the student from 64 straight to its target of 32: no stop at 56 or 48.
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56, 48], "pruning.interval": 100}))
+    with caplog.at_level("WARNING", logger="homoexport"):
+        report = distill_task(recipe)
+    assert report["family_skipped"] == [48, 56] and len(report["family"]) == 1
+    assert "task.family: no student was kept at hidden <= 48, 56" in caplog.text
 
 
 def test_the_accuracy_drop_reads_the_int8_score_and_respects_a_latency_plan():

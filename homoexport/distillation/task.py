@@ -585,6 +585,11 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     primary = data.task.primary_metric
     members = [*run.family, {"requested_hidden": [], "step": total, "path": str(out / "student"), "dev": student_dev,
                              **parameter_report(dense, config_widths(dense.config))}]
+    served = {h for m in members for h in m["requested_hidden"]}
+    skipped = sorted(h for h in recipe.task.family if h not in served and h > dense.config.hidden_size)
+    if skipped:
+        logger.warning("task.family: no student was kept at hidden <= %s: the schedule passed those widths in one mask update "
+                       "(a smaller pruning.interval or more steps make more stops)", ", ".join(map(str, skipped)))
     if recipe.task.export:
         export_family(members, out, data, recipe.task.max_length)
     fits = within_plan(plan)
@@ -612,6 +617,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "deployed": deployed,
         "curve": run.curve,
         "family": members,
+        "family_skipped": skipped,
         "selection": selection,
         "plan": plan,
         "steps": total,
