@@ -150,7 +150,9 @@ def prune_command(
 def _print_task_report(report: dict) -> None:
     s, t, metric = report["student"], report["teacher"], report["primary_metric"]
     deployed = report.get("deployed")
-    int8 = f", int8 ONNX {deployed['dev'][metric]:.2f} ({deployed['path']})" if deployed else ""
+    if deployed:  # a run finished before task_distill/2 (and now resumed) named the int8 scores dev_int8
+        scores = deployed.get("dev") or deployed["dev_int8"]
+    int8 = f", int8 ONNX {scores[metric]:.2f} ({deployed['path']})" if deployed else ""
     console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
                   f"{report['wall_time_s']:.0f}s; dev {metric}: teacher {t['dev'][metric]:.2f}, student {s['dev'][metric]:.2f}{int8}; "
                   f"wrote {s['path']}", highlight=False)
@@ -230,7 +232,7 @@ def distill_command(
             report = distill_with_assistant(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
         else:
             report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
-    if report and report.get("schema") == "homoexport.task_distill/1":
+    if report and str(report.get("schema", "")).startswith("homoexport.task_distill/"):
         _print_task_report(report)
         return
     if report:

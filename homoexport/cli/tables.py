@@ -113,6 +113,8 @@ def tradeoff_table(selection: dict[str, Any]) -> Table:
 def family_table(report: Mapping[str, Any]) -> Table:
     """A task run's students, widest first, beside its teacher: dev score in PyTorch and as int8 ONNX, the drop the
     int8 file shows, its latency (side by side, batch 1) and file size; the deployed one marked as the one that ships."""
+    from homoexport.distillation.task import deployed_score
+
     metric, teacher = report["primary_metric"], report["teacher"]["dev"][report["primary_metric"]]
     deployed = (report.get("deployed") or {}).get("student")
     layers = report["student"]["layers"]
@@ -121,7 +123,7 @@ def family_table(report: Mapping[str, Any]) -> Table:
         table.add_column(col, justify="left" if col.startswith("hidden") else "right", no_wrap=col.startswith("hidden"))
     for m in report["family"]:
         w, int8 = m["widths"], m.get("int8") or {}
-        score = int8.get("dev", m["dev"])[metric]
+        score = deployed_score(m, metric)
         table.add_row(f"{w['hidden']}/{w['heads']}/{w['ffn']}", f"{m['parameters'] / 1e6:.2f}M", _num(m["dev"][metric]),
                       _num(int8["dev"][metric]) if int8 else "-", _num(teacher - score), _num(int8.get("p50_ms")),
                       "-" if int8.get("file_mb") is None else f"{int8['file_mb']:.1f}", "yes" if m["path"] == deployed else "")

@@ -68,7 +68,7 @@ from homoexport.pruning.surgery import model_inputs, parameter_report, save_stud
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA = "homoexport.task_distill/1"
+REPORT_SCHEMA = "homoexport.task_distill/2"  # 2: family members carry int8 scores and latency; deployed["dev"]; plan
 
 
 class Ranks:
