@@ -162,7 +162,7 @@ def test_tiny_task_distillation_end_to_end(tmp_path: Path, teacher_dir: Path, ta
     assert type(student).__name__ == "BertForSequenceClassification"
     assert (student.config.hidden_size, student.config.num_attention_heads, student.config.intermediate_size) == (32, 2, 64)
     assert student.classifier.weight.shape == (2, 32) and student.config.id2label[1] == "pos"
-    assert report["schema"] == "homoexport.task_distill/1" and report["steps"] == 24
+    assert report["schema"] == "homoexport.task_distill/2" and report["steps"] == 24
     assert set(report["teacher"]["dev"]) == {"accuracy"} and report["curve"][-1]["step"] == 24
     # The run switched to the dense student once the target was reached, and the dense phase's steps trained it.
     dense_steps = [r["step"] for r in records if r["dense"]]
@@ -448,24 +448,28 @@ def test_the_accuracy_drop_reads_the_int8_score_and_respects_a_latency_plan():
     assert scored_in_pytorch["scored"] == "PyTorch" and scored_in_pytorch["met"]
 
 
-def test_a_latency_plan_is_recorded_and_bounds_the_accuracy_drop_choice(tmp_path: Path, teacher_dir: Path, task_files):
+def test_a_latency_plan_is_recorded_and_bounds_the_accuracy_drop_choice(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
     import yaml
 
     from homoexport.deployment.budget import SCHEMA
+    from homoexport.distillation import task
 
     layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
     plan = {"schema": SCHEMA, "budget": "latency=8ms", "teacher_shape": {"layers": layers},
             "chosen": {"name": "x", "layers": layers, "hidden": 32, "heads": 2, "ffn": 64}}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     path = tmp_path / "task.yaml"
-    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.max_drop": 100.0})))
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.max_drop": 1.0})))
+    # Scores that make the kept (wider) student the only one within a point of the teacher, and the final one far off.
+    monkeypatch.setattr(task, "deployed_score", lambda member, metric: 1000.0 if member["widths"]["hidden"] > 32 else -1000.0)
     result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--plan", str(tmp_path / "plan.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert report["plan"]["budget"] == "latency=8ms" and report["student"]["widths"]["hidden"] == 32
-    # Every student is within 100 points, but only the plan's shape fits its budget.
-    assert report["selection"]["met"] and report["selection"]["chosen"] == str(tmp_path / "run" / "student")
-    assert report["selection"]["scored"] == "PyTorch" and len(report["family"]) == 2
+    assert report["plan"]["budget"] == "latency=8ms" and report["student"]["widths"]["hidden"] == 32 and len(report["family"]) == 2
+    # The wider student is within the drop but the plan says it does not fit the budget: it is named, not deployed.
+    kept = report["family"][0]["path"]
+    assert not report["selection"]["met"] and report["selection"]["over_budget"] == kept and report["selection"]["scored"] == "PyTorch"
+    assert "is within it but over the budget" in " ".join(result.output.split())
 
 
 def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir: Path, task_files):
