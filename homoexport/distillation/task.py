@@ -543,6 +543,8 @@ def _export_and_score(student: Path, export_dir: Path, data: TaskData, max_lengt
     """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8) to ``export_dir`` and score the int8 file on dev."""
     from datasets import DatasetDict
 
+    from homoexport.deployment.bench import file_size_bytes
+    from homoexport.deployment.budget import MB
     from homoexport.deployment.export import QUANTIZED_FILE, ExportSettings, export_model
     from homoexport.evaluation.glue import evaluate_onnx
 
@@ -551,7 +553,7 @@ def _export_and_score(student: Path, export_dir: Path, data: TaskData, max_lengt
     path = export_dir / QUANTIZED_FILE
     result = evaluate_onnx(path, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
-    return {"student": str(student), "path": str(path), "dev": metrics, "file_mb": round(path.stat().st_size / 2**20, 2),
+    return {"student": str(student), "path": str(path), "dev": metrics, "file_mb": round(file_size_bytes(path) / MB, 2),
             "dev_latency": result.latency.get(data.task.primary_split), "int8_build": export.get("quantization", {}).get("order")}
 
 
