@@ -426,6 +426,21 @@ def test_family_widths_the_schedule_jumps_past_are_reported(tmp_path: Path, teac
     assert "task.family: no student was kept at hidden <= 48, 56" in caplog.text
 
 
+def test_family_widths_that_no_run_passes_are_refused_before_anything_is_written(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.config.recipe import RecipeError
+
+    out = tmp_path / "run"
+    with pytest.raises(RecipeError, match=r"task.family 24, 32: not wider than the final student's hidden size 32"):
+        validate_recipe(task_recipe(teacher_dir, task_files, out, **{"task.family": [56, 32, 24]}))
+    with pytest.raises(RecipeError, match="pruning.schedule one_shot"):
+        validate_recipe(task_recipe(teacher_dir, task_files, out, **{"task.family": [56], "pruning.schedule": "one_shot"}))
+    headless = task_recipe(teacher_dir, task_files, out, **{"task.family": [56]})
+    headless["student"] = {"heads": 2, "ffn": 64}  # the hidden size is never pruned: no width to pass
+    with pytest.raises(UsageError, match="set student.hidden or give a budget"):
+        distill_task(validate_recipe(headless))
+    assert not out.exists()
+
+
 def test_the_accuracy_drop_reads_the_int8_score_and_respects_a_latency_plan():
     from homoexport.distillation.task import select_within_drop, within_plan
 

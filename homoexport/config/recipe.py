@@ -214,7 +214,7 @@ class TaskSpec(_Strict):
     eval_batch_size: int = Field(64, gt=0)
     export: bool = Field(True, description="export the student to OUT/export (optimum ONNX, O2 fusion, dynamic int8 for this "
                          "CPU) and score the int8 file on the dev set with onnxruntime")
-    family: list[int] = Field(default_factory=list, description="hidden sizes at which to keep a student on the way down "
+    family: list[int] = Field(default_factory=list, description="hidden sizes, wider than the final student's, at which to keep a student on the way down "
                               "(OUT/family/...), each scored on dev and, with export, exported to its own export/, scored as int8 "
                               "and timed beside the others: one run gives the width-vs-score-vs-latency curve")
     max_drop: Optional[float] = Field(None, gt=0, description="deploy the narrowest student of the family within this many dev "
@@ -296,6 +296,15 @@ class Recipe(_Strict):
         if self.data.batching == "neighbours" and self.training.batch_size % self.data.group_size:
             raise UsageError(f"training.batch_size {self.training.batch_size} is not a multiple of data.group_size "
                              f"{self.data.group_size}: with data.batching neighbours a batch holds whole groups of sentences")
+        if self.task is not None and self.task.family:
+            if self.pruning.schedule != "homotopic":
+                raise UsageError(f"task.family keeps students on the way down, which pruning.schedule {self.pruning.schedule} does not "
+                                 "pass through: use homotopic or remove task.family")
+            final = self.student.hidden
+            narrow = sorted(h for h in self.task.family if final is not None and h <= final)
+            if narrow:
+                raise UsageError(f"task.family {', '.join(map(str, narrow))}: not wider than the final student's hidden size {final} "
+                                 "(student.hidden, or the plan's choice under a budget); a family member is kept on the way down to it")
         if self.task is not None and self.losses.relation > 0:
             raise UsageError("losses.relation (MiniLMv2 relations) is not available in task recipes: use hidden/attention/embedding")
         return self

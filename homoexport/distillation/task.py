@@ -353,6 +353,8 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     """
     if recipe.task is None:
         raise UsageError("not a task recipe: it has no task section")
+    if recipe.task.family and recipe.student.hidden is None:
+        raise UsageError("task.family keeps students while the hidden size shrinks: set student.hidden or give a budget")
     out = Path(out_dir) if out_dir else recipe.output_dir()
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other: give one")
