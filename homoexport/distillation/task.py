@@ -273,6 +273,20 @@ class TaskRun:
         return self.pruner.kept_heads() if self.pruner is not None else None
 
 
+@dataclass(frozen=True)
+class TaskSetting:
+    """What a task run reads and never changes: the recipe, where it writes, the teacher and its dev scores, the data."""
+
+    recipe: Recipe
+    out: Path
+    teacher: nn.Module
+    tokenizer: Any
+    data: TaskData
+    dev: TaskBatcher
+    teacher_dev: dict[str, float]
+    plan: dict[str, Any] | None  # the budget plan that chose the widths, if any
+
+
 def _optimizer(params: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
     o = recipe.optimizer
     decay = [p for n, p in params.items() if p.ndim >= 2 and "embeddings" not in n]
@@ -421,6 +435,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
 
     teacher_dev = evaluate(teacher, dev, data.task)
     logger.info("teacher dev %s", teacher_dev)
+    setting = TaskSetting(recipe, out, teacher, tokenizer, data, dev, teacher_dev, plan)
     eval_every = recipe.training.eval_every or train.steps_per_epoch
     started = time.time()
     while run.step < total:
@@ -442,7 +457,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
         if run.pruner is not None and not run.dense:
             run.pruner.after_optimizer_step()
             if changed and ts.family:
-                keep_family_member(run, out / "family", dev, data.task, ts.family, step + 1, tokenizer, ranks)
+                keep_family_member(run, setting, step + 1, ranks)
             if recipe.pruning.materialize and run.pruner.reached_target(step):
                 run.step = step + 1
                 to_dense(run, recipe, total, probe)
@@ -465,30 +480,30 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             if on_log is not None:
                 on_log(record)
     wall = time.time() - started
-    report = _finish(run, recipe, out, teacher, tokenizer, data, dev, teacher_dev, total, resumed_from, wall, plan) if ranks.is_main else {}
+    report = _finish(run, setting, total, resumed_from, wall) if ranks.is_main else {}
     ranks.barrier()
     return report
 
 
-def keep_family_member(run: TaskRun, directory: Path, dev: TaskBatcher, task: GlueTask, requested: list[int], step: int, tokenizer,
-                       ranks: Ranks) -> None:
-    """Keep the current (masked) student as a dense model once it is at or below a requested hidden size.
+def keep_family_member(run: TaskRun, setting: TaskSetting, step: int, ranks: Ranks) -> None:
+    """Keep the current (masked) student as a dense model under ``OUT/family`` once it is at or below a requested
+    hidden size (``task.family``).
 
     The schedule passes through every width, so one run leaves a family of students. A width that a stock
     config cannot express (heads x head_dim != hidden) waits for the next mask update.
     """
-    assert run.pruner is not None
+    assert run.pruner is not None and setting.recipe.task is not None
     widths = run.pruner.widths()
     served = {r for member in run.family for r in member["requested_hidden"]}
-    due = [h for h in requested if h not in served and widths.hidden <= h]
+    due = [h for h in setting.recipe.task.family if h not in served and widths.hidden <= h]
     if not due or not widths.is_stock or widths == run.pruner.target:
         return
     dense = run.pruner.materialize()
-    metrics = evaluate(dense, dev, task)
-    path = directory / f"h{widths.hidden}-a{widths.heads}-f{widths.ffn}"
+    metrics = evaluate(dense, setting.dev, setting.data.task)
+    path = setting.out / "family" / f"h{widths.hidden}-a{widths.heads}-f{widths.ffn}"
     if ranks.is_main:  # every process keeps the record (identical students); one writes the files
         with staging_dir(path, overwrite=True) as tmp:
-            save_student(dense, tmp, tokenizer)
+            save_student(dense, tmp, setting.tokenizer)
     run.family.append({"requested_hidden": sorted(due), "step": step, "path": str(path), "dev": metrics,
                        **parameter_report(dense, widths)})
     logger.info("kept %s at step %d: dev %s", widths, step, metrics)
@@ -572,9 +587,10 @@ def export_family(members: list[dict[str, Any]], out: Path, data: TaskData, max_
         m["int8"]["p50_ms"] = round(p50[m["path"]], 3)
 
 
-def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: TaskData, dev: TaskBatcher, teacher_dev: dict[str, float],
-            total: int, resumed_from: int, wall: float, plan: dict[str, Any] | None) -> dict[str, Any]:
+def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int, wall: float) -> dict[str, Any]:
     """Materialise (if still masked), check parity, score, save the student and the report."""
+    recipe, out, data, dev, teacher_dev, plan = setting.recipe, setting.out, setting.data, setting.dev, setting.teacher_dev, setting.plan
+    assert recipe.task is not None
     parity = run.parity
     if run.pruner is not None and not run.dense:
         dense, parity = run.pruner.materialize_checked(model_inputs(dev.batch_at(0)))
@@ -585,7 +601,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
     last = run.curve[-1] if run.curve else None
     student_dev = last["dev"] if last is not None and last["step"] == total else evaluate(dense, dev, data.task)
     with staging_dir(out / "student", overwrite=True) as tmp:
-        save_student(dense, tmp, tokenizer)
+        save_student(dense, tmp, setting.tokenizer)
     primary = data.task.primary_metric
     members = [*run.family, {"requested_hidden": [], "step": total, "path": str(out / "student"), "dev": student_dev,
                              **parameter_report(dense, config_widths(dense.config))}]
@@ -614,7 +630,7 @@ def _finish(run: TaskRun, recipe: Recipe, out: Path, teacher, tokenizer, data: T
         "task": data.task.name if data.task.name != "custom" else "custom",
         "data": {"source": data.source, "train_rows": len(data.train), "unlabelled_rows": data.unlabelled - data.word_swapped,
                  "word_swapped_rows": data.word_swapped, "dev_rows": len(data.dev)},
-        "teacher": {"path": recipe.teacher, "dev": teacher_dev, **parameter_report(teacher, config_widths(teacher.config))},
+        "teacher": {"path": recipe.teacher, "dev": teacher_dev, **parameter_report(setting.teacher, config_widths(setting.teacher.config))},
         "student": {"path": str(out / "student"), "dev": student_dev, **parameter_report(dense, config_widths(dense.config))},
         "primary_metric": primary,
         "dev_drop": teacher_dev[primary] - student_dev[primary],
