@@ -305,14 +305,16 @@ class Killed(Exception):
 
 
 def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
-    """Killed after a checkpoint taken in the dense phase: the resumed run ends where an uninterrupted one does."""
-    whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a")))
+    """Killed after a checkpoint taken in the dense phase: the resumed run ends where an uninterrupted one does, and
+    keeps the same best student (task.keep_best, whose record travels in the checkpoint)."""
+    keep = {"task.keep_best": True, "training.eval_every": 3}
+    whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a", **keep)))
 
     def kill_at_15(record):
         if record["step"] == 15:
             raise Killed
 
-    recipe_b = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b"))
+    recipe_b = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b", **keep))
     with pytest.raises(Killed):
         distill_task(recipe_b, on_log=kill_at_15)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("*.pt")] == ["step-00000015.pt"]
@@ -321,7 +323,49 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a" / "student").state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b" / "student").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["student"]["dev"] == whole["student"]["dev"]
+    assert resumed["student"]["dev"] == whole["student"]["dev"] and resumed["keep_best"] == whole["keep_best"] is not None
+
+
+def test_keep_best_deploys_the_best_dev_student_at_the_final_width(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
+    from homoexport.distillation import task as task_module
+
+    real, seen = task_module.evaluate, []
+    scripted = iter([50.0, 60.0, 55.0, 90.0, 70.0, 90.0, 65.0, 40.0] + [30.0] * 50)  # dev accuracy, call by call after the teacher's
+
+    def evaluate(model, dev, task):
+        metrics = real(model, dev, task)
+        if seen or getattr(model, "_is_teacher", False):
+            metrics = {**metrics, "accuracy": next(scripted)}
+        seen.append((metrics["accuracy"], {k: v.clone() for k, v in model.state_dict().items()}))
+        return metrics
+
+    monkeypatch.setattr(task_module, "evaluate", evaluate)
+    recipe = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.keep_best": True, "training.eval_every": 2}))
+    report = distill_task(recipe)
+    final = [c for c in report["curve"] if c["widths"] == report["curve"][-1]["widths"]]
+    best = max(final, key=lambda c: c["dev"]["accuracy"])  # the first of equal scores
+    assert best["step"] != report["steps"] and report["keep_best"]["step"] == best["step"]
+    assert report["student"]["dev"] == best["dev"] and report["keep_best"]["last_step_dev"] == report["curve"][-1]["dev"]
+    assert report["dev_drop"] == report["teacher"]["dev"]["accuracy"] - best["dev"]["accuracy"]
+    saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "student").state_dict()
+    at_best = next(state for score, state in seen[1:] if score == best["dev"]["accuracy"] and state["classifier.weight"].shape ==
+                   saved["classifier.weight"].shape and state["bert.embeddings.word_embeddings.weight"].shape[1] == 32)
+    assert all(torch.equal(saved[k], at_best[k]) for k in saved)
+    assert not (tmp_path / "run" / "best-student").exists()
+    # Off (the default), the last student ships and the report says nothing about a best one.
+    assert distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "last")))["keep_best"] is None
+
+
+def test_a_checkpoint_from_before_task_keep_best_resumes_as_it_was_trained(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.distillation.checkpoint import check_same_recipe, resumable_fields
+
+    r = task_recipe(teacher_dir, task_files, tmp_path / "run")
+    old = resumable_fields(validate_recipe(r))
+    old["task"].pop("keep_best")
+    check_same_recipe(old, validate_recipe(r), tmp_path / "step.pt")
+    with pytest.raises(UsageError, match=r"recipe changed.*task\.keep_best"):
+        check_same_recipe(old, validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.keep_best": True})),
+                          tmp_path / "step.pt")
 
 
 def test_task_resume_refuses_auto_resolving_to_another_precision(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):

@@ -156,6 +156,10 @@ def _print_task_report(report: dict) -> None:
     console.print(f"student {_shape(s)} ({s['parameters']:,} params, teacher {t['parameters']:,}); {report['steps']} steps in "
                   f"{report['wall_time_s']:.0f}s; dev {metric}: teacher {t['dev'][metric]:.2f}, student {s['dev'][metric]:.2f}{int8}; "
                   f"wrote {s['path']}", highlight=False)
+    best = report.get("keep_best")
+    if best:
+        console.print(f"task.keep_best: the student of step {best['step']} of {report['steps']} (dev {metric} {s['dev'][metric]:.2f}; "
+                      f"the last step's {best['last_step_dev'][metric]:.2f})", highlight=False)
     if len(report.get("family", [])) > 1:
         from homoexport.cli.tables import family_table
 

@@ -221,6 +221,10 @@ class TaskSpec(_Strict):
                                       "points of the teacher, scored as int8 when exported (`--budget accuracy-drop=1`); under a "
                                       "latency or memory budget, only students that fit it")
 
+    keep_best: bool = Field(False, description="deploy the student of the dev evaluation with the best score once the final width "
+                            "is reached, not the last step's, as the teacher's fine-tuning kept its best dev checkpoint "
+                            "(transformers' load_best_model_at_end); the report gives both")
+
     @model_validator(mode="after")
     def _one_source(self) -> "TaskSpec":
         if self.glue is not None:

@@ -68,6 +68,8 @@ def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None
         task = dict(saved["task"]) if saved.get("task") else None
         materialize = task.pop("materialize", True) if task is not None else False  # the task-agnostic loop stayed masked
         saved = {**saved, "task": task, "pruning": {**saved.get("pruning", {}), "materialize": materialize}}
+    if saved.get("task") and "keep_best" not in saved["task"]:  # written before task.keep_best: the last student was kept
+        saved = {**saved, "task": {**saved["task"], "keep_best": False}}
     if saved != current:
         diff = sorted(_differing_keys(saved, current))
         raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "

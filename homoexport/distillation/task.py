@@ -263,6 +263,7 @@ class TaskRun:
     step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
     family: list[dict[str, Any]] = field(default_factory=list)  # students kept on the way down (task.family)
+    best: dict[str, Any] | None = None  # task.keep_best: step and dev scores of the best student at the final width so far
     processes: int = 1  # data-parallel processes (Ranks.world)
     precision: str = "fp32"  # of the forward passes and losses (training.precision resolved); weights stay fp32
 
@@ -330,7 +331,7 @@ def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks
         state = {"step": run.step, "recipe": resumable_fields(recipe), "precision": run.precision, "dense": run.dense, "parity": run.parity,
                  "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
-                 "curve": run.curve, "family": run.family, "rng": rngs[0], "rng_ranks": rngs}
+                 "curve": run.curve, "family": run.family, "best": run.best, "rng": rngs[0], "rng_ranks": rngs}
         save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
         for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
             stale.unlink()
@@ -350,7 +351,7 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, probe
     run.loss.load_state_dict(state["loss"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.step, run.curve, run.family = state["step"], state["curve"], state["family"]
+    run.step, run.curve, run.family, run.best = state["step"], state["curve"], state["family"], state.get("best")
     per_rank = state.get("rng_ranks") or [state["rng"]]
     set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"])
 
@@ -471,6 +472,8 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             metrics = evaluate(run.student, dev, data.task)
             record["dev"] = metrics
             run.curve.append({"step": done, "widths": record.get("widths"), "dev": metrics})
+            if ts.keep_best:
+                keep_if_best(run, setting, done, metrics, ranks)
         ce = recipe.training.checkpoint_every
         if (ce and done % ce == 0) or done == total:
             _save_checkpoint(checkpoints, run, recipe, ranks)
@@ -507,6 +510,24 @@ def keep_family_member(run: TaskRun, setting: TaskSetting, step: int, ranks: Ran
     run.family.append({"requested_hidden": sorted(due), "step": step, "path": str(path), "dev": metrics,
                        **parameter_report(dense, widths)})
     logger.info("kept %s at step %d: dev %s", widths, step, metrics)
+
+
+BEST_DIR = "best-student"  # task.keep_best: the best student so far, under OUT until the run finishes
+
+
+def keep_if_best(run: TaskRun, setting: TaskSetting, step: int, metrics: dict[str, float], ranks: Ranks) -> None:
+    """With ``task.keep_best``: save the student under ``OUT/best-student`` when it is at the final width and scores
+    above every earlier evaluation there (the first of equal scores stays)."""
+    at_final = run.pruner is None or run.dense or run.pruner.widths() == run.pruner.target
+    primary = setting.data.task.primary_metric
+    if not at_final or (run.best is not None and metrics[primary] <= run.best["dev"][primary]):
+        return
+    dense = run.student if run.pruner is None or run.dense else run.pruner.materialize()
+    if ranks.is_main:
+        with staging_dir(setting.out / BEST_DIR, overwrite=True) as tmp:
+            save_student(dense, tmp, setting.tokenizer)
+    run.best = {"step": step, "dev": metrics}
+    logger.info("best dev %s at the final width so far: step %d", metrics, step)
 
 
 def deployed_score(member: dict[str, Any], metric: str) -> float:
@@ -600,11 +621,24 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int, w
     # The loop scored the last step already; the dense student computes what was scored (parity above).
     last = run.curve[-1] if run.curve else None
     student_dev = last["dev"] if last is not None and last["step"] == total else evaluate(dense, dev, data.task)
-    with staging_dir(out / "student", overwrite=True) as tmp:
-        save_student(dense, tmp, setting.tokenizer)
     primary = data.task.primary_metric
-    members = [*run.family, {"requested_hidden": [], "step": total, "path": str(out / "student"), "dev": student_dev,
-                             **parameter_report(dense, config_widths(dense.config))}]
+    best = out / BEST_DIR
+    keep = run.best is not None and run.best["step"] != total and run.best["dev"][primary] > student_dev[primary]
+    selected = {"rule": "best dev at the final width", "step": run.best["step"] if keep else total, "last_step_dev": student_dev} \
+        if recipe.task.keep_best and run.best is not None else None
+    with staging_dir(out / "student", overwrite=True) as tmp:
+        if keep:
+            shutil.copytree(best, tmp, dirs_exist_ok=True)
+        else:
+            save_student(dense, tmp, setting.tokenizer)
+    shutil.rmtree(best, ignore_errors=True)
+    if keep:
+        assert run.best is not None
+        student_dev = run.best["dev"]
+        logger.info("deploying the best student at the final width (step %d, dev %s) over the last one (dev %s)", run.best["step"],
+                    student_dev, selected and selected["last_step_dev"])
+    members = [*run.family, {"requested_hidden": [], "step": selected["step"] if selected else total, "path": str(out / "student"),
+                             "dev": student_dev, **parameter_report(dense, config_widths(dense.config))}]
     served = {h for m in members for h in m["requested_hidden"]}
     skipped = sorted(h for h in recipe.task.family if h not in served and h > dense.config.hidden_size)
     if skipped:
@@ -638,6 +672,7 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int, w
         "curve": run.curve,
         "family": members,
         "family_skipped": skipped,
+        "keep_best": selected,
         "selection": selection,
         "plan": plan,
         "steps": total,
