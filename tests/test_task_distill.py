@@ -391,11 +391,13 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     import yaml
 
     path = tmp_path / "task.yaml"
-    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.export": True})))
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.export": True,
+                                                                                              "task.keep_best": True, "training.eval_every": 3})))
     result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", "accuracy-drop=100"])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
     assert "dev accuracy: teacher" in out and "int8 ONNX" in out and (tmp_path / "run" / "student" / "config.json").is_file()
+    assert f"task.keep_best: the student of step {json.loads((tmp_path / 'run' / 'report.json').read_text())['keep_best']['step']} of" in out
     assert "students of tiny-task" in out and "accuracy-drop <= 100 points of accuracy (int8 ONNX): chose" in out
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (tmp_path / "run" / "export" / "model_quantized.onnx").is_file() and 0 <= report["deployed"]["dev"]["accuracy"] <= 100
