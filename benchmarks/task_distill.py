@@ -24,6 +24,10 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
     (afam)            (a) keeping a dense student at each of ``FAMILY``'s hidden sizes on the way down (``task.family``); the
                       run exports every student to int8 ONNX, scores it on dev and times them side by side: the
                       width-vs-score-vs-latency curve of one run (its final student is (a)'s, the same seed and steps)
+    (al)              (ab) with ``LONG`` times the epochs (and so the pruning phase ``LONG`` times as many steps; CoFi trains
+                      its small GLUE tasks for 100 epochs of pruning and 20 of fine-tuning, (a) for 10 in all) and
+                      ``task.keep_best``: the best dev student at the final width ships, as the teacher's best dev
+                      checkpoint does (the last step's dev scores stay in the row, ``keep_best``)
     (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
                       in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
                       ``--work``), the same epochs over both: about (a)'s wall time on RTE
@@ -68,6 +72,7 @@ ARMS = {
     "axt": ("homodistil", "task HomoDistil in bf16 + the task's unlabelled test text for the teacher", "192"),
     "a0": ("distill", "task distillation in bf16 without pruning (control)", "384"),
     "afam": ("homodistil", "task HomoDistil (iterative), keeping a family of students", "192"),
+    "al": ("homodistil", "task HomoDistil in bf16, three times the epochs, best dev student", "192"),
 }
 SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
@@ -75,11 +80,13 @@ FAST_T_F = 0.7
 AUGMENT_COPIES = 4
 HARD_LABEL = 1.0
 FAMILY = [320, 288, 256, 224]  # (afam): hidden sizes kept on the way to 192
+LONG = 3  # (al): times (a)'s epochs
 # The arms that change one thing of (a)'s recipe: task_recipe's keyword arguments.
 VARIANTS: dict[str, dict[str, Any]] = {
     "ax": {"unlabelled": True}, "aa": {"augment": True}, "af": {"t_f": FAST_T_F}, "ab": {"precision": "bf16"},
     "abh": {"precision": "bf16", "hard_label": HARD_LABEL},
     "axt": {"precision": "bf16", "test_text": True}, "a0": {"precision": "bf16"}, "afam": {"family": FAMILY},
+    "al": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True},
 }
 # Columns of each task's GLUE test.tsv that hold its text (and pair).
 TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
@@ -111,11 +118,14 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
                 unlabelled: bool = False, augment: bool = False, t_f: float = T_F, precision: str = "fp32", hard_label: float = 0.0,
-                test_text: bool = False, family: Sequence[int] = ()) -> dict[str, Any]:
+                test_text: bool = False, family: Sequence[int] = (), epochs_scale: int = 1, keep_best: bool = False) -> dict[str, Any]:
     """The recipe of arms (a), (b), (a128) and ``VARIANTS``: KL at T=2 on the logits plus hidden/attention/embedding terms."""
-    spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task], "max_length": 128, "export": False}
+    spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task] * epochs_scale, "max_length": 128,
+                            "export": False}
     if hard_label:
         spec["hard_label"] = hard_label
+    if keep_best:
+        spec["keep_best"] = True
     if family:
         spec |= {"family": list(family), "export": True}
     if unlabelled:
@@ -129,7 +139,7 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
         "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}"
-                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else ""),
+                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else ""),
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
@@ -293,9 +303,12 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "data": distill["data"] if distill else None,  # rows trained on: labelled, unlabelled, word-swapped, dev
                     **step_times(run / "distill" / "train_log.jsonl"),
                     "family": family_curve(distill),
+                    "keep_best": distill.get("keep_best") if distill else None,  # the step that shipped; the last step's dev scores
                 })
     have = {(r["task"], r["arm"], r["seed"]) for r in rows}
     rows += [r for r in earlier if (r["task"], r["arm"], r["seed"]) not in have and r["task"] in tasks]
+    for r in rows:
+        r["final_width_best"] = final_width_best(r)
     order = list(TEACHER_EPOCHS)
     rows.sort(key=lambda r: (order.index(r["task"]) if r["task"] in order else 99, ["teacher", *ARMS].index(r["arm"]), r["seed"]))
     return {"schema": "homoexport.benchmark.task_distill/1", "rows": rows, "summary": summarize(rows, tasks, arms),
@@ -304,6 +317,21 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                          "augment_copies": AUGMENT_COPIES, "t_f": {"a": T_F, "af": FAST_T_F},
                          "variants": VARIANTS},
             "machine": fingerprint()}
+
+
+def final_width_best(row: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``task.keep_best`` ships, read off a run's dev curve (PyTorch): the first evaluation at the final width with
+    the best primary metric, beside the last one, as GLUE scores (the mean of the task's metrics)."""
+    from homoexport.evaluation.glue_data import get_task
+
+    curve = row.get("dev_curve")
+    if not curve:
+        return None
+    primary_metric = get_task(row["task"]).primary_metric
+    final = [c for c in curve if c["widths"] == curve[-1]["widths"]]
+    best = max(final, key=lambda c: c["dev"][primary_metric])
+    glue = lambda c: sum(c["dev"].values()) / len(c["dev"])  # noqa: E731
+    return {"step": best["step"], "pytorch": glue(best), "last_pytorch": glue(curve[-1]), "evaluations": len(final)}
 
 
 def family_curve(distill: dict[str, Any] | None) -> list[dict[str, Any]] | None:
@@ -364,7 +392,27 @@ def markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
         lines.append(f"| {title.get(s['arm'], s['arm'])} | " + " | ".join(cells) + f" | {avg} |")
     return ("GLUE dev scores in points (the mean of a task's metrics: MRPC F1 and accuracy, CoLA MCC, RTE and SST-2 accuracy); "
             "students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where n > 1; — not run yet.\n\n"
-            + "\n".join(lines) + "\n" + _families(result) + _details(result))
+            + "\n".join(lines) + "\n" + _best_dev(result) + _families(result) + _details(result))
+
+
+def _best_dev(result: dict[str, Any]) -> str:
+    """Per distilled arm and task, PyTorch dev scores: the last step's against the best evaluation at the final width
+    (``task.keep_best``, read off the dev curves), mean over seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in result["rows"]:
+        if r.get("final_width_best"):
+            groups.setdefault((r["arm"], r["task"]), []).append(r["final_width_best"])
+    if not groups:
+        return ""
+    out = ["", "PyTorch dev scores of the distilled arms: the last step against the best evaluation at the final width (what "
+           "`task.keep_best` ships, read off each run's dev curve; (al) ran with it); mean over seeds.", "",
+           "| arm | task | seeds | last step | best at final width | gain | evaluations at final width |", "|---|---|---|---|---|---|---|"]
+    for (arm, task), runs in groups.items():
+        last = statistics.mean(b["last_pytorch"] for b in runs)
+        best = statistics.mean(b["pytorch"] for b in runs)
+        out.append(f"| ({arm}) | {task} | {len(runs)} | {last:.2f} | {best:.2f} | {best - last:+.2f} | "
+                   f"{'-'.join(sorted({str(b['evaluations']) for b in runs}))} |")
+    return "\n".join(out) + "\n"
 
 
 def _families(result: dict[str, Any]) -> str:
