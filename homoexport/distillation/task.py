@@ -517,7 +517,8 @@ BEST_DIR = "best-student"  # task.keep_best: the best student so far, under OUT 
 
 def keep_if_best(run: TaskRun, setting: TaskSetting, step: int, metrics: dict[str, float], ranks: Ranks) -> None:
     """With ``task.keep_best``: save the student under ``OUT/best-student`` when it is at the final width and scores
-    above every earlier evaluation there (the first of equal scores stays)."""
+    above every earlier evaluation there (the first of equal scores stays; ``_finish`` ships the last step's student
+    when it ties the best, as it needs no copy)."""
     at_final = run.pruner is None or run.dense or run.pruner.widths() == run.pruner.target
     primary = setting.data.task.primary_metric
     if not at_final or (run.best is not None and metrics[primary] <= run.best["dev"][primary]):
