@@ -330,8 +330,8 @@ def final_width_best(row: dict[str, Any]) -> dict[str, Any] | None:
     primary_metric = get_task(row["task"]).primary_metric
     final = [c for c in curve if c["widths"] == curve[-1]["widths"]]
     best = max(final, key=lambda c: c["dev"][primary_metric])
-    glue = lambda c: sum(c["dev"].values()) / len(c["dev"])  # noqa: E731
-    return {"step": best["step"], "pytorch": glue(best), "last_pytorch": glue(curve[-1]), "evaluations": len(final)}
+    return {"step": best["step"], "pytorch": statistics.mean(best["dev"].values()),
+            "last_pytorch": statistics.mean(curve[-1]["dev"].values()), "evaluations": len(final)}
 
 
 def family_curve(distill: dict[str, Any] | None) -> list[dict[str, Any]] | None:

@@ -220,7 +220,6 @@ class TaskSpec(_Strict):
     max_drop: Optional[float] = Field(None, gt=0, description="deploy the narrowest student of the family within this many dev "
                                       "points of the teacher, scored as int8 when exported (`--budget accuracy-drop=1`); under a "
                                       "latency or memory budget, only students that fit it")
-
     keep_best: bool = Field(False, description="deploy the student of the dev evaluation with the best score once the final width "
                             "is reached, not the last step's, as the teacher's fine-tuning kept its best dev checkpoint "
                             "(transformers' load_best_model_at_end); the report gives both")
