@@ -1,7 +1,7 @@
 """Recipes: the YAML that fully describes a distillation run, validated by pydantic.
 
-Unknown keys and bad values are errors that name the key path and what is allowed, because a typo in
-a 3-hour run's recipe should cost seconds, not the run. ``--set a.b=c`` overrides apply before
+Unknown keys and bad values are errors that name the file:line, the key path and what is allowed, because a
+typo in a 3-hour run's recipe should cost seconds, not the run. ``--set a.b=c`` overrides apply before
 validation. The resolved recipe (defaults filled in) is saved next to every run's outputs.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -340,22 +341,61 @@ def _allowed_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     return [f.alias or name for name, f in getattr(current, "model_fields", {}).items()]  # YAML spelling (assistant.lambda)
 
 
-def _format_errors(err: ValidationError) -> str:
+@dataclass(frozen=True)
+class RecipeSource:
+    """Where a recipe's keys were written: the YAML file with each key path's line, and the ``--set`` overrides, so an
+    error points at the line (or the option) to fix."""
+
+    path: Path
+    lines: dict[tuple, int]
+    overridden: tuple[tuple[str, ...], ...] = ()
+
+    @classmethod
+    def of(cls, path: Path, text: str, overrides: list[str]) -> "RecipeSource":
+        lines: dict[tuple, int] = {}
+
+        def walk(node: yaml.Node, at: tuple) -> None:
+            children = (((k.value, k), v) for k, v in node.value) if isinstance(node, yaml.MappingNode) else (
+                ((i, v), v) for i, v in enumerate(node.value)) if isinstance(node, yaml.SequenceNode) else ()
+            for (key, mark_node), value in children:
+                lines[at + (key,)] = mark_node.start_mark.line + 1
+                walk(value, at + (key,))
+
+        root = yaml.compose(text)
+        if root is not None:
+            walk(root, ())
+        return cls(path, lines, tuple(tuple(o.partition("=")[0].split(".")) for o in overrides))
+
+    def locate(self, loc: tuple) -> str:
+        """``file:line`` of the deepest written key on ``loc``'s path, ``--set KEY`` for an overridden one, else the file."""
+        for key in reversed(self.overridden):
+            if tuple(map(str, loc[:len(key)])) == key:
+                return f"--set {'.'.join(key)}"
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in self.lines:
+                return f"{self.path}:{self.lines[loc[:n]]}"
+        return str(self.path)
+
+
+def _format_errors(err: ValidationError, source: RecipeSource | None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
-        path = ".".join(str(p) for p in loc) or "(recipe)"
+        path = ".".join(str(p) for p in loc)
+        origin = source.locate(loc) if source else ""
+        where = ": ".join(w for w in (origin, "" if origin == f"--set {path}" else path) if w)
+        where = f"{where}: " if where else ""
         if e["type"] == "extra_forbidden":
             allowed = _allowed_fields(Recipe, loc)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            lines.append(f"{path}: unknown key{hint}; allowed keys: {', '.join(allowed)}")
+            lines.append(f"{where}unknown key{hint}; allowed keys: {', '.join(allowed)}")
         elif e["type"] == "missing":
-            lines.append(f"{path}: required key is missing")
+            lines.append(f"{where}required key is missing")
         else:
             # A check across keys (a section or the whole recipe) names its keys itself: echoing the input dict buries it.
             got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
-            lines.append(f"{path}: {e['msg'].removeprefix('Value error, ')}{got}")
+            lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}{got}")
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
 
@@ -376,12 +416,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def validate_recipe(data: dict) -> Recipe:
-    """Validate a recipe dict; raise :class:`RecipeError` naming every bad key."""
+def validate_recipe(data: dict, source: RecipeSource | None = None) -> Recipe:
+    """Validate a recipe dict; raise :class:`RecipeError` naming every bad key (and its line, given the ``source``)."""
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err)) from None
+        raise RecipeError(_format_errors(err, source)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -389,13 +429,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
+    text = path.read_text()
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of keys to values")
-    return validate_recipe(apply_overrides(data, overrides or []))
+    data = apply_overrides(data, overrides or [])
+    return validate_recipe(data, RecipeSource.of(path, text, overrides or []))
 
 
 def steps_of(value: float, total: int) -> int:
