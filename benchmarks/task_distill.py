@@ -28,6 +28,8 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
                       its small GLUE tasks for 100 epochs of pruning and 20 of fine-tuning, (a) for 10 in all) and
                       ``task.keep_best``: the best dev student at the final width ships, as the teacher's best dev
                       checkpoint does (the last step's dev scores stay in the row, ``keep_best``)
+    (ak)              (ab) with the logits term alone (``losses`` hidden, attention and embedding 0): what the fine-tuned
+                      teacher's hidden states and attention maps add over its predictions on the task's data
     (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
                       in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
                       ``--work``), the same epochs over both: about (a)'s wall time on RTE
@@ -73,6 +75,7 @@ ARMS = {
     "a0": ("distill", "task distillation in bf16 without pruning (control)", "384"),
     "afam": ("homodistil", "task HomoDistil (iterative), keeping a family of students", "192"),
     "al": ("homodistil", "task HomoDistil in bf16, three times the epochs, best dev student", "192"),
+    "ak": ("homodistil", "task HomoDistil in bf16, the logits term alone", "192"),
 }
 SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
@@ -87,6 +90,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "abh": {"precision": "bf16", "hard_label": HARD_LABEL},
     "axt": {"precision": "bf16", "test_text": True}, "a0": {"precision": "bf16"}, "afam": {"family": FAMILY},
     "al": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True},
+    "ak": {"precision": "bf16", "logits_only": True},
 }
 # Columns of each task's GLUE test.tsv that hold its text (and pair).
 TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
@@ -118,7 +122,8 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
                 unlabelled: bool = False, augment: bool = False, t_f: float = T_F, precision: str = "fp32", hard_label: float = 0.0,
-                test_text: bool = False, family: Sequence[int] = (), epochs_scale: int = 1, keep_best: bool = False) -> dict[str, Any]:
+                test_text: bool = False, family: Sequence[int] = (), epochs_scale: int = 1, keep_best: bool = False,
+                logits_only: bool = False) -> dict[str, Any]:
     """The recipe of arms (a), (b), (a128) and ``VARIANTS``: KL at T=2 on the logits plus hidden/attention/embedding terms."""
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task] * epochs_scale, "max_length": 128,
                             "export": False}
@@ -139,11 +144,11 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
         "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}"
-                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else ""),
+                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else "") + ("-logits" if logits_only else ""),
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
-        "losses": {"kl": 1.0, "temperature": 2.0, "hidden": 1.0, "attention": 1.0, "embedding": 1.0},
+        "losses": {"kl": 1.0, "temperature": 2.0, **dict.fromkeys(("hidden", "attention", "embedding"), 0.0 if logits_only else 1.0)},
         "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": t_f, "interval": 10, "multiple": 16},
         "optimizer": {"lr": DISTILL_LR, "warmup": 0.05},
         "training": {"batch_size": 32, "seed": seed, "log_every": 20, "checkpoint_every": 100, "precision": precision},
