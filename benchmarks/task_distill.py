@@ -217,9 +217,10 @@ def quickstart_student(work: Path) -> Path:
     return out / "student"
 
 
-def score(task: str, model: Path, out: Path, glue_data: Path, train: bool, lr: float = 5e-5, seed: int = 42) -> dict[str, Any]:
+def score(task: str, model: Path, out: Path, glue_data: Path, train: bool, lr: float = 5e-5, seed: int = 42,
+          keep_fp32: tuple[str, ...] = ()) -> dict[str, Any]:
     if not (out / "glue_report.json").is_file():
-        settings = GlueSettings(epochs=STUDENT_EPOCHS[task], learning_rate=lr, seeds=(seed,), train=train)
+        settings = GlueSettings(epochs=STUDENT_EPOCHS[task], learning_rate=lr, seeds=(seed,), train=train, keep_fp32=keep_fp32)
         run_glue(model, task, out, settings, data_dir=glue_data, overwrite=out.exists())
     return json.loads((out / "glue_report.json").read_text())
 
@@ -250,11 +251,20 @@ def export_latency_ms(glue_dir: Path, file: str = "model_quantized.onnx") -> flo
     return report["latency_ms"]["by_file"].get(file, {}).get("p50_ms")
 
 
-def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> None:
+def keep_fp32_dir(run: Path, groups: Sequence[str]) -> Path:
+    """Where a distilled student is scored again with ``groups`` left fp32 in its int8 file (outside ``glue*``, whose
+    reports are the row's own scores)."""
+    return run / f"int8-keep-{'-'.join(groups)}"
+
+
+def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path, keep_fp32: tuple[str, ...] = ()) -> None:
     run = work / task / f"{arm}-s{seed}"
     started = time.time()
     if arm in DISTILLED_ARMS:
-        score(task, distill_student(task, arm, seed, work, glue_data), run / "glue", glue_data, train=False)
+        student = distill_student(task, arm, seed, work, glue_data)
+        score(task, student, run / "glue", glue_data, train=False)
+        if keep_fp32:
+            score(task, student, keep_fp32_dir(run, keep_fp32), glue_data, train=False, keep_fp32=keep_fp32)
     elif arm == "c":
         pruned = pruned_classifier(task, work, glue_data)
         for lr in PRUNE_FT_LRS:
@@ -309,6 +319,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     **step_times(run / "distill" / "train_log.jsonl"),
                     "family": family_curve(distill),
                     "keep_best": distill.get("keep_best") if distill else None,  # the step that shipped; the last step's dev scores
+                    "int8_keep_fp32": kept_fp32_scores(run),
                 })
     have = {(r["task"], r["arm"], r["seed"]) for r in rows}
     rows += [r for r in earlier if (r["task"], r["arm"], r["seed"]) not in have and r["task"] in tasks]
@@ -322,6 +333,17 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                          "augment_copies": AUGMENT_COPIES, "t_f": {"a": T_F, "af": FAST_T_F},
                          "variants": VARIANTS},
             "machine": fingerprint()}
+
+
+def kept_fp32_scores(run: Path) -> dict[str, Any] | None:
+    """The student's int8 scores with layer groups left fp32 (``--int8-keep-fp32``), by group list, beside its p50 ms."""
+    out = {}
+    for d in sorted(run.glob("int8-keep-*")):
+        if (d / "glue_report.json").is_file():
+            report = json.loads((d / "glue_report.json").read_text())
+            out[d.name.removeprefix("int8-keep-")] = {"onnx_int8": task_score(report, "onnx_int8"), "metrics": metric_values(report, "onnx_int8"),
+                                                      "int8_p50_ms_b1_s128": export_latency_ms(d)}
+    return out or None
 
 
 def final_width_best(row: dict[str, Any]) -> dict[str, Any] | None:
@@ -397,7 +419,7 @@ def markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
         lines.append(f"| {title.get(s['arm'], s['arm'])} | " + " | ".join(cells) + f" | {avg} |")
     return ("GLUE dev scores in points (the mean of a task's metrics: MRPC F1 and accuracy, CoLA MCC, RTE and SST-2 accuracy); "
             "students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where n > 1; — not run yet.\n\n"
-            + "\n".join(lines) + "\n" + _best_dev(result) + _families(result) + _details(result))
+            + "\n".join(lines) + "\n" + _best_dev(result) + _kept_fp32(result) + _families(result) + _details(result))
 
 
 def _best_dev(result: dict[str, Any]) -> str:
@@ -417,6 +439,21 @@ def _best_dev(result: dict[str, Any]) -> str:
         best = statistics.mean(b["pytorch"] for b in runs)
         out.append(f"| ({arm}) | {task} | {len(runs)} | {last:.2f} | {best:.2f} | {best - last:+.2f} | "
                    f"{'-'.join(sorted({str(b['evaluations']) for b in runs}))} |")
+    return "\n".join(out) + "\n"
+
+
+def _kept_fp32(result: dict[str, Any]) -> str:
+    """Students scored again as int8 with layer groups left fp32: the int8 loss those groups carry."""
+    rows = [r for r in result["rows"] if r.get("int8_keep_fp32")]
+    if not rows:
+        return ""
+    out = ["", "Distilled students as int8 with layer groups left fp32 (`--int8-keep-fp32`, as `homoexport export --keep-fp32`): dev "
+           "scores; their latency cost is in results/int8_keep_fp32.json (these exports were timed beside other runs).", "",
+           "| task | arm | seed | PyTorch | int8 | int8, groups fp32 | change | groups |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for groups, k in r["int8_keep_fp32"].items():
+            out.append(f"| {r['task']} | ({r['arm']}) | {r['seed']} | {r['pytorch']:.2f} | {r['onnx_int8']:.2f} | {k['onnx_int8']:.2f} | "
+                       f"{k['onnx_int8'] - r['onnx_int8']:+.2f} | {groups} |")
     return "\n".join(out) + "\n"
 
 
@@ -468,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("runs/task_bench"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from finished runs")
+    ap.add_argument("--int8-keep-fp32", default="", help="also score each distilled student as int8 with these layer groups left fp32 "
+                    "(comma-separated, as `homoexport export --keep-fp32`, e.g. ffn-output), under RUN/int8-keep-GROUPS")
     args = ap.parse_args(argv)
     tasks, arms = args.tasks.split(","), args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -482,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for task in tasks:
                 ensure_teacher(args.work, task, args.encoder, args.glue_data)
                 for seed in seeds:
-                    run_arm(task, arm, seed, args.work, args.glue_data)
+                    run_arm(task, arm, seed, args.work, args.glue_data, tuple(g for g in args.int8_keep_fp32.split(",") if g))
                     write(args, all_tasks)
     write(args, all_tasks)
     return 0
