@@ -65,20 +65,16 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert load_recipe(tmp_path / "r.yaml") == recipe
 
 
-def test_errors_in_a_recipe_file_name_its_line_or_the_set_option(tmp_path):
+@pytest.mark.parametrize("text, overrides, expected", [
+    ("teacher: t\nstudent:\n  hidden: 192\n  heds: 6\n", [], "{path}:4: student.heds: unknown key (did you mean 'heads'?)"),
+    ("teacher: t\ntraining:\n  batch_size: 8\n", ["training.batch_size=0"], "--set training.batch_size: Input should be greater than 0 (got 0)"),
+    ("teacher: t\ninit: copy\nstudent:\n  layers: 3\n", [], "{path}: init=copy keeps the teacher's depth"),
+    ("teacher: t\ntask:\n  glue: rte\n  unlabelled:\n    - glue:mrpc\n    - 7\n", [], "{path}:6: task.unlabelled.1: "),
+    ("name: x\n", [], "{path}: teacher: required key is missing"),
+], ids=["unknown-key", "set-option", "across-keys", "list-item", "missing-key"])
+def test_errors_in_a_recipe_file_name_its_line_or_the_set_option(tmp_path, text, overrides, expected):
     path = tmp_path / "r.yaml"
-    path.write_text("teacher: t\nstudent:\n  hidden: 192\n  heds: 6\ntask:\n  glue: rte\n  family: [320, 128]\n")
+    path.write_text(text)
     with pytest.raises(RecipeError) as err:
-        load_recipe(path, ["training.batch_size=0"])
-    msg = str(err.value)
-    assert f"{path}:4: student.heds: unknown key (did you mean 'heads'?)" in msg
-    assert "--set training.batch_size: Input should be greater than 0 (got 0)" in msg
-    path.write_text("teacher: t\ninit: copy\nstudent:\n  layers: 3\n")
-    with pytest.raises(RecipeError, match=rf"{path}: init=copy keeps the teacher's depth"):
-        load_recipe(path)
-    path.write_text("teacher: t\ntask:\n  glue: rte\n  unlabelled:\n    - glue:mrpc\n    - 7\n")
-    with pytest.raises(RecipeError, match=rf"{path}:6: task.unlabelled.1: "):
-        load_recipe(path)
-    path.write_text("name: x\n")
-    with pytest.raises(RecipeError, match=rf"{path}: teacher: required key is missing"):
-        load_recipe(path)
+        load_recipe(path, overrides)
+    assert expected.format(path=path) in str(err.value)
