@@ -355,13 +355,17 @@ class RecipeSource:
         lines: dict[tuple, int] = {}
 
         def walk(node: yaml.Node, at: tuple) -> None:
-            children = (((k.value, k), v) for k, v in node.value) if isinstance(node, yaml.MappingNode) else (
-                ((i, v), v) for i, v in enumerate(node.value)) if isinstance(node, yaml.SequenceNode) else ()
-            for (key, mark_node), value in children:
-                lines[at + (key,)] = mark_node.start_mark.line + 1
+            if isinstance(node, yaml.MappingNode):
+                children = [(k.value, k, v) for k, v in node.value]  # a key's line is its own, not its value's
+            elif isinstance(node, yaml.SequenceNode):
+                children = [(i, v, v) for i, v in enumerate(node.value)]
+            else:
+                return
+            for key, marked, value in children:
+                lines[at + (key,)] = marked.start_mark.line + 1
                 walk(value, at + (key,))
 
-        root = yaml.compose(text)
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
         if root is not None:
             walk(root, ())
         return cls(path, lines, tuple(tuple(o.partition("=")[0].split(".")) for o in overrides))
