@@ -217,10 +217,9 @@ def quickstart_student(work: Path) -> Path:
     return out / "student"
 
 
-def score(task: str, model: Path, out: Path, glue_data: Path, train: bool, lr: float = 5e-5, seed: int = 42,
-          keep_fp32: tuple[str, ...] = ()) -> dict[str, Any]:
+def score(task: str, model: Path, out: Path, glue_data: Path, settings: GlueSettings) -> dict[str, Any]:
+    """``run_glue`` once into ``out`` (skipped when its report is there): fine-tune or score ``model`` as ``settings`` say."""
     if not (out / "glue_report.json").is_file():
-        settings = GlueSettings(epochs=STUDENT_EPOCHS[task], learning_rate=lr, seeds=(seed,), train=train, keep_fp32=keep_fp32)
         run_glue(model, task, out, settings, data_dir=glue_data, overwrite=out.exists())
     return json.loads((out / "glue_report.json").read_text())
 
@@ -262,15 +261,15 @@ def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path, keep_fp
     started = time.time()
     if arm in DISTILLED_ARMS:
         student = distill_student(task, arm, seed, work, glue_data)
-        score(task, student, run / "glue", glue_data, train=False)
+        score(task, student, run / "glue", glue_data, GlueSettings(train=False))
         if keep_fp32:
-            score(task, student, keep_fp32_dir(run, keep_fp32), glue_data, train=False, keep_fp32=keep_fp32)
+            score(task, student, keep_fp32_dir(run, keep_fp32), glue_data, GlueSettings(train=False, keep_fp32=keep_fp32))
     elif arm == "c":
         pruned = pruned_classifier(task, work, glue_data)
         for lr in PRUNE_FT_LRS:
-            score(task, pruned, run / f"glue-lr{lr:g}", glue_data, train=True, lr=lr, seed=seed)
+            score(task, pruned, run / f"glue-lr{lr:g}", glue_data, GlueSettings(epochs=STUDENT_EPOCHS[task], learning_rate=lr, seeds=(seed,)))
     elif arm == "d":
-        score(task, quickstart_student(work), run / "glue", glue_data, train=True, lr=2e-4, seed=seed)
+        score(task, quickstart_student(work), run / "glue", glue_data, GlueSettings(epochs=STUDENT_EPOCHS[task], learning_rate=2e-4, seeds=(seed,)))
     marker = run / "wall.json"
     if not marker.is_file():
         atomic_write_json(marker, {"wall_s_this_invocation": time.time() - started})
