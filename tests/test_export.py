@@ -48,7 +48,8 @@ def classifier_export(tmp_path_factory) -> tuple[Path, Path, dict]:
     sentences = synthetic_sentences(40, seed=1)
     tsv = root / "calib.tsv"
     tsv.write_text("sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t0\n" for a, b in zip(sentences[::2], sentences[1::2])))
-    report = ex.export_model(src, root / "export", ex.ExportSettings(quantize="static", calibration_data=tsv, **FAST))
+    pairs = tuple(zip(sentences[1::2], sentences[::2]))
+    report = ex.export_model(src, root / "export", ex.ExportSettings(quantize="static", calibration_data=tsv, validation_texts=pairs, **FAST))
     return src, root / "export", report
 
 
@@ -113,6 +114,7 @@ def test_static_classifier_export_agrees_with_fp32(classifier_export):
     assert q["mode"] == "static" and q["format"] == "QDQ" and q["operators"] == ["MatMul"]
     assert q["calibration"]["samples"] == 20
     assert report["parity"]["int8_vs_fp32"]["agreement"] >= 0.9
+    assert report["validation_inputs"] == {"texts": 20, "source": "given", "batches": [[20, report["validation_inputs"]["batches"][0][1]]]}
     # LayerNorm / GELU / Softmax stay float: only MatMul inputs get QuantizeLinear/DequantizeLinear pairs
     ops = ex.op_counts(out / ex.QUANTIZED_FILE)
     assert ops.get("QuantizeLinear", 0) > 0 and "QLinearLayerNormalization" not in ops
@@ -281,6 +283,18 @@ def test_read_texts_formats(tmp_path):
         ex.read_texts(tmp_path / "bad.tsv", 10)
 
 
+def test_validation_batches_keep_pairs_and_stay_small(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    singles = synthetic_sentences(70, seed=2)
+    batches = ex.validation_batches(tok, singles, 32)
+    assert [len(b["input_ids"]) for b in batches] == [32, 32, 6, 32, 3]  # the texts, then consecutive ones as pairs
+    assert batches[0]["token_type_ids"].max() == 0 and batches[-1]["token_type_ids"].max() == 1
+    pairs = list(zip(singles[:40], singles[30:70]))
+    assert [len(b["input_ids"]) for b in ex.validation_batches(tok, pairs, 32)] == [32, 8]
+    with pytest.raises(ex.ExportInputError, match="mix single texts and text pairs"):
+        ex.ExportSettings(validation_texts=(singles[0], pairs[0]))
+
+
 def test_int8_metrics_and_fusion_explanations():
     mask = np.array([[1, 1, 0]])
     a = np.array([[[1.0, 0.0], [1.0, 0.0], [9.0, 9.0]]])
@@ -307,9 +321,14 @@ def test_cli_export_and_one_line_errors(tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "pass --onnx" in result.output
-    result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "x"), "--quantize", "none", "--optimize", "none", "--no-progress"])
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n" + "".join(f"{t}\t1\n" for t in synthetic_sentences(5, seed=3)))
+    result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "x"), "--quantize", "none", "--optimize", "none", "--no-progress",
+                                 "--validation-data", str(tmp_path / "dev.tsv")])
     assert result.exit_code == 0, result.output
     assert ex.deployed_model_path(tmp_path / "x").name == ex.FP32_FILE
+    assert json.loads((tmp_path / "x" / ex.REPORT_FILE).read_text())["validation_inputs"]["texts"] == 5
+    result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "y"), "--validation-data", str(tmp_path / "none.txt")])
+    assert result.exit_code == 2 and "validation data not found" in result.output and not (tmp_path / "y").exists()
     result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "x"), "--target", "sse2"])
     assert result.exit_code == 2 and "invalid target 'sse2'" in result.output and "Traceback" not in result.output
 
@@ -320,3 +339,4 @@ def test_int8_advice_follows_what_was_tried():
     static = ex.int8_advice("static", True, ("ffn-output",))
     assert "--quantize static" not in static and "--keep-fp32" not in static and "calibration-data" in static and "--quantize none" in static
     assert "--per-channel" in ex.int8_advice("dynamic", False, ())
+    assert "--validation-data" in ex.int8_advice("dynamic", True, (), builtin_texts=True) and "--validation-data" not in dynamic

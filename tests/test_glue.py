@@ -257,6 +257,7 @@ def test_run_glue_writes_report_with_all_backends(tmp_path, encoder_dir):
         assert not (tmp_path / "out" / f"seed-{run['seed']}" / "checkpoints").exists()
         assert run["export"]["quantization"]["mode"] == "static" and run["export"]["parity"]["onnx_fp32_vs_pytorch"]["passed"]
         assert run["export"]["quantization"]["kept_fp32"]["groups"] == ["ffn-output"] and len(run["export"]["quantization"]["kept_fp32"]["nodes"]) == 2
+        assert run["export"]["validation_inputs"]["source"] == "given" and run["export"]["validation_inputs"]["texts"] == 16  # gated on dev inputs
         calibration = (tmp_path / "out" / f"seed-{run['seed']}" / "calibration.tsv").read_text().splitlines()
         assert calibration[0] == "sentence" and len(calibration) == 33  # header + every (training) row, never dev
     assert "ONNX int8" in (tmp_path / "out" / "glue_report.md").read_text()

@@ -407,6 +407,8 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     assert 32 < kept["widths"]["hidden"] <= 56 and kept["int8"]["path"] == str(Path(kept["path"]) / "export" / "model_quantized.onnx")
     for member in report["family"]:
         assert Path(member["int8"]["path"]).is_file() and member["int8"]["p50_ms"] > 0 and member["int8"]["file_mb"] > 0
+        gate = json.loads((Path(member["int8"]["path"]).parent / "export_report.json").read_text())["validation_inputs"]
+        assert gate["source"] == "given" and gate["texts"] == 16  # the int8 gate ran on the dev inputs
         # The int8 file agrees with its PyTorch student on this easy task within a few examples (16 dev rows).
         assert abs(member["int8"]["dev"]["accuracy"] - member["dev"]["accuracy"]) <= 100 * 3 / 16
     assert kept["int8"]["file_mb"] > final["int8"]["file_mb"]

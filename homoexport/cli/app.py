@@ -569,6 +569,9 @@ def export_command(
                                   "recovers the int8 loss on CoLA for ~30% more int8 latency, benchmarks/results/int8_keep_fp32.json)."),
     calibration_data: Optional[Path] = typer.Option(None, "--calibration-data", help="Static quantization: a .txt(.gz) file, one text per line, or a GLUE .tsv with a header (sentence, sentence1/sentence2, question/sentence)."),
     calibration_samples: int = typer.Option(200, "--calibration-samples", min=1, help="Texts read from --calibration-data."),
+    validation_data: Optional[Path] = typer.Option(None, "--validation-data", help="Inputs the parity checks and the int8 gate run on (the first 256), "
+                                                   "in --calibration-data's formats. Default: 16 built-in English sentences, which suit an "
+                                                   "encoder; give a classifier its task's own inputs, or near-boundary built-in texts may fail its gate."),
     opset: Optional[int] = typer.Option(None, "--opset", min=11, help="ONNX opset (default: optimum's for the architecture)."),
     order: str = typer.Option("auto", "--order", help="How the int8 file is built: fuse-first (quantize the fused graph) | quantize-first (quantize, then fuse what ORT can) | auto (build both, keep the faster at batch 1 / seq 128)."),
     atol: float = typer.Option(1e-4, "--atol", min=0.0, help="Largest allowed |ONNX fp32 - PyTorch| (and optimized, except O3: 1e-2) on last_hidden_state/logits."),
@@ -587,12 +590,13 @@ def export_command(
     _check_out(out)
     _check_model_dir(model_dir)
     from homoexport.cli.tables import export_table
-    from homoexport.deployment.export import ExportSettings, export_model
+    from homoexport.deployment.export import VALIDATION_ROWS, VALIDATION_TEXTS, ExportSettings, export_model, read_texts
     from homoexport.distillation.models import quiet_transformers
 
     quiet_transformers()
     if not onnx:
         fail("nothing to export: pass --onnx (the only export format)")
+    validation_texts = tuple(read_texts(validation_data, VALIDATION_ROWS, "validation data")) if validation_data else VALIDATION_TEXTS
     from homoexport.cli.progress import StepProgress
 
     with StepProgress("export", console, enabled=progress) as bar:
@@ -600,7 +604,7 @@ def export_command(
             task=task, optimize=optimize, quantize=quantize, target=target, per_channel=per_channel, keep_fp32=_groups(keep_fp32),
             calibration_data=calibration_data, opset=opset, order=order, atol=atol, int8_min_cosine=int8_min_cosine,
             int8_min_agreement=int8_min_agreement, calibration_samples=calibration_samples, latency_threads=threads,
-            sentence_embedding=sentence_embedding,
+            sentence_embedding=sentence_embedding, validation_texts=validation_texts,
         ), overwrite=overwrite, on_progress=bar.update)
     Console().print(export_table(report))
     console.print(f"wrote {out} ({report['deployed_file']} is the file to deploy); report: {out / 'export_report.json'}", highlight=False)

@@ -579,16 +579,19 @@ def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Re
 
 
 def _export_and_score(student: Path, export_dir: Path, data: TaskData, max_length: int) -> dict[str, Any]:
-    """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8) to ``export_dir`` and score the int8 file on dev."""
+    """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8; the int8 gate on the dev inputs) to
+    ``export_dir`` and score the int8 file on dev."""
     from datasets import DatasetDict
 
     from homoexport.deployment.bench import file_size_bytes
     from homoexport.deployment.budget import MB
-    from homoexport.deployment.export import QUANTIZED_FILE, ExportSettings, export_model
+    from homoexport.deployment.export import QUANTIZED_FILE, VALIDATION_ROWS, ExportSettings, export_model
     from homoexport.evaluation.glue import evaluate_onnx
+    from homoexport.evaluation.glue_data import input_texts
 
     logger.info("exporting %s to %s and scoring the int8 file on dev", student, export_dir)
-    export = export_model(student, export_dir, ExportSettings(task="text-classification"), overwrite=True)
+    settings = ExportSettings(task="text-classification", validation_texts=input_texts(data.dev, VALIDATION_ROWS))
+    export = export_model(student, export_dir, settings, overwrite=True)
     path = export_dir / QUANTIZED_FILE
     result = evaluate_onnx(path, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}

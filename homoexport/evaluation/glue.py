@@ -44,7 +44,7 @@ from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.deployment.bench import load_session, percentiles
-from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, ExportSettings, export_model
+from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, VALIDATION_ROWS, ExportSettings, export_model
 from homoexport.deployment.export import REPORT_FILE as EXPORT_REPORT_FILE
 from homoexport.errors import InputNotFoundError, UsageError
 from homoexport.evaluation.glue_data import (
@@ -52,6 +52,7 @@ from homoexport.evaluation.glue_data import (
     HUB_DATASET,
     GlueTask,
     get_task,
+    input_texts,
     load_hub,
     load_tsv,
     predictions,
@@ -390,11 +391,12 @@ def evaluate_onnx(onnx_path: str | os.PathLike, task: GlueTask, dev: DatasetDict
 # --------------------------------------------------------------------------------------------- export
 
 
-def _export(model_dir: Path, onnx_dir: Path, settings: GlueSettings, train: Dataset) -> dict[str, Any]:
+def _export(model_dir: Path, onnx_dir: Path, settings: GlueSettings, train: Dataset, dev: Dataset) -> dict[str, Any]:
     """Export the fine-tuned classifier with the project's exporter (ONNX fp32, fusion, int8); returns its report.
 
     Static quantization calibrates on the first ``CALIBRATION_ROWS`` training rows (never on dev), written
-    next to the export as a headed TSV, the format ``export_model`` reads.
+    next to the export as a headed TSV, the format ``export_model`` reads. The int8 gate compares int8 with
+    fp32 predictions on the dev inputs (it changes no weight, so dev is not fitted to).
     """
     calibration = None
     if settings.quantize == "static":
@@ -406,7 +408,7 @@ def _export(model_dir: Path, onnx_dir: Path, settings: GlueSettings, train: Data
         atomic_write_text(calibration, "\n".join(lines) + "\n")
     return export_model(model_dir, onnx_dir, ExportSettings(
         task="text-classification", optimize=settings.optimize, quantize=settings.quantize, keep_fp32=settings.keep_fp32,
-        calibration_data=calibration, calibration_samples=CALIBRATION_ROWS
+        calibration_data=calibration, calibration_samples=CALIBRATION_ROWS, validation_texts=input_texts(dev, VALIDATION_ROWS)
     ))
 
 
@@ -437,7 +439,7 @@ def _run_seed(model_dir: Path, task: GlueTask, data: DatasetDict, settings: Glue
     export_info = None
     if settings.export:
         start = time.perf_counter()
-        export_info = _export(seed_dir / "model", seed_dir / "onnx", settings, data["train"])
+        export_info = _export(seed_dir / "model", seed_dir / "onnx", settings, data["train"], dev[task.primary_split])
         wall["export_s"] = time.perf_counter() - start
         for backend, filename in ONNX_FILES.items():
             start = time.perf_counter()
@@ -462,6 +464,7 @@ def _export_summary(export_report: dict[str, Any], seed: int) -> dict[str, Any]:
         "files": export_report.get("files"),
         "parity": export_report.get("parity"),
         "quantization": {k: quantization.get(k) for k in ("mode", "target", "schema", "order", "operators", "kept_fp32")},
+        "validation_inputs": {k: export_report.get("validation_inputs", {}).get(k) for k in ("texts", "source")},
         "elapsed_s": export_report.get("elapsed_s"),
     }
 

@@ -189,6 +189,14 @@ def load_hub(task: GlueTask) -> DatasetDict:
     return DatasetDict(out)
 
 
+def input_texts(rows: Dataset, limit: int) -> tuple[str | tuple[str, str], ...]:
+    """The model inputs of the first ``limit`` rows: ``text_a``, or (``text_a``, ``text_b``) where the task has pairs."""
+    rows = rows.select(range(min(limit, len(rows))))
+    if "text_b" in rows.column_names:
+        return tuple(zip(rows["text_a"], rows["text_b"]))
+    return tuple(rows["text_a"])
+
+
 def subsample(ds: Dataset, n: int | None, seed: int = 0) -> Dataset:
     """A fixed random subset of ``n`` rows (all rows when n is None or ≥ len), the same for every run seed."""
     if n is None or n >= len(ds):
