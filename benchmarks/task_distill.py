@@ -241,13 +241,25 @@ def metric_values(report: dict[str, Any], backend: str) -> dict[str, float | Non
     return {r["metric"]: r[backend] for r in report["results"] if r["split"] == split}
 
 
+def _export_report(glue_dir: Path) -> dict[str, Any] | None:
+    found = sorted(glue_dir.glob("seed-*/onnx/export_report.json"))
+    return json.loads(found[0].read_text()) if found else None
+
+
 def export_latency_ms(glue_dir: Path, file: str = "model_quantized.onnx") -> float | None:
     """p50 ms at batch 1 / seq 128 of one exported file, from the export's own latency check."""
-    found = sorted(glue_dir.glob("seed-*/onnx/export_report.json"))
-    if not found:
+    report = _export_report(glue_dir)
+    return None if report is None else report["latency_ms"]["by_file"].get(file, {}).get("p50_ms")
+
+
+def int8_gate(glue_dir: Path) -> dict[str, Any] | None:
+    """How closely the int8 file agreed with fp32 at export, and on which inputs (built-in texts or the dev inputs)."""
+    report = _export_report(glue_dir)
+    if report is None or "int8_vs_fp32" not in report["parity"]:
         return None
-    report = json.loads(found[0].read_text())
-    return report["latency_ms"]["by_file"].get(file, {}).get("p50_ms")
+    inputs = report.get("validation_inputs", {})
+    return {"agreement": report["parity"]["int8_vs_fp32"].get("agreement"), "texts": inputs.get("texts"),
+            "source": inputs.get("source", "built-in")}  # reports from before the source was recorded used the built-in texts
 
 
 def keep_fp32_dir(run: Path, groups: Sequence[str]) -> Path:
@@ -310,6 +322,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "train_s": best["runs"][0]["wall_s"].get("train_s"),
                     "int8_p50_ms_b1_s128": export_latency_ms(best_dir),
                     "fp32_p50_ms_b1_s128": export_latency_ms(best_dir, "model.onnx"),
+                    "int8_gate": int8_gate(best_dir),
                     "dev_curve": distill["curve"] if distill else None,  # (step, widths, dev metrics) during distillation
                     "load_average_1m": best.get("load_average_1m"),
                     "cpu": (best.get("machine") or {}).get("cpu_model"),  # rows of one table were run on different machines
