@@ -68,10 +68,12 @@ def test_resolved_recipe_round_trips(tmp_path):
 @pytest.mark.parametrize("text, overrides, expected", [
     ("teacher: t\nstudent:\n  hidden: 192\n  heds: 6\n", [], "{path}:4: student.heds: unknown key (did you mean 'heads'?)"),
     ("teacher: t\ntraining:\n  batch_size: 8\n", ["training.batch_size=0"], "--set training.batch_size: Input should be greater than 0 (got 0)"),
-    ("teacher: t\ninit: copy\nstudent:\n  layers: 3\n", [], "{path}: init=copy keeps the teacher's depth"),
+    ("teacher: t\ninit: copy\nstudent:\n  layers: 3\n", [], "{path}:2: init=copy keeps the teacher's depth"),
+    ("teacher: t\nstudent:\n  hidden: 64\n  heads: 5\n", [], "{path}:3: student: hidden (64) must be divisible by heads (5)"),
+    ("teacher: t\ndata:\n  unit: sentence\n  batching: neighbours\n  group_size: 8\n", ["training.batch_size=12"], "--set training.batch_size: training.batch_size 12 is not a multiple"),
     ("teacher: t\ntask:\n  glue: rte\n  unlabelled:\n    - glue:mrpc\n    - 7\n", [], "{path}:6: task.unlabelled.1: "),
     ("name: x\n", [], "{path}: teacher: required key is missing"),
-], ids=["unknown-key", "set-option", "across-keys", "list-item", "missing-key"])
+], ids=["unknown-key", "set-option", "across-keys", "across-section-keys", "across-keys-set", "list-item", "missing-key"])
 def test_errors_in_a_recipe_file_name_its_line_or_the_set_option(tmp_path, text, overrides, expected):
     path = tmp_path / "r.yaml"
     path.write_text(text)

@@ -380,13 +380,27 @@ class RecipeSource:
                 return f"{self.path}:{self.lines[loc[:n]]}"
         return str(self.path)
 
+    def locate_check(self, loc: tuple, message: str) -> str:
+        """Where a check across keys (under section ``loc``) points: among the keys its message names (dotted paths, or
+        keys of the section), a ``--set`` one first, then the first the file gives a value, then the first section it
+        opens; else what ``locate`` gives for the section."""
+        words = re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*(?![\w']|\.\w)", message)  # whole words, not "teacher's"
+        named = [key for word in words for key in (tuple(word.split(".")), loc + (word,))]
+        sections = {key[:n] for key in self.lines for n in range(1, len(key))}
+        for found in ([k for k in named if k in self.overridden], [k for k in named if k in self.lines and k not in sections],
+                      [k for k in named if k in self.lines]):
+            if found:
+                return self.locate(found[0])
+        return self.locate(loc)
+
 
 def _format_errors(err: ValidationError, source: RecipeSource | None) -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"])
         path = ".".join(str(p) for p in loc)
-        origin = source.locate(loc) if source else ""
+        across = isinstance(e.get("input"), dict) and e["type"] not in ("extra_forbidden", "missing")
+        origin = "" if source is None else source.locate_check(loc, e["msg"]) if across else source.locate(loc)
         where = ": ".join(w for w in (origin, "" if origin == f"--set {path}" else path) if w)
         where = f"{where}: " if where else ""
         if e["type"] == "extra_forbidden":
@@ -398,7 +412,7 @@ def _format_errors(err: ValidationError, source: RecipeSource | None) -> str:
             lines.append(f"{where}required key is missing")
         else:
             # A check across keys (a section or the whole recipe) names its keys itself: echoing the input dict buries it.
-            got = "" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"
+            got = "" if across else f" (got {e.get('input')!r})"
             lines.append(f"{where}{e['msg'].removeprefix('Value error, ')}{got}")
     return "invalid recipe:\n  " + "\n  ".join(lines)
 
