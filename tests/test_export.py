@@ -326,7 +326,7 @@ def test_cli_export_and_one_line_errors(tmp_path):
                                  "--validation-data", str(tmp_path / "dev.tsv")])
     assert result.exit_code == 0, result.output
     assert ex.deployed_model_path(tmp_path / "x").name == ex.FP32_FILE
-    assert json.loads((tmp_path / "x" / ex.REPORT_FILE).read_text())["validation_inputs"]["texts"] == 5
+    assert json.loads((tmp_path / "x" / ex.REPORT_FILE).read_text())["validation_inputs"]["texts"] == 5 and "checks on 5 given inputs" in result.output
     result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "y"), "--validation-data", str(tmp_path / "none.txt")])
     assert result.exit_code == 2 and "validation data not found" in result.output and not (tmp_path / "y").exists()
     result = runner.invoke(app, ["export", str(src), "--onnx", "--out", str(tmp_path / "x"), "--target", "sse2"])

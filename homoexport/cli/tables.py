@@ -52,6 +52,9 @@ def export_table(report: dict[str, Any]) -> Table:
         if kept.get("nodes"):
             caption += f"; {len(kept['nodes'])} MatMuls kept fp32 ({', '.join(kept['groups'])})"
         table.caption = f"{table.caption}\n{caption}" if table.caption else caption
+    inputs = report["validation_inputs"]
+    checked = f"checks on {inputs['texts']} " + ("given inputs" if inputs.get("source") == "given" else "built-in texts (--validation-data: your own)")
+    table.caption = f"{table.caption}\n{checked}" if table.caption else checked
     return table
 
 
