@@ -266,7 +266,7 @@ def test_run_glue_writes_report_with_all_backends(tmp_path, encoder_dir):
 
 
 def test_failure_leaves_no_output(tmp_path, encoder_dir, monkeypatch):
-    def broken_export(model_dir, onnx_dir, settings, train):
+    def broken_export(model_dir, onnx_dir, settings, train, dev):
         raise RuntimeError("export failed")
 
     monkeypatch.setattr(glue, "_export", broken_export)
