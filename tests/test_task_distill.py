@@ -411,7 +411,9 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
         assert gate["source"] == "given" and gate["texts"] == 16  # the int8 gate ran on the dev inputs
         # The int8 file agrees with its PyTorch student on this easy task within a few examples (16 dev rows).
         assert abs(member["int8"]["dev"]["accuracy"] - member["dev"]["accuracy"]) <= 100 * 3 / 16
-    assert kept["int8"]["file_mb"] > final["int8"]["file_mb"]
+    # The wider student's file is bigger; compared on the fp32 files, whose size does not hang on the int8 build order
+    # that the export picks by latency (on a busy machine the two members may pick differently).
+    assert (Path(kept["int8"]["path"]).parent / "model.onnx").stat().st_size > (Path(final["int8"]["path"]).parent / "model.onnx").stat().st_size
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.label_column": "gold"})))
     result = CliRunner().invoke(app, ["distill", str(bad), "--no-progress"])
