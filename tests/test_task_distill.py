@@ -81,6 +81,13 @@ def test_file_loader_maps_named_labels_and_rejects_bad_input(tmp_path: Path, tas
     csv.write_text("sentence,score\nthe cat,1.5\na dog,oops\n")
     with pytest.raises(TaskDataError, match=r"reg.csv: column 'score', row 2: 'oops' is not a number"):
         load_files(csv, csv, "sentence", None, "score", None, regression=True)
+    one = write_rows(tmp_path / "one.jsonl", 1, 3)
+    with pytest.raises(TaskDataError, match=r"one.jsonl: 1 row; a dev file needs at least 2"):
+        load_files(task_files[0], one, "sentence", None, "label", ["neg", "pos"], regression=False)
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("sentence,label\n")
+    with pytest.raises(TaskDataError, match=r"empty.csv: 0 rows$"):
+        load_files(header_only, task_files[1], "sentence", None, "label", ["neg", "pos"], regression=False)
 
 
 def test_unlabelled_rows_join_without_labels_and_never_repeat_dev_text(tmp_path: Path, task_files):

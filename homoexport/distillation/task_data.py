@@ -19,6 +19,7 @@ from datasets import Dataset
 from homoexport.evaluation.glue_data import GlueDataError, GlueTask, get_task, load_tsv, read_tsv, subsample
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+MIN_ROWS = {"train": 1, "dev": 2}
 
 
 class TaskDataError(GlueDataError):
@@ -57,11 +58,20 @@ def _read(path: Path, *columns: str | None) -> Dataset:
     try:
         ds = load_dataset(fmt, data_files=str(path), split="train", **kwargs)
     except Exception as err:  # datasets wraps parser errors in several types; the cause is what the user needs
+        if _data_lines(path, fmt) == 0:  # datasets reports an empty file as a split with "no data"
+            raise TaskDataError(f"{path}: 0 rows") from None
         raise TaskDataError(f"{path}: cannot be read as {fmt}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
     for column in columns:
         if column is not None and column not in ds.column_names:
             raise TaskDataError(f"{path}: no column {column!r} (found: {', '.join(ds.column_names)})")
     return ds
+
+
+def _data_lines(path: Path, fmt: str) -> int:
+    """Non-blank lines after the header (CSV / TSV) or in all (JSON lines)."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        lines = sum(1 for line in f if line.strip())
+    return max(lines - (fmt == "csv"), 0)
 
 
 def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, text_pair_column: str | None,
@@ -75,6 +85,9 @@ def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, t
     splits = {}
     for split, path in (("train", Path(train_file)), ("dev", Path(dev_file))):
         ds = _read(path, text_column, text_pair_column, label_column)
+        if len(ds) < MIN_ROWS[split]:  # checked here, not after hours of training when the export gate needs two dev inputs
+            raise TaskDataError(f"{path}: {len(ds)} row{'s' * (len(ds) != 1)}; a {split} file needs at least {MIN_ROWS[split]} "
+                                f"({'scores and the int8 export check compare predictions across rows' if split == 'dev' else 'something to train on'})")
         texts = {"text_a": [str(x) for x in ds[text_column]]}
         if text_pair_column:
             texts["text_b"] = [str(x) for x in ds[text_pair_column]]
