@@ -319,6 +319,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "every_lr": {str(r["settings"]["learning_rate"]): {b: metric_values(r, b) for b in ("pytorch", "onnx_int8")}
                                  for _, r in pairs} if len(pairs) > 1 else None,
                     "distill_s": distill["wall_time_s"] if distill else None,
+                    "resumed_from_step": distill.get("resumed_from_step") if distill else None,  # distill_s counts the steps after it
                     "train_s": best["runs"][0]["wall_s"].get("train_s"),
                     "int8_p50_ms_b1_s128": export_latency_ms(best_dir),
                     "fp32_p50_ms_b1_s128": export_latency_ms(best_dir, "model.onnx"),
@@ -489,6 +490,13 @@ def _families(result: dict[str, Any]) -> str:
     return "\n".join(out) + ("\n" if out else "")
 
 
+def _distill_s(row: dict[str, Any]) -> str:
+    """Distillation wall time; a resumed run's counts only the steps after the checkpoint it resumed from."""
+    if not row.get("distill_s"):
+        return "—"
+    return f"{row['distill_s']} (steps after {row['resumed_from_step']})" if row.get("resumed_from_step") else str(row["distill_s"])
+
+
 def _details(result: dict[str, Any]) -> str:
     """Every finished run: each metric per backend, wall time, int8 latency (and the load it was measured at)."""
     lines = ["", "| task | arm | seed | PyTorch | ONNX fp32 | ONNX int8 | lr | distill s | fine-tune s | int8 ms b1/s128 | load |",
@@ -501,7 +509,7 @@ def _details(result: dict[str, Any]) -> str:
         m = r.get("metrics", {})
         load = r.get("load_average_1m") or {}
         lines.append(f"| {r['task']} | {r['arm']} | {r['seed']} | {fmt(m.get('pytorch'))} | {fmt(m.get('onnx_fp32'))} | {fmt(m.get('onnx_int8'))} "
-                     f"| {r.get('lr') or '—'} | {r.get('distill_s') or '—'} | {round(r['train_s']) if r.get('train_s') else '—'} "
+                     f"| {r.get('lr') or '—'} | {_distill_s(r)} | {round(r['train_s']) if r.get('train_s') else '—'} "
                      f"| {r.get('int8_p50_ms_b1_s128') and round(r['int8_p50_ms_b1_s128'], 2) or '—'} "
                      f"| {'%.1f-%.1f' % (load['start'], load['end']) if load else '—'} |")
     return "\n".join(lines) + "\n"

@@ -36,6 +36,11 @@ def test_pruner_in_a_plain_loop_reaches_target_monotonically_with_parity():
     dense = pruner.materialize()
     assert dense.classifier.weight.shape == (2, 32)
     assert parity_max_abs_diff(pruner.masked, dense, batch) <= 1e-4
+    # Training on the dense student, the loop drops the scores (two model-sized tensors each) and can prune no more.
+    pruner.stop_scoring()
+    assert pruner.importance.mean == {} == pruner.state_dict()["importance"]["uncertainty"] and pruner.widths() == TARGET
+    with pytest.raises(RuntimeError, match="after stop_scoring"):
+        pruner.after_backward(2)
 
 
 def test_pruner_state_round_trip_and_one_shot():

@@ -325,6 +325,8 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
     with pytest.raises(Killed):
         distill_task(recipe_b, on_log=kill_at_15)
     assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("*.pt")] == ["step-00000015.pt"]
+    dense_state = torch.load(tmp_path / "b" / "checkpoints" / "step-00000015.pt", weights_only=False)
+    assert dense_state["dense"] and dense_state["pruner"]["importance"]["mean"] == {}  # scores dropped at the dense switch
     resumed = distill_task(recipe_b, resume=True)
     assert resumed["resumed_from_step"] == 15
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a" / "student").state_dict()

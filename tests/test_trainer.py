@@ -145,6 +145,8 @@ def test_kill_after_the_dense_switch_and_resume_reproduces_the_run_bitwise(teach
     killed = dict(base, output=str(tmp_path / "killed"))
     with pytest.raises(Killed):
         distill(validate_recipe(killed), on_log=kill_after(15))  # last checkpoint at 14, after the switch
+    state = torch.load(tmp_path / "killed" / "checkpoints" / "step-00000014.pt", weights_only=False)
+    assert state["dense_from"] is not None and state["importance"]["mean"] == {}  # scores dropped at the dense switch
     with caplog.at_level("INFO", logger="homoexport"):
         report = distill(validate_recipe(killed), resume=True)
     assert report["resumed_from_step"] == 14 and "dense student" in caplog.text

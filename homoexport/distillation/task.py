@@ -312,6 +312,7 @@ def to_dense(run: TaskRun, recipe: Recipe, total: int, probe: dict[str, torch.Te
     old_lrs = [g["lr"] for g in run.optimizer.param_groups]
     sched_state = run.scheduler.state_dict()
     dense, run.parity = run.pruner.materialize_checked(probe)
+    run.pruner.stop_scoring()
     run.student = dense.train().requires_grad_(True)
     run.loss.inner.keep_student_dims(run.pruner.masks.hidden.nonzero().flatten())
     new = run.named_parameters()

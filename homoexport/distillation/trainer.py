@@ -155,6 +155,7 @@ def _to_dense(opt: Optimized, pruner: HomoDistilPruner, recipe: Recipe, accelera
     old_lrs = [g["lr"] for g in raw.param_groups]
     sched_state = opt.lr_scheduler.state_dict()
     dense, opt.parity = pruner.materialize_checked(probe)
+    pruner.stop_scoring()
     loss = opt.unwrapped.loss
     loss.keep_student_dims(pruner.masks.hidden.nonzero().flatten())
     module = DistillModule(dense.to(accelerator.device).train().requires_grad_(True), loss, opt.unwrapped.relation_layer)

@@ -84,6 +84,13 @@ class HomoDistilPruner:
             self.schedule = Schedule(self.full, target, s.total_steps, t_i=s.t_i, t_f=s.t_f, interval=s.interval, multiple=s.multiple)
         self.importance = ImportanceTracker(model, self.masked.layout, s.importance, s.beta1, s.beta2)  # type: ignore[arg-type]
         self.verify = verify
+        self.scoring = True  # False once stop_scoring() dropped the scores
+
+    def stop_scoring(self) -> None:
+        """Drop the importance scores once the loop trains the materialised student and nothing is pruned any more:
+        they hold two float32 copies of the model (PLATON's mean and uncertainty), in memory and in every checkpoint."""
+        self.importance.mean, self.importance.uncertainty = {}, {}
+        self.scoring = False
 
     @property
     def model(self) -> nn.Module:
@@ -116,6 +123,8 @@ class HomoDistilPruner:
         """
         if step > self.schedule.end:
             return False
+        if not self.scoring:
+            raise RuntimeError("after_backward() after stop_scoring(): the scores are gone")
         self.importance.update()
         if not self.schedule.is_update_step(step):
             return False
@@ -127,6 +136,8 @@ class HomoDistilPruner:
 
     def prune_to_target(self) -> None:
         """Shrink straight to the target from the scores seen so far (one-shot pruning)."""
+        if not self.scoring:
+            raise RuntimeError("prune_to_target() after stop_scoring(): the scores are gone")
         self._install(shrink(self.masks, self.importance.unit_scores(), self.target))
 
     def _install(self, masks: Masks) -> None:
