@@ -30,6 +30,9 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
                       checkpoint does (the last step's dev scores stay in the row, ``keep_best``)
     (ak)              (ab) with the logits term alone (``losses`` hidden, attention and embedding 0): what the fine-tuned
                       teacher's hidden states and attention maps add over its predictions on the task's data
+    (abs)             (ab) at ``SLOW_LR`` instead of ``DISTILL_LR``: on RTE even the unpruned control (a0) drifts below the
+                      teacher at 1e-4, so does a smaller step keep the student nearer the teacher's solution while it is pruned?
+    (al2)             (al) with twice (a)'s epochs instead of ``LONG`` times: SST-2's (al) run is over the 60-minute limit
     (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
                       in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
                       ``--work``), the same epochs over both: about (a)'s wall time on RTE
@@ -76,6 +79,8 @@ ARMS = {
     "afam": ("homodistil", "task HomoDistil (iterative), keeping a family of students", "192"),
     "al": ("homodistil", "task HomoDistil in bf16, three times the epochs, best dev student", "192"),
     "ak": ("homodistil", "task HomoDistil in bf16, the logits term alone", "192"),
+    "abs": ("homodistil", "task HomoDistil in bf16 at a third of the learning rate", "192"),
+    "al2": ("homodistil", "task HomoDistil in bf16, twice the epochs, best dev student", "192"),
 }
 SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
@@ -84,6 +89,7 @@ AUGMENT_COPIES = 4
 HARD_LABEL = 1.0
 FAMILY = [320, 288, 256, 224]  # (afam): hidden sizes kept on the way to 192
 LONG = 3  # (al): times (a)'s epochs
+SLOW_LR = 3e-5  # (abs): TinyBERT's task-distillation learning rate, a third of DISTILL_LR
 # The arms that change one thing of (a)'s recipe: task_recipe's keyword arguments.
 VARIANTS: dict[str, dict[str, Any]] = {
     "ax": {"unlabelled": True}, "aa": {"augment": True}, "af": {"t_f": FAST_T_F}, "ab": {"precision": "bf16"},
@@ -91,6 +97,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "axt": {"precision": "bf16", "test_text": True}, "a0": {"precision": "bf16"}, "afam": {"family": FAMILY},
     "al": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True},
     "ak": {"precision": "bf16", "logits_only": True},
+    "abs": {"precision": "bf16", "lr": SLOW_LR},
+    "al2": {"precision": "bf16", "epochs_scale": 2, "keep_best": True},
 }
 # Columns of each task's GLUE test.tsv that hold its text (and pair).
 TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
@@ -123,7 +131,7 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
                 unlabelled: bool = False, augment: bool = False, t_f: float = T_F, precision: str = "fp32", hard_label: float = 0.0,
                 test_text: bool = False, family: Sequence[int] = (), epochs_scale: int = 1, keep_best: bool = False,
-                logits_only: bool = False) -> dict[str, Any]:
+                logits_only: bool = False, lr: float | None = None) -> dict[str, Any]:
     """The recipe of arms (a), (b), (a128) and ``VARIANTS``: KL at T=2 on the logits plus hidden/attention/embedding terms."""
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task] * epochs_scale, "max_length": 128,
                             "export": False}
@@ -144,13 +152,13 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
         "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}"
-                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else "") + ("-logits" if logits_only else ""),
+                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else "") + ("-logits" if logits_only else "") + (f"-lr{lr:g}" if lr else ""),
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
         "losses": {"kl": 1.0, "temperature": 2.0, **dict.fromkeys(("hidden", "attention", "embedding"), 0.0 if logits_only else 1.0)},
         "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": t_f, "interval": 10, "multiple": 16},
-        "optimizer": {"lr": DISTILL_LR, "warmup": 0.05},
+        "optimizer": {"lr": lr or DISTILL_LR, "warmup": 0.05},
         "training": {"batch_size": 32, "seed": seed, "log_every": 20, "checkpoint_every": 100, "precision": precision},
         "output": str(out),
     }
