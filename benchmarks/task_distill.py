@@ -327,7 +327,10 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     "every_lr": {str(r["settings"]["learning_rate"]): {b: metric_values(r, b) for b in ("pytorch", "onnx_int8")}
                                  for _, r in pairs} if len(pairs) > 1 else None,
                     "distill_s": distill["wall_time_s"] if distill else None,
-                    "resumed_from_step": distill.get("resumed_from_step") if distill else None,  # distill_s counts the steps after it
+                    "resumed_from_step": distill.get("resumed_from_step") if distill else None,
+                    # distill_s counts the steps after this one (a resume from a checkpoint that did not carry the time; reports
+                    # from before wall_time_from_step counted every resumed run that way)
+                    "wall_time_from_step": distill.get("wall_time_from_step", distill.get("resumed_from_step")) if distill else None,
                     "train_s": best["runs"][0]["wall_s"].get("train_s"),
                     "int8_p50_ms_b1_s128": export_latency_ms(best_dir),
                     "fp32_p50_ms_b1_s128": export_latency_ms(best_dir, "model.onnx"),
@@ -499,10 +502,11 @@ def _families(result: dict[str, Any]) -> str:
 
 
 def _distill_s(row: dict[str, Any]) -> str:
-    """Distillation wall time; a resumed run's counts only the steps after the checkpoint it resumed from."""
+    """Distillation wall time; where it counts only the steps after a checkpoint, it says so."""
     if not row.get("distill_s"):
         return "—"
-    return f"{row['distill_s']} (steps after {row['resumed_from_step']})" if row.get("resumed_from_step") else str(row["distill_s"])
+    start = row.get("wall_time_from_step", row.get("resumed_from_step"))
+    return f"{row['distill_s']} (steps after {start})" if start else str(row["distill_s"])
 
 
 def _details(result: dict[str, Any]) -> str:

@@ -327,8 +327,13 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
     assert [p.name for p in (tmp_path / "b" / "checkpoints").glob("*.pt")] == ["step-00000015.pt"]
     dense_state = torch.load(tmp_path / "b" / "checkpoints" / "step-00000015.pt", weights_only=False)
     assert dense_state["dense"] and dense_state["pruner"]["importance"]["mean"] == {}  # scores dropped at the dense switch
+    assert dense_state["elapsed_s"] > 0
+    dense_state["elapsed_s"] = 1000.0  # stands for the hours the killed process trained: the report adds them
+    torch.save(dense_state, tmp_path / "b" / "checkpoints" / "step-00000015.pt")
     resumed = distill_task(recipe_b, resume=True)
-    assert resumed["resumed_from_step"] == 15
+    assert resumed["resumed_from_step"] == 15 and resumed["wall_time_from_step"] == 0
+    assert resumed["wall_time_s"] == pytest.approx(1000.0 + resumed["wall_time_s_since_resume"], abs=0.02)
+    assert whole["wall_time_s_since_resume"] is None
     a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a" / "student").state_dict()
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b" / "student").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

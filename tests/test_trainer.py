@@ -1,6 +1,7 @@
 """HomoDistil training: exact target widths, monotone masks, zeroed pruned weights, resume, data parallel."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,7 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
     with caplog.at_level("INFO", logger="homoexport"):
         report = distill(validate_recipe(killed), resume=True)
     assert report["resumed_from_step"] == 8 and "at step 8 of 16" in caplog.text
+    assert report["wall_time_s"] > report["wall_time_s_since_resume"] > 0 and report["wall_time_from_step"] == 0  # steps 1-8 count
     a = load_file(tmp_path / "full" / "student" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "student" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -393,3 +395,14 @@ def test_snapshots_keep_the_student_along_the_run_without_changing_it(teachers, 
     a = load_file(tmp_path / "plain" / "student" / "model.safetensors")
     b = load_file(tmp_path / "snap" / "student" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_clock_counts_the_whole_run_or_says_from_which_step():
+    from homoexport.distillation.checkpoint import TrainingClock
+
+    now = time.time()
+    assert TrainingClock(started=now - 5).report()["wall_time_s_since_resume"] is None
+    carried = TrainingClock(100.0, 600, started=now - 5).report()
+    assert carried["wall_time_s"] == pytest.approx(105, abs=1) and carried["wall_time_from_step"] == 0
+    legacy = TrainingClock(None, 600, started=now - 5).report()  # a checkpoint written before they carried the time
+    assert legacy["wall_time_from_step"] == 600 and legacy["wall_time_s"] == legacy["wall_time_s_since_resume"] == pytest.approx(5, abs=1)

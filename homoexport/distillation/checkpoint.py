@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainingClock:
+    """A run's training seconds across the processes that trained it, so that a resumed run reports the whole run.
+
+    Checkpoints carry ``elapsed()``; the steps a killed process did after its last checkpoint are redone, and only
+    the redoing counts. ``before`` is None for a checkpoint written before checkpoints kept it: the report then
+    counts from ``from_step``.
+    """
+
+    before: float | None = 0.0
+    from_step: int = 0
+    started: float = field(default_factory=time.time)
+
+    def since_start(self) -> float:
+        return time.time() - self.started
+
+    def elapsed(self) -> float | None:
+        return None if self.before is None else self.before + self.since_start()
+
+    def report(self) -> dict[str, Any]:
+        """``wall_time_s`` (the whole run's training, or from ``wall_time_from_step`` where that is unknown) and, for a
+        resumed run, the seconds this process trained."""
+        elapsed, since = self.elapsed(), self.since_start()
+        return {"wall_time_s": round(since if elapsed is None else elapsed, 2),
+                "wall_time_from_step": self.from_step if elapsed is None else 0,
+                "wall_time_s_since_resume": round(since, 2) if self.from_step else None}
 
 
 def latest_checkpoint(directory: Path) -> Path | None:

@@ -36,6 +36,7 @@ from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import LossSpec, Recipe, steps_of
 from homoexport.distillation.augment import WordNeighbours, augmented_rows
 from homoexport.distillation.checkpoint import (
+    TrainingClock,
     check_same_precision,
     check_same_recipe,
     finished_report,
@@ -266,6 +267,7 @@ class TaskRun:
     best: dict[str, Any] | None = None  # task.keep_best: step and dev scores of the best student at the final width so far
     processes: int = 1  # data-parallel processes (Ranks.world)
     precision: str = "fp32"  # of the forward passes and losses (training.precision resolved); weights stay fp32
+    clock: TrainingClock = field(default_factory=TrainingClock)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {**{f"student.{n}": p for n, p in self.student.named_parameters()}, **{f"loss.{n}": p for n, p in self.loss.named_parameters()}}
@@ -332,7 +334,7 @@ def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks
         state = {"step": run.step, "recipe": resumable_fields(recipe), "precision": run.precision, "dense": run.dense, "parity": run.parity,
                  "student": run.student.state_dict(), "loss": run.loss.state_dict(), "optimizer": run.optimizer.state_dict(),
                  "scheduler": run.scheduler.state_dict(), "pruner": run.pruner.state_dict() if run.pruner else None,
-                 "curve": run.curve, "family": run.family, "best": run.best, "rng": rngs[0], "rng_ranks": rngs}
+                 "curve": run.curve, "family": run.family, "best": run.best, "rng": rngs[0], "rng_ranks": rngs, "elapsed_s": run.clock.elapsed()}
         save_checkpoint(directory / f"step-{run.step:08d}.pt", state)
         for stale in sorted(directory.glob("step-*.pt"))[:-1]:  # resume needs only the newest
             stale.unlink()
@@ -353,6 +355,7 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, probe
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.step, run.curve, run.family, run.best = state["step"], state["curve"], state["family"], state.get("best")
+    run.clock = TrainingClock(state.get("elapsed_s"), run.step)
     per_rank = state.get("rng_ranks") or [state["rng"]]
     set_rng_state(per_rank[rank] if rank < len(per_rank) else state["rng"])
 
@@ -439,7 +442,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     logger.info("teacher dev %s", teacher_dev)
     setting = TaskSetting(recipe, out, teacher, tokenizer, data, dev, teacher_dev, plan)
     eval_every = recipe.training.eval_every or train.steps_per_epoch
-    started = time.time()
+    run.clock = TrainingClock(run.clock.before, run.step)  # counts from here: setup and the teacher's dev scores are not training
     while run.step < total:
         step = run.step
         t0 = time.time()
@@ -483,8 +486,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
                 f.write(json.dumps(record) + "\n")
             if on_log is not None:
                 on_log(record)
-    wall = time.time() - started
-    report = _finish(run, setting, total, resumed_from, wall) if ranks.is_main else {}
+    report = _finish(run, setting, total, resumed_from) if ranks.is_main else {}
     ranks.barrier()
     return report
 
@@ -613,7 +615,7 @@ def export_family(members: list[dict[str, Any]], out: Path, data: TaskData, max_
         m["int8"]["p50_ms"] = round(p50[m["path"]], 3)
 
 
-def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int, wall: float) -> dict[str, Any]:
+def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -> dict[str, Any]:
     """Materialise (if still masked), check parity, score, save the student and the report."""
     recipe, out, data, dev, teacher_dev, plan = setting.recipe, setting.out, setting.data, setting.dev, setting.teacher_dev, setting.plan
     assert recipe.task is not None
@@ -683,7 +685,7 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int, w
         "steps": total,
         "epochs": recipe.task.epochs,
         "resumed_from_step": resumed_from or None,
-        "wall_time_s": round(wall, 2),
+        **run.clock.report(),
         "processes": run.processes,
         "precision": run.precision,
         "active_loss_terms": run.loss.active_terms,

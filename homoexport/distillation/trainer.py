@@ -26,6 +26,7 @@ from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
 from homoexport.distillation.checkpoint import (
+    TrainingClock,
     check_same_precision,
     check_same_recipe,
     finished_report,
@@ -313,6 +314,7 @@ def distill(
 
     # Resume.
     start = 0
+    before: float | None = 0.0  # training seconds up to the checkpoint resumed from (TrainingClock)
     if resume:
         finished = finished_report(out.out, recipe)
         if finished is not None:
@@ -332,7 +334,7 @@ def distill(
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.lr_scheduler.load_state_dict(state["lr_scheduler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        start = state["step"]
+        start, before = state["step"], state.get("elapsed_s")
     elif pruner is not None and recipe.pruning.schedule == "one_shot":
         _score_and_prune_once(opt.module, opt.unwrapped, teacher, batcher, pruner, recipe, (n_micro, world, rank), accelerator, t_rel,
                               autocast, sentences)
@@ -349,7 +351,7 @@ def distill(
         return masked.masks.heads if masked is not None else None
 
     tokens_per_step = round(recipe.training.batch_size * batcher.tokens_per_row)  # sentence rows: padding not counted
-    started = time.time()
+    clock = TrainingClock(before, start)
     last_terms: dict[str, float] = {}
     if start:
         logger.info("resumed from %s at step %d of %d", ckpt, start, total)
@@ -386,14 +388,14 @@ def distill(
         last_terms = _all_reduce_mean(accelerator, terms_sum)
         record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in opt.unwrapped.loss.active_terms.items()),
                   **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": opt.lr_scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "elapsed_s": round(time.time() - started, 1),
+                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "elapsed_s": round(clock.since_start(), 1),
                   **({"widths": masked.masks.widths().as_dict(), "dense": opt.dense} if masked is not None else {})}
         ev = recipe.training.eval_every
         if ev and done % ev == 0 and done < total and is_main:
             record.update(_evaluate(opt.unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
         ce = recipe.training.checkpoint_every
         if (ce and done % ce == 0) or done == total:
-            _checkpoint(accelerator, out, done, recipe, opt, pruner, precision)
+            _checkpoint(accelerator, out, done, recipe, opt, pruner, precision, clock.elapsed())
         se = recipe.training.snapshot_every
         if se and done % se == 0 and done < total and is_main and (masked is None or masked.masks.widths().is_stock):
             _snapshot(out.out / "snapshots" / f"step-{done:08d}", opt.unwrapped.student, None if opt.dense else masked, setup.tokenizer, recipe)
@@ -403,9 +405,8 @@ def distill(
             if on_log:
                 on_log(record)
 
-    wall = time.time() - started
     run = AgnosticRun(opt, pruner, setup, t_rel, start, total, last_terms, precision)
-    return _finish(recipe, out, accelerator, run, wall, tokens_per_step, plan)
+    return _finish(recipe, out, accelerator, run, clock, tokens_per_step, plan)
 
 
 def _snapshot(path: Path, student: nn.Module, masked: MaskedModel | None, tokenizer, recipe: Recipe) -> None:
@@ -437,7 +438,8 @@ def _all_reduce_mean(accelerator, terms: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, opt: Optimized, pruner: HomoDistilPruner | None, precision: str) -> None:
+def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, opt: Optimized, pruner: HomoDistilPruner | None, precision: str,
+                elapsed_s: float | None) -> None:
     """Save everything needed to continue exactly: weights, projections, optimizer, schedule, masks,
     importance state, every rank's RNG. Data position is the step (batches are a function of it)."""
     rngs = [rng_state()]
@@ -448,7 +450,7 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, opt: Opti
     if accelerator.is_main_process:
         state = {"step": step, "recipe": resumable_fields(recipe), "precision": precision, "module": opt.unwrapped.state_dict(),
                  "optimizer": opt.optimizer.state_dict(), "lr_scheduler": opt.lr_scheduler.state_dict(), "rng": rngs,
-                 "dense_from": opt.dense_from, "parity": opt.parity,
+                 "dense_from": opt.dense_from, "parity": opt.parity, "elapsed_s": elapsed_s,
                  "masks": pruner.masks.state_dict() if pruner is not None else None,
                  "importance": pruner.importance.state_dict() if pruner is not None else None}
         save_checkpoint(out.checkpoints / f"step-{step:08d}.pt", state)
@@ -487,7 +489,8 @@ def pruner_settings(recipe: Recipe, total: int) -> PrunerSettings:
                           beta1=p.beta1, beta2=p.beta2, t_i=t_i, t_f=t_f, interval=p.interval, multiple=p.multiple)
 
 
-def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: float, tokens_per_step: int, plan: dict | None) -> dict[str, Any]:
+def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, clock: TrainingClock, tokens_per_step: int,
+            plan: dict | None) -> dict[str, Any]:
     """Evaluate, materialise, check parity, save the student and the report (main process only)."""
     report: dict[str, Any] = {}
     setup, unwrapped = run.setup, run.opt.unwrapped
@@ -516,7 +519,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, wall: 
             "student": {"path": str(out.out / "student"), **parameter_report(dense, widths)},
             "steps": total, "resumed_from_step": start or None,
             "tokens": total * tokens_per_step,
-            "wall_time_s": round(wall, 2),
+            **clock.report(),
             "grouping_s": setup.grouping_s,  # before step 1, not in wall_time_s
             "teacher_sentences_s": setup.sentences_s,  # the teacher's embedding of every row, before step 1, not in wall_time_s
             "sentence_pooling": setup.pooling if SENTENCE_TERMS & set(active) else None,  # what the sentence terms pooled
