@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -37,10 +39,16 @@ def test_pruner_in_a_plain_loop_reaches_target_monotonically_with_parity():
     assert dense.classifier.weight.shape == (2, 32)
     assert parity_max_abs_diff(pruner.masked, dense, batch) <= 1e-4
     # Training on the dense student, the loop drops the scores (two model-sized tensors each) and can prune no more.
+    full = weakref.ref(model)
+    del model, opt, dense
     pruner.stop_scoring()
     assert pruner.importance.mean == {} == pruner.state_dict()["importance"]["uncertainty"] and pruner.widths() == TARGET
+    gc.collect()
+    assert full() is None  # nor does the pruner keep the full-width model alive
     with pytest.raises(RuntimeError, match="after stop_scoring"):
         pruner.after_backward(2)
+    with pytest.raises(RuntimeError, match="masked model was released"):
+        pruner.materialize()
 
 
 def test_pruner_state_round_trip_and_one_shot():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from tiny import WORDS, linear_output_dtypes, max_weight_difference, save_model_dir, synthetic_sentences, torchrun_distill
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel
 from typer.testing import CliRunner
 
 from homoexport.cli import app
@@ -338,6 +339,21 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
     b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b" / "student").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["student"]["dev"] == whole["student"]["dev"] and resumed["keep_best"] == whole["keep_best"] is not None
+
+
+def test_the_full_width_student_is_freed_at_the_dense_switch(tmp_path: Path, teacher_dir: Path, task_files):
+    """After the switch nothing holds the masked student (nor, through it, its optimizer state): only the teacher is
+    still a full-width model."""
+    full = AutoConfig.from_pretrained(teacher_dir).hidden_size
+    counts: dict[bool, int] = {}
+
+    def count_full_width_models(record):
+        gc.collect()
+        counts.setdefault(record["dense"], sum(isinstance(o, PreTrainedModel) and hasattr(o, "classifier") and o.config.hidden_size == full
+                                                  for o in gc.get_objects()))  # classifiers only: each holds an encoder model
+
+    distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run")), on_log=count_full_width_models)
+    assert counts == {False: 2, True: 1}
 
 
 def test_keep_best_deploys_the_best_dev_student_at_the_final_width(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):

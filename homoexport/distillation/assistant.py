@@ -167,7 +167,7 @@ def masked_overrides(masked: MaskedModel, masks: Masks, prefix: str = "") -> dic
     each hidden LayerNorm's ``kept_index`` becomes the kept dims of ``masks.hidden``. ``prefix`` names the model inside the
     module that :func:`masked_call` runs (e.g. ``"student."`` for a :class:`DistillModule`).
     """
-    params = dict(masked.model.named_parameters())
+    params = dict(masked.module().named_parameters())
     device = next(iter(params.values())).device
     out = {prefix + name: params[name] * m.to(device, params[name].dtype)
            for name, m in tensor_masks(masked.layout, masks).items() if name in params}

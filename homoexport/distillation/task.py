@@ -290,6 +290,27 @@ class TaskSetting:
     plan: dict[str, Any] | None  # the budget plan that chose the widths, if any
 
 
+def _new_run(recipe: Recipe, teacher: nn.Module, regression: bool, total: int, processes: int) -> TaskRun:
+    """The student as a copy of the teacher, its pruner, loss, optimizer and schedule, held by the run alone: at the
+    dense switch the full-width student and its optimizer state must have no other reference, or they stay in memory."""
+    student = build_student(teacher, recipe.init, recipe.student.layers, recipe.truncate_layers).train().requires_grad_(True)
+    pruner = None
+    if recipe.pruning.schedule != "none":
+        from homoexport.distillation.trainer import pruner_settings
+        from homoexport.pruning.mask_groups import target_widths
+
+        target = target_widths(config_widths(teacher.config), recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
+        pruner = HomoDistilPruner(student, target, pruner_settings(recipe, total))
+    assert recipe.task is not None
+    hidden = teacher.config.hidden_size
+    loss = TaskLoss(recipe.losses, recipe.task.hard_label, regression, hidden, hidden, student.config.num_hidden_layers,
+                    teacher.config.num_hidden_layers)
+    params = {**{f"student.{n}": p for n, p in student.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
+    optimizer = _optimizer(params, recipe)
+    return TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner, processes=processes,
+                   precision=resolve_precision(recipe.training.precision, torch.device("cpu")))
+
+
 def _optimizer(params: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.AdamW:
     o = recipe.optimizer
     decay = [p for n, p in params.items() if p.ndim >= 2 and "embeddings" not in n]
@@ -404,20 +425,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     probe = model_inputs(dev.batch_at(0))  # where the masked and the dense student must agree
     total = max(1, round(ts.epochs * train.steps_per_epoch))
 
-    student = build_student(teacher, recipe.init, recipe.student.layers, recipe.truncate_layers).train().requires_grad_(True)
-    pruner = None
-    if recipe.pruning.schedule != "none":
-        from homoexport.distillation.trainer import pruner_settings
-        from homoexport.pruning.mask_groups import target_widths
-
-        target = target_widths(config_widths(teacher.config), recipe.student.hidden, recipe.student.heads, recipe.student.ffn)
-        pruner = HomoDistilPruner(student, target, pruner_settings(recipe, total))
-    hidden = teacher.config.hidden_size
-    loss = TaskLoss(recipe.losses, ts.hard_label, regression, hidden, hidden, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
-    params = {**{f"student.{n}": p for n, p in student.named_parameters()}, **{f"loss.{n}": p for n, p in loss.named_parameters()}}
-    optimizer = _optimizer(params, recipe)
-    run = TaskRun(student, loss, optimizer, _scheduler(optimizer, recipe, total), pruner, processes=ranks.world,
-                  precision=resolve_precision(recipe.training.precision, torch.device("cpu")))
+    run = _new_run(recipe, teacher, regression, total, ranks.world)
     autocast = precision_context(run.precision)
 
     checkpoints = out / "checkpoints"
@@ -425,7 +433,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     if found:
         _load_checkpoint(found[-1], run, recipe, total, probe, ranks.rank)
         logger.info("resumed from %s (step %d of %d)", found[-1], run.step, total)
-    elif pruner is not None and recipe.pruning.schedule == "one_shot":
+    elif run.pruner is not None and recipe.pruning.schedule == "one_shot":
         _score_once(run, teacher, train, recipe, need_attn, ranks, autocast)
     resumed_from = run.step
     log_path = out / "train_log.jsonl"

@@ -35,7 +35,7 @@ class ImportanceTracker:
     def __init__(self, model: nn.Module, layout: Layout, method: Method = "platon", beta1: float = 0.85, beta2: float = 0.95):
         if method not in METHODS:
             raise UsageError(f"importance method {method!r} is not one of {', '.join(METHODS)}")
-        self.model, self.layout, self.method = model, layout, method
+        self.layout, self.method = layout, method
         self.beta1, self.beta2 = beta1, beta2
         self.params = {n: p for n, p in model.named_parameters() if n in layout.slices and layout.slices[n]}
         self.steps = 0

@@ -354,9 +354,13 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 @dataclass
 class MaskedModel:
-    """A model prepared for masked pruning: its layout, current masks and cached per-tensor masks."""
+    """A model prepared for masked pruning: its layout, current masks and cached per-tensor masks.
 
-    model: nn.Module
+    ``model`` is None once :meth:`release` let the full-width model go (the loop trains the materialised one): the
+    masks and layout still answer for widths and slicing.
+    """
+
+    model: nn.Module | None
     layout: Layout
     masks: Masks
     _tensor_masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -364,6 +368,16 @@ class MaskedModel:
 
     def widths(self) -> Widths:
         return self.masks.widths()
+
+    def module(self) -> nn.Module:
+        """The masked model; a RuntimeError after :meth:`release`."""
+        if self.model is None:
+            raise RuntimeError("the masked model was released: only its masks and layout remain")
+        return self.model
+
+    def release(self) -> None:
+        """Drop the reference to the full-width model (and the cached parameter list) so that it can be freed."""
+        self.model, self._pruned = None, None
 
     def set_masks(self, masks: Masks) -> None:
         """Install new masks (must be a subset of the current ones) and zero the pruned slices."""
@@ -373,7 +387,7 @@ class MaskedModel:
         self._tensor_masks = tensor_masks(self.layout, masks)
         self._pruned = None
         for name in self.layout.layer_norms:
-            ln = _get_module(self.model, name)
+            ln = _get_module(self.module(), name)
             assert isinstance(ln, MaskedLayerNorm)
             ln.set_keep(masks.hidden)
         self.apply()
@@ -388,7 +402,7 @@ class MaskedModel:
         if self._pruned is None:
             if not self._tensor_masks:
                 self._tensor_masks = tensor_masks(self.layout, self.masks)
-            params = dict(self.model.named_parameters())
+            params = dict(self.module().named_parameters())
             self._pruned = [(params[n], m) for n, m in self._tensor_masks.items() if n in params and not bool(m.all())]
         for i, (param, mask) in enumerate(self._pruned):
             if mask.device != param.device or mask.dtype != param.dtype:
@@ -399,7 +413,7 @@ class MaskedModel:
 
     def pruned_weights_are_zero(self) -> bool:
         """True if every pruned slice of every parameter is exactly zero."""
-        params = dict(self.model.named_parameters())
+        params = dict(self.module().named_parameters())
         tm = tensor_masks(self.layout, self.masks)
         return all(bool((params[n].detach()[~tm[n].bool().expand_as(params[n])] == 0).all()) for n in tm if n in params)
 

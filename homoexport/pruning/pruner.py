@@ -87,14 +87,16 @@ class HomoDistilPruner:
         self.scoring = True  # False once stop_scoring() dropped the scores
 
     def stop_scoring(self) -> None:
-        """Drop the importance scores once the loop trains the materialised student and nothing is pruned any more:
-        they hold two float32 copies of the model (PLATON's mean and uncertainty), in memory and in every checkpoint."""
-        self.importance.mean, self.importance.uncertainty = {}, {}
+        """Drop the importance scores and the full-width model once the loop trains the materialised student and
+        nothing is pruned any more: the scores are two float32 copies of the model (PLATON's mean and uncertainty), in
+        memory and in every checkpoint. The masks stay: widths, kept heads, slicing and the pruner's state."""
+        self.importance.mean, self.importance.uncertainty, self.importance.params = {}, {}, {}
+        self.masked.release()
         self.scoring = False
 
     @property
     def model(self) -> nn.Module:
-        return self.masked.model
+        return self.masked.module()
 
     @property
     def target(self) -> Widths:

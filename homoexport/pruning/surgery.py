@@ -105,19 +105,19 @@ def materialize(masked: MaskedModel) -> nn.Module:
     :func:`save_student` refuses them.
     """
     widths = masked.masks.widths()
-    teacher: Any = masked.model
+    teacher: Any = masked.module()
     config = student_config(teacher.config, widths)
-    student: Any = _instantiate(masked.model, config)
+    student: Any = _instantiate(masked.module(), config)
     if not widths.is_stock:
         _resize_attention(student, masked.layout, widths)
-    state = sliced_state_dict(masked.model.state_dict(), masked.layout, masked.masks)
+    state = sliced_state_dict(masked.module().state_dict(), masked.layout, masked.masks)
     missing, unexpected = student.load_state_dict(state, strict=False)
     # Non-persistent buffers (position_ids) are rebuilt by the constructor; nothing else may be missing.
     if unexpected or [k for k in missing if not k.endswith("position_ids")]:
         raise RuntimeError(f"materialisation mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     if hasattr(student, "tie_weights"):
         student.tie_weights()
-    return student.to(next(masked.model.parameters()).device).eval()
+    return student.to(next(masked.module().parameters()).device).eval()
 
 
 def save_student(student: nn.Module, out_dir: Path, tokenizer=None) -> Path:
@@ -181,13 +181,13 @@ def parity_max_abs_diff(masked: MaskedModel, student: nn.Module, inputs: dict[st
 
     The invariant of the masked student: this must be <= 1e-4 at every stage.
     """
-    was_training = masked.model.training
-    masked.model.eval()
+    was_training = masked.module().training
+    masked.module().eval()
     student.eval()
     try:
-        a, b = masked.model(**inputs), student(**inputs)
+        a, b = masked.module()(**inputs), student(**inputs)
     finally:
-        masked.model.train(was_training)
+        masked.module().train(was_training)
     keep = masked.masks.hidden.to(next(student.parameters()).device)
     diffs = []
     for key in ("logits", "last_hidden_state", "pooler_output"):
