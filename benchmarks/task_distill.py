@@ -33,6 +33,9 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
     (abs)             (ab) at ``SLOW_LR`` instead of ``DISTILL_LR``: on RTE even the unpruned control (a0) drifts below the
                       teacher at 1e-4, so does a smaller step keep the student nearer the teacher's solution while it is pruned?
     (al2)             (al) with twice (a)'s epochs instead of ``LONG`` times: SST-2's (al) run is over the 60-minute limit
+    (alx)             (al) with the teacher also labelling other text, up to ``MUCH_TEXT`` times the training rows
+                      (``MUCH_TEXT_SOURCES`` and the task's GLUE test inputs), over (al)'s steps: the RTE and CoLA teachers
+                      fit their training rows (``teacher_fit.py``), so their predictions there are mostly the labels again
     (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
                       in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
                       ``--work``), the same epochs over both: about (a)'s wall time on RTE
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -81,6 +85,7 @@ ARMS = {
     "ak": ("homodistil", "task HomoDistil in bf16, the logits term alone", "192"),
     "abs": ("homodistil", "task HomoDistil in bf16 at a third of the learning rate", "192"),
     "al2": ("homodistil", "task HomoDistil in bf16, twice the epochs, best dev student", "192"),
+    "alx": ("homodistil", "(al) + up to 8x the training rows of other text for the teacher, same steps", "192"),
 }
 SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
@@ -99,6 +104,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ak": {"precision": "bf16", "logits_only": True},
     "abs": {"precision": "bf16", "lr": SLOW_LR},
     "al2": {"precision": "bf16", "epochs_scale": 2, "keep_best": True},
+    "alx": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True, "much_text": True},
 }
 # Columns of each task's GLUE test.tsv that hold its text (and pair).
 TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
@@ -108,11 +114,17 @@ DISTILLED_ARMS = ("a", "b", "a128", *VARIANTS)
 # Text the teacher labels for (ax): other GLUE tasks' training splits (pairs for pair tasks), never a dev or test file.
 UNLABELLED_TEXT = {"rte": ["glue:mrpc", "glue:stsb"], "mrpc": ["glue:rte", "glue:stsb"], "cola": ["glue:stsb", "glue:sst2"],
                    "sst2": ["glue:stsb", "glue:cola"]}
+# Text the teacher labels for (alx) beside the task's GLUE test inputs: other tasks' training splits and QNLI's dev
+# questions and answers (a different task's file; only its text is read), up to MUCH_TEXT times the training rows.
+MUCH_TEXT_SOURCES = {"rte": ["glue:mrpc", "glue:stsb", "glue:qnli/dev"], "mrpc": ["glue:rte", "glue:stsb", "glue:qnli/dev"],
+                     "cola": ["glue:sst2", "glue:stsb"], "sst2": ["glue:cola", "glue:stsb"]}
+MUCH_TEXT = 8
 # Epochs of the teacher's fine-tuning and of every student's training, per task.
 TEACHER_EPOCHS = {"mrpc": 5, "rte": 5, "cola": 5, "sst2": 2, "stsb": 5, "qnli": 2}
 STUDENT_EPOCHS = {"mrpc": 10, "rte": 10, "cola": 10, "sst2": 2, "stsb": 10, "qnli": 2}
 TEACHER_LR = 1e-4
 DISTILL_LR = 1e-4
+BATCH_SIZE = 32
 PRUNE_FT_LRS = (5e-5, 2e-4)
 
 
@@ -131,8 +143,9 @@ def ensure_teacher(work: Path, task: str, encoder: Path, glue_data: Path) -> dic
 def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int, schedule: str, out: Path,
                 unlabelled: bool = False, augment: bool = False, t_f: float = T_F, precision: str = "fp32", hard_label: float = 0.0,
                 test_text: bool = False, family: Sequence[int] = (), epochs_scale: int = 1, keep_best: bool = False,
-                logits_only: bool = False, lr: float | None = None) -> dict[str, Any]:
+                logits_only: bool = False, lr: float | None = None, much_text: bool = False) -> dict[str, Any]:
     """The recipe of arms (a), (b), (a128) and ``VARIANTS``: KL at T=2 on the logits plus hidden/attention/embedding terms."""
+    eval_every = None
     spec: dict[str, Any] = {"glue": task, "data_dir": str(glue_data), "epochs": STUDENT_EPOCHS[task] * epochs_scale, "max_length": 128,
                             "export": False}
     if hard_label:
@@ -148,18 +161,29 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         spec |= {"unlabelled": UNLABELLED_TEXT[task], "max_unlabelled_samples": rows, "epochs": STUDENT_EPOCHS[task] / 2}
     if test_text:
         spec |= {"unlabelled": [str(test_text_file(task, glue_data, out.parent.parent))], "text_pair_column": "text_b" if TEST_TEXT_COLUMNS[task][1] else None}
+    if much_text:
+        from homoexport.distillation.task_data import load_glue, unlabelled_rows
+
+        data = load_glue(task, glue_data)
+        sources = [*MUCH_TEXT_SOURCES[task], str(test_text_file(task, glue_data, out.parent.parent))]
+        pair_column = "text_b" if TEST_TEXT_COLUMNS[task][1] else None
+        extra = len(unlabelled_rows(sources, data, glue_data, "sentence", pair_column, MUCH_TEXT * len(data.train), seed))
+        spec |= {"unlabelled": sources, "text_pair_column": pair_column, "max_unlabelled_samples": MUCH_TEXT * len(data.train),
+                 "epochs": spec["epochs"] * len(data.train) / (len(data.train) + extra)}  # (al)'s steps over the larger set
+        eval_every = math.ceil(len(data.train) / BATCH_SIZE)  # as often as (al) evaluates: once per pass over the labelled rows
     if augment:
         spec |= {"augment": {"copies": AUGMENT_COPIES}, "epochs": STUDENT_EPOCHS[task] / (1 + AUGMENT_COPIES)}
     return {
         "name": f"{task}-{schedule}-{shape}{'-unlabelled' if unlabelled else ''}{'-augmented' if augment else ''}-s{seed}"
-                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else "") + ("-logits" if logits_only else "") + (f"-lr{lr:g}" if lr else ""),
+                + ("-fast" if t_f != T_F else "") + ("-bf16" if precision == "bf16" else "") + ("-gold" if hard_label else "") + ("-testtext" if test_text else "") + ("-family" if family else "") + (f"-epochs{epochs_scale}x" if epochs_scale != 1 else "") + ("-best" if keep_best else "") + ("-logits" if logits_only else "") + (f"-lr{lr:g}" if lr else "") + ("-muchtext" if much_text else ""),
         "teacher": str(teacher),
         "student": SHAPES[shape],
         "task": spec,
         "losses": {"kl": 1.0, "temperature": 2.0, **dict.fromkeys(("hidden", "attention", "embedding"), 0.0 if logits_only else 1.0)},
         "pruning": {"schedule": schedule, "importance": "platon", "t_i": 0, "t_f": t_f, "interval": 10, "multiple": 16},
         "optimizer": {"lr": lr or DISTILL_LR, "warmup": 0.05},
-        "training": {"batch_size": 32, "seed": seed, "log_every": 20, "checkpoint_every": 100, "precision": precision},
+        "training": {"batch_size": BATCH_SIZE, "seed": seed, "log_every": 20, "checkpoint_every": 100, "precision": precision,
+                     **({"eval_every": eval_every} if eval_every else {})},
         "output": str(out),
     }
 
