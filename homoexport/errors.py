@@ -13,7 +13,7 @@ keeps its traceback. Each class also derives from the built-in it refines (``Val
 | 4 | ``bench --compare``: the baseline comes from another machine (latency not compared) |
 | 5 | an output cannot be written (permissions, a file in the way, disk full) |
 | 6 | a check failed: masked vs materialised parity, ONNX vs PyTorch parity, int8 accuracy gate, export failure |
-| 7 | no student shape fits the budget |
+| 7 | no student shape fits the budget; or ``distill`` finished (everything written) but missed it: no student within ``accuracy-drop``, or the shipped int8 file over the latency budget |
 | 8 | the machine stayed contended while measuring (``plan`` in CI mode): the figures are unreliable |
 """
 

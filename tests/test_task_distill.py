@@ -312,11 +312,13 @@ class Killed(Exception):
     pass
 
 
-def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
+def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files, caplog):
     """Killed after a checkpoint taken in the dense phase: the resumed run ends where an uninterrupted one does, and
     keeps the same best student (task.keep_best, whose record travels in the checkpoint)."""
     keep = {"task.keep_best": True, "training.eval_every": 3}
-    whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a", **keep)))
+    with caplog.at_level("WARNING", logger="homoexport"):
+        whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a", **keep)), resume=True)
+    assert "--resume: no checkpoint under" in caplog.text and "starting a new run" in caplog.text
 
     def kill_at_15(record):
         if record["step"] == 15:
@@ -331,6 +333,11 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files):
     assert dense_state["elapsed_s"] > 0
     dense_state["elapsed_s"] = 1000.0  # stands for the hours the killed process trained: the report adds them
     torch.save(dense_state, tmp_path / "b" / "checkpoints" / "step-00000015.pt")
+    changed = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b", **keep, **{"task.epochs": 2}))
+    with pytest.raises(UsageError, match=r"task.epochs: 4.0 then, 2.0 now\); restore those values \(`homoexport distill .*recipe.resolved.yaml"):
+        distill_task(changed, resume=True)
+    # How often a run logs and saves does not change what it computes: a resume may change it.
+    recipe_b = validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b", **keep, **{"training.log_every": 2, "training.checkpoint_every": 7}))
     resumed = distill_task(recipe_b, resume=True)
     assert resumed["resumed_from_step"] == 15 and resumed["wall_time_from_step"] == 0
     assert resumed["wall_time_s"] == pytest.approx(1000.0 + resumed["wall_time_s_since_resume"], abs=0.02)
@@ -558,13 +565,54 @@ def test_a_latency_plan_is_recorded_and_bounds_the_accuracy_drop_choice(tmp_path
     # Scores that make the kept (wider) student the only one within a point of the teacher, and the final one far off.
     monkeypatch.setattr(task, "deployed_score", lambda member, metric: 1000.0 if member["widths"]["hidden"] > 32 else -1000.0)
     result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--plan", str(tmp_path / "plan.json")])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 7, result.output  # the run finished and wrote everything, but missed its budget: CI can gate on it
+    assert "error: the budget was missed (above); everything was written to" in " ".join(result.output.split())
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["plan"]["budget"] == "latency=8ms" and report["student"]["widths"]["hidden"] == 32 and len(report["family"]) == 2
     # The wider student is within the drop but the plan says it does not fit the budget: it is named, not deployed.
     kept = report["family"][0]["path"]
     assert not report["selection"]["met"] and report["selection"]["over_budget"] == kept and report["selection"]["scored"] == "PyTorch"
     assert "is within it but over the budget" in " ".join(result.output.split())
+
+
+def test_the_shipped_file_is_timed_against_the_latency_budget():
+    from homoexport.distillation.task import latency_check
+
+    plan = {"budget": "latency=8ms", "chosen": {"predicted": {"p50_ms": 7.5}}}
+    over = latency_check(plan, {"p50_ms": 9.4}, 128)
+    assert over == {"budget": "latency=8ms", "limit_ms": 8.0, "p50_ms": 9.4, "predicted_p50_ms": 7.5, "seq": 128, "met": False}
+    assert latency_check(plan, {"p50_ms": 7.9}, 128)["met"]
+    assert latency_check({"budget": "memory=30MB", "chosen": {}}, {"p50_ms": 9.4}, 128) is None
+    assert latency_check(None, {"p50_ms": 9.4}, 128) is None and latency_check(plan, None, 128) is None
+
+
+def test_budget_runs_check_data_and_output_before_planning(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
+    """A plan takes minutes of measuring: a bad column, a taken output directory or training.steps in a task recipe is
+    named before it starts."""
+    import yaml
+
+    from homoexport.config.recipe import RecipeError
+    from homoexport.deployment import budget
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("planned before the inputs were checked")
+
+    monkeypatch.setattr(budget, "plan_for_recipe", no_plan)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.label_column": "gold"})))
+    result = CliRunner().invoke(app, ["distill", str(bad), "--no-progress", "--budget", "latency=8ms"])
+    assert result.exit_code == 2 and "no column 'gold'" in result.output and not (tmp_path / "run").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "taken")))
+    result = CliRunner().invoke(app, ["distill", str(good), "--no-progress", "--budget", "latency=8ms"])
+    assert result.exit_code == 2 and f"error: output directory {tmp_path / 'taken'} is not empty" in result.output  # on one line
+    result = CliRunner().invoke(app, ["distill", str(good), "--no-progress", "--set", "training.steps=2"])
+    assert result.exit_code == 2 and "a task recipe's length is task.epochs" in " ".join(result.output.split())
+    with pytest.raises(RecipeError, match="training.steps 2"):
+        validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"training.steps": 2}))
+    validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"training.steps": 1000}))  # as resolved recipes carry it
 
 
 def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir: Path, task_files):

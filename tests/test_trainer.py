@@ -333,7 +333,7 @@ def test_cli_distill_budget_over_depths_trains_a_shallower_student(teachers, cor
     assert AutoModel.from_pretrained(tmp_path / "run" / "student").config.num_hidden_layers == 1
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
     assert (resolved["init"], resolved["student"]["layers"], resolved["losses"]["layer_mapping"]) == ("truncate", 1, "uniform")
-    bad = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--layers", "1"])
+    bad = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--layers", "1", "--out", str(tmp_path / "other")])
     assert bad.exit_code == 2 and "need a budget" in bad.output
 
 

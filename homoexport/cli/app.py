@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 
 from homoexport import __version__
-from homoexport.errors import HomoexportError
+from homoexport.errors import EXIT_BUDGET, HomoexportError
 
 
 class _App(typer.Typer):
@@ -112,7 +112,7 @@ def _check_model_dir(model_dir: Path) -> None:
 
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error (no traceback) and exit with ``code``."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, also in a log file
     raise typer.Exit(code)
 
 
@@ -173,6 +173,21 @@ def _print_task_report(report: dict) -> None:
         else:
             verdict = f"missed: the smallest drop is {sel['best_drop']:.2f} points"
         console.print(f"accuracy-drop <= {sel['max_drop']:g} points of {metric} ({sel['scored']}): {verdict}", highlight=False)
+    check = report.get("latency_check")
+    if check:
+        console.print(f"latency budget {check['budget']}: the deployed int8 file times {check['p50_ms']:.2f} ms at batch 1 / seq "
+                      f"{check['seq']} ({'within it' if check['met'] else 'over it'}; the plan predicted {_ms(check['predicted_p50_ms'])})",
+                      highlight=False)
+
+
+def budget_missed(report: dict) -> bool:
+    """A task run that finished but missed its budget: no student within accuracy-drop, or the shipped file over the latency."""
+    sel, check = report.get("selection"), report.get("latency_check")
+    return bool((sel and not sel["met"]) or (check and not check["met"]))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def _sci(x: float | None) -> str:
@@ -187,14 +202,16 @@ def _shape(r: dict) -> str:
 @app.command("distill")
 def distill_command(
     recipe: Path = typer.Argument(..., help="YAML recipe (see recipes/)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set training.steps=200 (repeatable; values parsed as YAML)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set training.steps=200, or --set task.epochs=2 in a task recipe (repeatable; values parsed as YAML)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: the recipe's output)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a non-empty run directory."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
     budget: Optional[str] = typer.Option(None, "--budget", help="Choose the student widths with `homoexport plan` on this machine first "
-                                         "(batch 1, seq 128, all physical cores, int8), e.g. latency=8ms | memory=30MB | params=20M; "
-                                         "overrides the recipe's budget. The plan goes into report.json."),
+                                         "(batch 1, seq 128, all physical cores, int8), e.g. latency=8ms | memory=30MB | params=20M; task recipes also "
+                                         "accuracy-drop=1 (points of the dev metric: deploy the narrowest task.family student within it), alone or "
+                                         "with the others, e.g. latency=8ms,accuracy-drop=1. Overrides the recipe's budget; the plan goes into "
+                                         "report.json. A finished task run that misses it exits 7."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="Take the student widths from a plan.json written by `homoexport plan` "
                                              "(e.g. from measurements on the target device) instead of planning here."),
     layers: Optional[str] = typer.Option(None, "--layers", help="With --budget: student depths the planner may choose from, e.g. 6,4,3 "
@@ -207,7 +224,9 @@ def distill_command(
 ) -> None:
     """HomoDistil: copy the teacher, prune its width on a schedule while distilling, save the dense student.
 
-    Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl, checkpoints/.
+    Writes OUT/student (AutoModel-loadable), report.json, recipe.resolved.yaml, train_log.jsonl; a task recipe also OUT/export
+    (the int8 ONNX file, scored on dev). OUT/checkpoints holds the newest checkpoint while the run goes (removed at the end
+    unless training.keep_checkpoints).
     Runs on one CPU or, under `accelerate launch -m homoexport distill ...`, on many processes/GPUs/nodes."""
     _check_out(out)
     from homoexport.config.recipe import load_recipe, with_assistant_option
@@ -217,16 +236,22 @@ def distill_command(
     from homoexport.cli.tables import tradeoff_table
     from homoexport.deployment.budget import default_cache_path, parse_depths, plan_for_recipe
     from homoexport.distillation.assistant import distill_with_assistant
+    from homoexport.distillation.checkpoint import check_run_dir
     from homoexport.distillation.models import quiet_transformers
     from homoexport.distillation.trainer import distill
 
     quiet_transformers()
+    _log_to(console)  # before the plan: onnxruntime's quantizer would otherwise configure the root logger and print every line twice
+    check_run_dir(out or r.output_dir(), resume, overwrite)  # before the minutes a budget plan takes
+    if r.task is not None:
+        from homoexport.distillation.task import check_task_inputs
+
+        check_task_inputs(r)
     with StepProgress("plan", console, enabled=progress) as bar:
         r, plan = plan_for_recipe(r, budget=budget, plan_file=plan_file, cache_path=default_cache_path(), on_progress=bar.update,
                                   depths=parse_depths(layers))
     if plan:
         console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
-    _log_to(console)
     with StepProgress("distill", console, enabled=progress) as bar:
         if r.task is not None:
             from homoexport.distillation.task import distill_task
@@ -238,6 +263,8 @@ def distill_command(
             report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
     if report and str(report.get("schema", "")).startswith("homoexport.task_distill/"):
         _print_task_report(report)
+        if budget_missed(report):
+            fail(f"the budget was missed (above); everything was written to {Path(report['student']['path']).parent}", EXIT_BUDGET)
         return
     if report:
         s, t = report["student"], report["teacher"]

@@ -309,6 +309,10 @@ class Recipe(_Strict):
             if narrow:
                 raise UsageError(f"task.family {', '.join(map(str, narrow))}: not wider than the final student's hidden size {final} "
                                  "(student.hidden, or the plan's choice under a budget); a family member is kept on the way down to it")
+        default_steps = TrainingSpec.model_fields["steps"].default  # resolved task recipes carry it: they still load
+        if self.task is not None and "steps" in self.training.model_fields_set and self.training.steps != default_steps:
+            raise UsageError(f"training.steps {self.training.steps}: a task recipe's length is task.epochs (passes over the training "
+                             "rows), not training.steps; set task.epochs (fractions allowed) instead")
         if self.task is not None and self.losses.relation > 0:
             raise UsageError("losses.relation (MiniLMv2 relations) is not available in task recipes: use hidden/attention/embedding")
         return self

@@ -884,6 +884,9 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
     if drop is not None:
         if getattr(recipe, "task", None) is None:
             raise BudgetError("accuracy-drop needs a task recipe (a fine-tuned teacher and its dev set to measure the drop on)")
+        if not recipe.task.family:
+            logger.warning("accuracy-drop without task.family: only the final student is scored against it, with no wider one to fall "
+                           "back to (task.family keeps students on the way down)")
         from homoexport.config.recipe import validate_recipe
 
         data = recipe.model_dump(mode="json", by_alias=True)

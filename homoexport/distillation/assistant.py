@@ -49,6 +49,7 @@ from homoexport import __version__
 from homoexport.atomic import atomic_write_json, staging_dir
 from homoexport.config.recipe import AssistantSpec, Recipe, validate_recipe
 from homoexport.deployment.budget import round_to
+from homoexport.distillation.checkpoint import check_run_dir
 from homoexport.distillation.losses import DistillationLoss, pooled_cosine
 from homoexport.distillation.models import encode
 from homoexport.distillation.precision import precision_context, resolve_precision
@@ -61,7 +62,7 @@ from homoexport.distillation.trainer import (
     student_inputs,
     teacher_outputs,
 )
-from homoexport.errors import OutputExistsError, UsageError
+from homoexport.errors import UsageError
 from homoexport.pruning.importance import ImportanceTracker
 from homoexport.pruning.mask_groups import (
     MaskedModel,
@@ -436,8 +437,7 @@ def distill_with_assistant(recipe: Recipe, out_dir: Path | None = None, resume: 
     if recipe.assistant.mode == "off":
         raise UsageError("assistant.mode is off: use homoexport.distillation.trainer.distill, or set assistant.mode to auto or fixed")
     out = Path(out_dir) if out_dir else recipe.output_dir()
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+    check_run_dir(out, resume, overwrite)
     started = time.time()
     config = AutoConfig.from_pretrained(recipe.teacher)
     full = config_widths(config)

@@ -17,7 +17,7 @@ import torch
 
 from homoexport import __version__
 from homoexport.config.recipe import Recipe
-from homoexport.errors import UsageError
+from homoexport.errors import OutputExistsError, UsageError
 from homoexport.machine import fingerprint
 
 
@@ -64,6 +64,14 @@ class TrainingClock:
                 "wall_time_s_since_resume": round(since, 2) if self.from_step else None}
 
 
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run into a non-empty directory unless it resumes or replaces it (checked before any work)."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: give one")
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     """The newest complete checkpoint file in ``directory`` (partial writes never have the final name)."""
     found = sorted(directory.glob("step-*.pt"))
@@ -81,19 +89,25 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# Training keys a resumed run may change: where outputs go and how often it logs or saves, not what it computes.
+# ``precision`` is checked apart (check_same_precision).
+_NOT_RESUMABLE = ("keep_checkpoints", "snapshot_every", "precision", "log_every", "checkpoint_every")
+
+
 def resumable_fields(recipe: Recipe) -> dict[str, Any]:
     """What must not change between a checkpoint and its resume (everything but the output location).
 
     ``training.precision`` is left out: what must match is the precision it resolved to, which the checkpoint keeps
     (see check_same_precision), so ``auto`` and the precision it chose are the same run.
     """
-    return recipe.model_dump(mode="json", exclude={"output": True, "training": {"keep_checkpoints", "snapshot_every", "precision"}})
+    return recipe.model_dump(mode="json", exclude={"output": True, "training": set(_NOT_RESUMABLE)})
+
 
 
 def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None:
     """Refuse to resume under a different recipe: the result would be neither run."""
     current = resumable_fields(recipe)
-    saved = {**saved, "training": {k: v for k, v in saved.get("training", {}).items() if k != "precision"}}
+    saved = {**saved, "training": {k: v for k, v in saved.get("training", {}).items() if k not in _NOT_RESUMABLE}}
     if "materialize" not in saved.get("pruning", {}):  # written before pruning.materialize: a task run kept it under task
         task = dict(saved["task"]) if saved.get("task") else None
         materialize = task.pop("materialize", True) if task is not None else False  # the task-agnostic loop stayed masked
@@ -102,8 +116,11 @@ def check_same_recipe(saved: dict[str, Any], recipe: Recipe, ckpt: Path) -> None
         saved = {**saved, "task": {**saved["task"], "keep_best": False}}
     if saved != current:
         diff = sorted(_differing_keys(saved, current))
-        raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({', '.join(diff[:8])}); "
-                         "restore those values or start over with --overwrite")
+        changes = ", ".join(f"{key}: {_value_at(saved, key)!r} then, {_value_at(current, key)!r} now" for key in diff[:8])
+        resolved = ckpt.parent.parent / "recipe.resolved.yaml" if ckpt.parent.name == "checkpoints" else None
+        hint = f" (`homoexport distill {resolved} --out {resolved.parent} --resume` resumes it as it was)" if resolved and resolved.is_file() else ""
+        raise UsageError(f"cannot resume from {ckpt}: the recipe changed since it was written ({changes}); restore those values{hint} "
+                         "or start over with --overwrite")
 
 
 def check_same_precision(saved: str | None, precision: str, requested: str, ckpt: Path) -> None:
@@ -127,6 +144,12 @@ def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
 
     check_same_recipe(resumable_fields(validate_recipe(yaml.safe_load(resolved.read_text()))), recipe, resolved)
     return json.loads(report.read_text())
+
+
+def _value_at(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -37,6 +37,7 @@ from homoexport.config.recipe import LossSpec, Recipe, steps_of
 from homoexport.distillation.augment import WordNeighbours, augmented_rows
 from homoexport.distillation.checkpoint import (
     TrainingClock,
+    check_run_dir,
     check_same_precision,
     check_same_recipe,
     finished_report,
@@ -60,7 +61,7 @@ from homoexport.distillation.task_data import (
     load_glue,
     unlabelled_rows,
 )
-from homoexport.errors import OutputExistsError, UsageError
+from homoexport.errors import UsageError
 from homoexport.evaluation.glue_data import GlueTask, predictions, score
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import config_widths
@@ -237,15 +238,31 @@ def _label_names(config) -> list[str] | None:
     return None if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
 
 
-def load_teacher(path: str, attention: bool) -> nn.Module:
-    """The fine-tuned ``*ForSequenceClassification`` teacher (eager attention when attention maps are distilled)."""
-    from transformers import AutoModelForSequenceClassification
+def check_task_inputs(recipe: Recipe) -> None:
+    """Read the teacher's config and the recipe's labelled and unlabelled data, so that a missing teacher, a bad column
+    or an unknown label is named before a budget plan spends minutes measuring (the run reads them again)."""
+    from transformers import AutoConfig
 
+    assert recipe.task is not None
+    _check_teacher(recipe.teacher)
+    config = AutoConfig.from_pretrained(recipe.teacher)
+    without_copies = recipe.model_copy(update={"task": recipe.task.model_copy(update={"augment": None})})  # copies need the model
+    load_task_data(without_copies, _label_names(config), config.num_labels == 1)
+
+
+def _check_teacher(path: str) -> None:
     if not (Path(path) / "config.json").is_file():
         raise ModelLoadError(f"teacher directory not found or has no config.json: {path}")
     if not is_sequence_classifier(path):
         raise ModelLoadError(f"{path} is not a *ForSequenceClassification model: a task recipe needs a fine-tuned teacher "
                              "(`homoexport glue MODEL --task T` fine-tunes one and saves it under OUT/seed-S/model)")
+
+
+def load_teacher(path: str, attention: bool) -> nn.Module:
+    """The fine-tuned ``*ForSequenceClassification`` teacher (eager attention when attention maps are distilled)."""
+    from transformers import AutoModelForSequenceClassification
+
+    _check_teacher(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, attn_implementation="eager" if attention else "sdpa")
     return model.eval().requires_grad_(False)
 
@@ -396,10 +413,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     if recipe.task.family and recipe.student.hidden is None:
         raise UsageError("task.family keeps students while the hidden size shrinks: set student.hidden or give a budget")
     out = Path(out_dir) if out_dir else recipe.output_dir()
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: give one")
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise OutputExistsError(f"output directory {out} is not empty: pass --resume to continue that run or --overwrite to replace it")
+    check_run_dir(out, resume, overwrite)
     ranks = Ranks()
     if overwrite and out.exists() and ranks.is_main:
         shutil.rmtree(out)
@@ -430,6 +444,8 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
 
     checkpoints = out / "checkpoints"
     found = sorted(checkpoints.glob("step-*.pt")) if resume else []
+    if resume and not found:
+        logger.warning("--resume: no checkpoint under %s; starting a new run", checkpoints)
     if found:
         _load_checkpoint(found[-1], run, recipe, total, probe, ranks.rank)
         logger.info("resumed from %s (step %d of %d)", found[-1], run.step, total)
@@ -562,6 +578,26 @@ def select_within_drop(members: list[dict[str, Any]], teacher_dev: float, metric
             "over_budget": over["path"] if over else None}
 
 
+def latency_check(plan: dict[str, Any] | None, deployed: dict[str, Any] | None, seq: int) -> dict[str, Any] | None:
+    """The deployed int8 file's p50 (timed after training at batch 1 / ``seq`` tokens) against the plan's latency
+    limit: the plan chose the shape from measurements of untrained candidates, this times the file that ships. None
+    without a latency budget or a timed export."""
+    if not plan or not plan.get("budget") or not deployed or deployed.get("p50_ms") is None:
+        return None
+    from homoexport.deployment.budget import parse_budget
+
+    latency = next((c for c in parse_budget(plan["budget"]) if c.kind == "latency"), None)
+    if latency is None:
+        return None
+    met = deployed["p50_ms"] <= latency.limit
+    predicted = (plan.get("chosen") or {}).get("predicted", {}).get("p50_ms")
+    if not met:
+        logger.warning("the deployed int8 file times %.2f ms at batch 1 / seq %d, over the budget %s (the plan predicted %s ms)",
+                       deployed["p50_ms"], seq, latency.text, predicted)
+    return {"budget": latency.text, "limit_ms": latency.limit, "p50_ms": deployed["p50_ms"], "predicted_p50_ms": predicted, "seq": seq,
+            "met": met}
+
+
 def within_plan(plan: dict[str, Any] | None) -> Callable[[dict[str, Any]], bool] | None:
     """Under a measured budget, whether a member fits it: the plan chose the largest shape that fits, so a member
     fits when no width (or depth) exceeds the chosen shape's. None without a plan."""
@@ -689,6 +725,7 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -
         "family_skipped": skipped,
         "keep_best": selected,
         "selection": selection,
+        "latency_check": latency_check(plan, deployed, recipe.task.max_length),
         "plan": plan,
         "steps": total,
         "epochs": recipe.task.epochs,

@@ -27,6 +27,7 @@ from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.config.recipe import OptimizerSpec, Recipe, steps_of
 from homoexport.distillation.checkpoint import (
     TrainingClock,
+    check_run_dir,
     check_same_precision,
     check_same_recipe,
     finished_report,
@@ -44,7 +45,7 @@ from homoexport.distillation.models import base_and_head, build_student, encode
 from homoexport.distillation.precision import precision_context, resolve_precision
 from homoexport.distillation.sentence_targets import pooled_by_length
 from homoexport.distillation.setup import NO_MLM_NOTE, CorpusSetup, build_corpus_setup
-from homoexport.errors import OutputExistsError, UsageError
+from homoexport.errors import UsageError
 from homoexport.evaluation.sts import carry_pooling
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import (
@@ -257,10 +258,7 @@ def distill(
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
     out = RunPaths(Path(out_dir) if out_dir else recipe.output_dir())
-    if out.out.exists() and any(out.out.iterdir()) and not (resume or overwrite):
-        raise OutputExistsError(f"output directory {out.out} is not empty: pass --resume to continue that run or --overwrite to replace it")
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other: give one")
+    check_run_dir(out.out, resume, overwrite)
     # Some parameters get no gradient by design (the pooler; the MLM head or projections of inactive terms).
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     # Precision is the recipe's, applied by precision_context as in the task loop, not by accelerate's mixed_precision:
@@ -321,6 +319,8 @@ def distill(
             logger.info("%s already finished all %d steps: nothing to do (use --overwrite to train it again)", out.out, total)
             return finished
     ckpt = latest_checkpoint(out.checkpoints) if resume else None
+    if resume and ckpt is None:
+        logger.warning("--resume: no checkpoint under %s; starting a new run", out.checkpoints)
     if ckpt is not None:
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         check_same_recipe(state["recipe"], recipe, ckpt)
