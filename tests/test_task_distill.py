@@ -439,6 +439,12 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert (tmp_path / "run" / "export" / "model_quantized.onnx").is_file() and 0 <= report["deployed"]["dev"]["accuracy"] <= 100
     assert report["deployed"] == report["family"][-1]["int8"] and report["plan"] is None
+    # `homoexport report` puts the dev scores side by side: teacher, student, the shipped int8 file.
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "rep")]).exit_code == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    shipped = report["deployed"]["dev"]["accuracy"]
+    assert f"| teacher (PyTorch) | {report['teacher']['dev']['accuracy']:.2f} |" in md and f"| {shipped:.2f} |" in md
+    assert f"Budget accuracy-drop <= 100: chose `{report['selection']['chosen']}`." in md
     # Every student of the curve was exported into its own directory, scored as int8 and timed beside the others.
     kept, final = report["family"][0], report["family"][-1]
     assert 32 < kept["widths"]["hidden"] <= 56 and kept["int8"]["path"] == str(Path(kept["path"]) / "export" / "model_quantized.onnx")

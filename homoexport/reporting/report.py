@@ -392,11 +392,37 @@ def read_jsonl(path: Path) -> list[Any]:
     return records
 
 
+def task_scores_markdown(report: Mapping[str, Any]) -> str:
+    """A task run's dev scores side by side: the teacher and the student in PyTorch, the shipped int8 file, and what
+    its budgets said (accuracy-drop selection, latency of the shipped file)."""
+    teacher, student, deployed = report["teacher"]["dev"], report["student"]["dev"], report.get("deployed") or {}
+    metrics = list(teacher)
+    rows = [("teacher (PyTorch)", teacher), ("student (PyTorch)", student)]
+    if deployed.get("dev"):
+        rows.append((f"shipped int8 ONNX (`{deployed['path']}`)", deployed["dev"]))
+    lines = ["| dev | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_num(scores.get(m)) for m in metrics) + " |" for name, scores in rows]
+    primary = report["primary_metric"]
+    shipped = deployed.get("dev", student)
+    lines.append(f"\nDrop of the shipped model: {_num(teacher[primary] - shipped[primary])} points of {primary}.")
+    sel = report.get("selection")
+    if sel:
+        verdict = f"chose `{sel['chosen']}`" if sel["met"] else f"missed (smallest drop {_num(sel.get('best_drop'))})"
+        lines.append(f"Budget accuracy-drop <= {sel['max_drop']:g}: {verdict}.")
+    check = report.get("latency_check")
+    if check:
+        lines.append(f"Budget {check['budget']}: the shipped int8 file times {_num(check['p50_ms'])} ms at batch 1 / seq {check['seq']}, "
+                     f"{'within' if check['met'] else 'over'} it.")
+    return "\n".join(lines) + "\n"
+
+
 def _distill(found: list[Found], out_dir: Path) -> tuple[str, list[Path]]:
-    """The report's fields, and the width schedule from the report or from train_log.jsonl beside it."""
+    """The report's fields, and the width schedule from the report or from train_log.jsonl beside it; for a task run,
+    its dev scores beside the teacher's first."""
     parts, figs = [], []
     for f in found:
-        text = f"**{f.run}** (`{f.path}`)\n\n{_field_table(f.data)}"
+        scores = task_scores_markdown(f.data) if isinstance(f.data, dict) and str(f.data.get("schema", "")).startswith("homoexport.task_distill/") else ""
+        text = f"**{f.run}** (`{f.path}`)\n\n{scores}\n{_field_table(f.data)}"
         log = f.path.with_name(TRAIN_LOG)
         history = width_history(f.data) or (width_history(read_jsonl(log)) if log.is_file() else [])
         if not history:
