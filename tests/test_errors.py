@@ -144,6 +144,24 @@ def test_progress_prints_counters_first_as_plain_lines_when_not_a_terminal():
     assert "ETA ?" not in lines[1]  # from the second record on, the ETA comes from the measured rate
     assert "loss 0.5" in lines[0] and "h192 a6x32 f768" in lines[0]  # the details follow the counters, not the reverse
     assert lines[2].startswith("plan 1 elapsed") and "measuring h192" in lines[2]
+    buffer = io.StringIO()
+    with StepProgress("distill", Console(file=buffer, width=40, force_terminal=False)) as bar:
+        bar.update({"step": 20, "total": 240, "step_s": 0.5})  # a record with its step time has an ETA from the first line on
+    assert buffer.getvalue().startswith("distill 20/240 elapsed 0:00:00 ETA 0:01:50")
+
+
+def test_progress_bar_on_a_terminal_shows_the_eta_from_the_first_record():
+    import io
+
+    from rich.console import Console
+
+    from homoexport.cli.progress import StepProgress
+
+    buffer = io.StringIO()
+    with StepProgress("distill", Console(file=buffer, width=160, force_terminal=True)) as bar:
+        bar.update({"step": 20, "total": 240, "step_s": 0.5, "loss": 0.5})
+        bar.progress.refresh()
+    assert "ETA 0:01:50" in buffer.getvalue() and "20/240" in buffer.getvalue()
 
 
 def test_plan_in_ci_mode_exits_8_on_a_contended_machine(tmp_path: Path, monkeypatch):

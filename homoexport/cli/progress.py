@@ -35,44 +35,47 @@ class StepProgress:
     def __init__(self, label: str, console: Console, enabled: bool = True):
         self.label, self.console, self.enabled = label, console, enabled
         self.progress = None
-        self.tasks: dict[str, object] = {}
+        self.tasks: dict[str, object] = {}  # rich task ids by stage
+        self.clocks: dict[str, tuple[int, float, float]] = {}  # by stage: first step seen, when, and when the stage began
         self.entered = time.time()
 
     def __enter__(self) -> "StepProgress":
         if self.enabled and self.console.is_terminal:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-                                     TimeRemainingColumn(), BarColumn(bar_width=20), TextColumn("{task.fields[info]}"),
+            # The ETA is ours (eta() below), not rich's TimeRemainingColumn: rich estimates speed only from updates within
+            # its last 30 s, and records come once per training.log_every steps, so it showed -:--:-- for minutes.
+            self.progress = Progress(TextColumn("[bold]{task.fields[label]}"), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("ETA {task.fields[eta]}"), BarColumn(bar_width=20), TextColumn("{task.fields[info]}"),
                                      console=self.console, transient=False)
             self.progress.start()
         return self
+
+    def eta(self, label: str, record: dict, now: float) -> str:
+        """Time left at the rate since the stage's first record; before a second record, at the record's own step time
+        (``step_s``) where it has one. Setup and a resume's skipped steps are not step time, so they never count."""
+        first, first_at, _ = self.clocks[label]
+        step, total = record["step"], record["total"]
+        if step > first:
+            return _clock((now - first_at) / (step - first) * (total - step))
+        return _clock(record["step_s"] * (total - step)) if record.get("step_s") else "?"
 
     def update(self, record: dict) -> None:
         if not self.enabled:
             return
         step, total, label = record["step"], record["total"], record.get("stage", self.label)
-        if self.progress is not None:
-            if label not in self.tasks:
-                self.tasks[label] = self.progress.add_task(label, total=total, completed=step, info="", label=label)
-            self.progress.update(self.tasks[label], completed=step, info=describe(record))
-            return
         now = time.time()
-        if label not in self.tasks:  # a new stage (or a resumed run): the rate counts from its first record
-            self.tasks[label] = (step, now, self.entered if not self.tasks else now)
-        first, first_at, started = self.tasks[label]
-        elapsed = now - started
+        if label not in self.clocks:  # a new stage (or a resumed run): the rate counts from its first record
+            self.clocks[label] = (step, now, self.entered if not self.clocks else now)
+        if self.progress is not None:
+            eta = self.eta(label, record, now) if total else "?"
+            if label not in self.tasks:
+                self.tasks[label] = self.progress.add_task(label, total=total, completed=step, info="", label=label, eta=eta)
+            self.progress.update(self.tasks[label], completed=step, info=describe(record), eta=eta)
+            return
+        elapsed = now - self.clocks[label][2]
         if total:
-            # The first record carries no rate yet (setup and a resume's skipped steps are not step time): "?"
-            eta = _clock((now - first_at) / (step - first) * (total - step)) if step > first else "?"
-            counters = f"{label} {step}/{total} elapsed {_clock(elapsed)} ETA {eta}"
+            counters = f"{label} {step}/{total} elapsed {_clock(elapsed)} ETA {self.eta(label, record, now)}"
         else:
             counters = f"{label} {step} elapsed {_clock(elapsed)}"
         self.console.print(f"{counters} | {describe(record)}", highlight=False, soft_wrap=True)

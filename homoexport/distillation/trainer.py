@@ -388,7 +388,8 @@ def distill(
         last_terms = _all_reduce_mean(accelerator, terms_sum)
         record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in opt.unwrapped.loss.active_terms.items()),
                   **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": opt.lr_scheduler.get_last_lr()[0],
-                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "elapsed_s": round(clock.since_start(), 1),
+                  "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "step_s": time.time() - t0,
+                  "elapsed_s": round(clock.since_start(), 1),
                   **({"widths": masked.masks.widths().as_dict(), "dense": opt.dense} if masked is not None else {})}
         ev = recipe.training.eval_every
         if ev and done % ev == 0 and done < total and is_main:
