@@ -73,7 +73,7 @@ def test_file_loader_maps_named_labels_and_rejects_bad_input(tmp_path: Path, tas
     with pytest.raises(TaskDataError, match=r"train.jsonl: no column 'text'"):
         load_files(task_files[0], task_files[1], "text", None, "label", None, regression=False)
     bad = write_rows(tmp_path / "bad.jsonl", 40, 2, labels=("neg", "maybe"))
-    with pytest.raises(TaskDataError, match=r"bad.jsonl: column 'label', row \d+: unknown label 'maybe' \(allowed: neg, pos\)"):
+    with pytest.raises(TaskDataError, match=r"bad.jsonl: column 'label', row \d+: unknown label 'maybe' \(allowed: neg, pos, or class ids 0-1\)"):
         load_files(bad, task_files[1], "sentence", None, "label", ["neg", "pos"], regression=False)
     (tmp_path / "x.xlsx").write_text("")
     with pytest.raises(TaskDataError, match="unknown file type '.xlsx'"):
@@ -89,6 +89,10 @@ def test_file_loader_maps_named_labels_and_rejects_bad_input(tmp_path: Path, tas
     header_only.write_text("sentence,label\n")
     with pytest.raises(TaskDataError, match=r"empty.csv: 0 rows$"):
         load_files(header_only, task_files[1], "sentence", None, "label", ["neg", "pos"], regression=False)
+    blank = tmp_path / "blank.csv"
+    blank.write_text("sentence,label\nthe cat,pos\na dog,\n")
+    with pytest.raises(TaskDataError, match=r"blank.csv: column 'label', row 2: empty label"):
+        load_files(blank, task_files[1], "sentence", None, "label", ["neg", "pos"], regression=False)
 
 
 def test_unlabelled_rows_join_without_labels_and_never_repeat_dev_text(tmp_path: Path, task_files):

@@ -104,6 +104,8 @@ def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, t
 
 
 def _label(raw, names: list[str] | None, regression: bool, path: Path, column: str, row: int) -> int | float:
+    if raw is None or not str(raw).strip():
+        raise TaskDataError(f"{path}: column {column!r}, row {row}: empty label")
     if regression:
         try:
             value = float(raw)
@@ -119,7 +121,7 @@ def _label(raw, names: list[str] | None, regression: bool, path: Path, column: s
     except ValueError:
         value = -1
     if not 0 <= value < (len(names) if names else 1 << 30):
-        allowed = ", ".join(names) if names else "class ids 0, 1, ..."
+        allowed = f"{', '.join(names)}, or class ids 0-{len(names) - 1}" if names else "class ids 0, 1, ..."
         raise TaskDataError(f"{path}: column {column!r}, row {row}: unknown label {raw!r} (allowed: {allowed})")
     return value
 
