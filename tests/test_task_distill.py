@@ -585,6 +585,20 @@ def test_a_latency_plan_is_recorded_and_bounds_the_accuracy_drop_choice(tmp_path
     assert "is within it but over the budget" in " ".join(result.output.split())
 
 
+def test_score_a_finished_classifier_on_a_dev_file_without_training(tmp_path: Path, teacher_dir: Path, task_files):
+    result = CliRunner().invoke(app, ["score", str(teacher_dir), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "scored")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "scored" / "glue_report.json").read_text())
+    row = report["results"][0]
+    assert report["task"] == "custom" and report["runs"][0]["training"]["scored_as_given"] and report["n_examples"]["dev"] == 16
+    assert row["metric"] == "accuracy" and all(0 <= row[b] <= 100 for b in ("pytorch", "onnx_fp32", "onnx_int8"))
+    assert (tmp_path / "scored" / "seed-42" / "onnx" / "model_quantized.onnx").is_file() and "scored as given" in result.output
+    both = CliRunner().invoke(app, ["score", str(teacher_dir), "--dev-file", str(task_files[1]), "--task", "sst2", "--out", str(tmp_path / "x")])
+    assert both.exit_code == 2 and "not both" in both.output
+    bad = CliRunner().invoke(app, ["score", str(teacher_dir), "--dev-file", str(task_files[1]), "--label-column", "gold", "--out", str(tmp_path / "y")])
+    assert bad.exit_code == 2 and "no column 'gold'" in bad.output and not (tmp_path / "y").exists()
+
+
 def test_the_shipped_file_is_timed_against_the_latency_budget():
     from homoexport.distillation.task import latency_check
 

@@ -484,6 +484,49 @@ def glue_command(
     console.print(f"wrote {out / 'glue_report.json'}", highlight=False)
 
 
+@app.command("score")
+def score_command(
+    model_dir: Path = typer.Argument(..., help="A finished classifier: a task-distilled student (OUT/student) or a fine-tuned teacher."),
+    dev_file: Optional[Path] = typer.Option(None, "--dev-file", help="Your labelled dev set: CSV, TSV or JSON lines with named columns. "
+                                            "Labels are the model's class names (its id2label) or class ids; numbers for a regression head."),
+    text_column: str = typer.Option("sentence", "--text-column", help="Column of the text (as task.text_column in a task recipe)."),
+    text_pair_column: Optional[str] = typer.Option(None, "--text-pair-column", help="Column of the second text, for sentence pairs."),
+    label_column: str = typer.Option("label", "--label-column", help="Column of the label."),
+    task: Optional[str] = typer.Option(None, "--task", help="Or a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), read from --data-dir."),
+    data_dir: Optional[Path] = _GLUE_DATA_DIR,
+    out: Path = typer.Option(..., "--out", help="Run directory: glue_report.json/.md, seed-42/onnx (the exported files that were scored)."),
+    eval_batch_size: int = _GLUE_EVAL_BATCH,
+    max_length: int = _GLUE_MAX_LENGTH,
+    max_eval_samples: Optional[int] = _GLUE_MAX_EVAL,
+    quantize: str = _GLUE_QUANTIZE,
+    keep_fp32: str = _GLUE_KEEP_FP32,
+    threads: Optional[int] = _GLUE_THREADS,
+    overwrite: bool = _GLUE_OVERWRITE,
+) -> None:
+    """Score a finished classifier without training it: PyTorch, ONNX fp32 and ONNX int8 (exported, fused and quantized
+    here) on your dev file or a GLUE dev set, with the int8-vs-PyTorch delta and dev-set latency."""
+    if (dev_file is None) == (task is None):
+        fail("give --dev-file (your labelled dev set) or --task (a GLUE task), not both")
+    _check_out(out)
+    _check_model_dir(model_dir)
+    from homoexport.cli.progress import StepProgress
+    from homoexport.cli.tables import glue_table
+    from homoexport.evaluation.glue import DevFile, GlueSettings, run_glue, score_dev_file
+
+    settings = GlueSettings(train=False, eval_batch_size=eval_batch_size, max_length=max_length, max_eval_samples=max_eval_samples,
+                            quantize=quantize, keep_fp32=_groups(keep_fp32), threads=threads)
+    _log_to(console)
+    with StepProgress("score", console) as bar:
+        if dev_file is not None:
+            dev = DevFile(dev_file, text_column, text_pair_column, label_column)
+            report = score_dev_file(model_dir, dev, out, settings, overwrite=overwrite, on_progress=bar.update)
+        else:
+            assert task is not None
+            report = run_glue(model_dir, task, out, settings, data_dir=data_dir, overwrite=overwrite, on_progress=bar.update)
+    Console().print(glue_table(report))
+    console.print(f"wrote {out / 'glue_report.json'}", highlight=False)
+
+
 @app.command("glue-suite")
 def glue_suite_command(
     model_dir: Path = typer.Argument(..., help="Encoder or student to fine-tune on every task."),

@@ -24,7 +24,8 @@ def _grid(title: str, caption: str, header: list[str], rows: list[list[str]]) ->
 
 def glue_table(report: dict[str, Any]) -> Table:
     """The run's rich table (metrics in points, mean ± std over seeds; dev-set forward latency)."""
-    return _grid(f"GLUE {report['task']} (dev)", settings_line(report), *report_rows(report))
+    title = f"GLUE {report['task']} (dev)" if report["task"] != "custom" else f"{report['data'].get('path')} (dev)"
+    return _grid(title, settings_line(report), *report_rows(report))
 
 
 def glue_suite_table(suite: dict[str, Any]) -> Table:

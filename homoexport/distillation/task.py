@@ -56,6 +56,7 @@ from homoexport.distillation.task_data import (
     TaskBatcher,
     TaskData,
     dev_text,
+    label_names,
     limit,
     load_files,
     load_glue,
@@ -232,12 +233,6 @@ def load_task_data(recipe: Recipe, label_names: list[str] | None, regression: bo
                     unlabelled=unlabelled, word_swapped=swapped)
 
 
-def _label_names(config) -> list[str] | None:
-    """The teacher's class names when it declares real ones (not transformers' LABEL_0 placeholders)."""
-    names = [config.id2label[i] for i in range(config.num_labels)] if getattr(config, "id2label", None) else []
-    return None if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
-
-
 def check_task_inputs(recipe: Recipe) -> None:
     """Read the teacher's config and the recipe's labelled and unlabelled data, so that a missing teacher, a bad column
     or an unknown label is named before a budget plan spends minutes measuring (the run reads them again)."""
@@ -247,7 +242,7 @@ def check_task_inputs(recipe: Recipe) -> None:
     _check_teacher(recipe.teacher)
     config = AutoConfig.from_pretrained(recipe.teacher)
     without_copies = recipe.model_copy(update={"task": recipe.task.model_copy(update={"augment": None})})  # copies need the model
-    load_task_data(without_copies, _label_names(config), config.num_labels == 1)
+    load_task_data(without_copies, label_names(config), config.num_labels == 1)
 
 
 def _check_teacher(path: str) -> None:
@@ -433,7 +428,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     teacher = load_teacher(recipe.teacher, need_attn)
     tokenizer = load_tokenizer(recipe.tokenizer or recipe.teacher)
     regression = teacher.config.num_labels == 1
-    data = load_task_data(recipe, _label_names(teacher.config), regression, tokenizer, teacher.get_input_embeddings().weight)
+    data = load_task_data(recipe, label_names(teacher.config), regression, tokenizer, teacher.get_input_embeddings().weight)
     train = TaskBatcher(data.train, tokenizer, recipe.training.batch_size, ts.max_length, seed=recipe.training.seed)
     dev = TaskBatcher(data.dev, tokenizer, ts.eval_batch_size, ts.max_length, shuffle=False)
     probe = model_inputs(dev.batch_at(0))  # where the masked and the dense student must agree

@@ -74,6 +74,12 @@ def _data_lines(path: Path, fmt: str) -> int:
     return max(lines - (fmt == "csv"), 0)
 
 
+def label_names(config) -> list[str] | None:
+    """A classifier's class names when its config declares real ones (not transformers' LABEL_0 placeholders)."""
+    names = [config.id2label[i] for i in range(config.num_labels)] if getattr(config, "id2label", None) else []
+    return None if not names or all(n == f"LABEL_{i}" for i, n in enumerate(names)) else names
+
+
 def load_files(train_file: str | Path, dev_file: str | Path, text_column: str, text_pair_column: str | None,
                label_column: str, label_names: list[str] | None, regression: bool) -> TaskData:
     """A user's task from two files with named columns.

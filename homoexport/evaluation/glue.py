@@ -541,12 +541,52 @@ def run_glue(
     The directory appears whole or not at all (see ``staging_dir``).
     """
     spec = get_task(task)
+    _check_model(Path(model_dir), settings)
+    data = load_data(spec, data_dir, hub)
+    source = {"source": "hub", "dataset": HUB_DATASET} if hub else {"source": "tsv", "path": str(Path(data_dir).resolve())}
+    return _run_task(Path(model_dir), spec, data, source, out_dir, settings, overwrite, on_progress)
+
+
+@dataclass(frozen=True)
+class DevFile:
+    """A labelled dev set of the user's own: a CSV / TSV / JSON-lines file and its columns, named as a task recipe names
+    them (``task.text_column``, ``task.text_pair_column``, ``task.label_column``)."""
+
+    path: Path
+    text_column: str = "sentence"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+
+
+def score_dev_file(model_dir: str | os.PathLike, dev: DevFile, out_dir: str | os.PathLike, settings: GlueSettings = GlueSettings(train=False),
+                   overwrite: bool = False, on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Score a finished classifier on ``dev`` in PyTorch, ONNX fp32 and ONNX int8 (exported here), without training it:
+    ``run_glue --no-train`` for a task that is not GLUE. Labels are the model's class names (``id2label``) or ids;
+    the report has run_glue's schema, its task ``custom``."""
+    from homoexport.distillation.task_data import label_names, load_files
+
+    if settings.train:
+        raise UsageError("score_dev_file scores a finished classifier: give settings with train=False")
     model_dir = Path(model_dir)
+    _check_model(model_dir, settings)
+    config = AutoConfig.from_pretrained(model_dir)
+    regression = config.num_labels == 1
+    names = None if regression else label_names(config) or [str(i) for i in range(config.num_labels)]
+    rows = load_files(dev.path, dev.path, dev.text_column, dev.text_pair_column, dev.label_column, names, regression)
+    data = DatasetDict({"train": rows.dev, "dev": rows.dev})  # nothing is trained: the export's int8 check reads "train" too
+    return _run_task(model_dir, rows.task, data, {"source": "file", "path": str(Path(dev.path).resolve())}, out_dir, settings, overwrite,
+                     on_progress)
+
+
+def _check_model(model_dir: Path, settings: GlueSettings) -> None:
     if not (model_dir / "config.json").is_file():
         raise InputNotFoundError(f"not a model directory (no config.json): {model_dir}")
     _check_max_length(model_dir, settings.max_length)
+
+
+def _run_task(model_dir: Path, spec: GlueTask, data: DatasetDict, source: dict[str, Any], out_dir: str | os.PathLike, settings: GlueSettings,
+              overwrite: bool, on_progress: ProgressFn | None) -> dict[str, Any]:
     start, load_at_start = time.perf_counter(), os.getloadavg()[0]
-    data = load_data(spec, data_dir, hub)
     data = DatasetDict(
         {split: subsample(ds, settings.max_train_samples if split == "train" else settings.max_eval_samples) for split, ds in data.items()}
     )
@@ -556,7 +596,7 @@ def run_glue(
             "schema": REPORT_SCHEMA,
             "task": spec.name,
             "model_dir": str(model_dir.resolve()),
-            "data": {"source": "hub", "dataset": HUB_DATASET} if hub else {"source": "tsv", "path": str(Path(data_dir).resolve())},
+            "data": source,
             "n_examples": {split: len(ds) for split, ds in data.items()},
             "settings": asdict(settings) | {"inference_threads": settings.inference_threads, "onnx_files": ONNX_FILES},
             "units": "metric values are points (metric x 100); int8_delta = onnx_int8 - pytorch in points",
@@ -617,10 +657,14 @@ def _kept_fp32(settings: dict[str, Any]) -> str:
 def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     n = report["n_examples"]
+    dev = ", ".join(str(v) for k, v in n.items() if k != "train")
+    if s.get("train", True):
+        training = (f"epochs {s['epochs']}, lr {s['learning_rate']}, batch {s['batch_size']}, max_length {s['max_length']}, warmup "
+                    f"{s['warmup_ratio']}, weight decay {s['weight_decay']}, seeds {','.join(map(str, s['seeds']))}, train {n['train']} / dev {dev} examples, ")
+    else:  # scored as given: the training settings were not used
+        training = f"scored as given (no training), max_length {s['max_length']}, dev {dev} examples, "
     return (
-        f"{report['task']} on {report['model_dir']}: epochs {s['epochs']}, lr {s['learning_rate']}, batch {s['batch_size']}, "
-        f"max_length {s['max_length']}, warmup {s['warmup_ratio']}, weight decay {s['weight_decay']}, seeds {','.join(map(str, s['seeds']))}, "
-        f"train {n['train']} / dev {', '.join(str(v) for k, v in n.items() if k != 'train')} examples, "
+        f"{report['task']} on {report['model_dir']}: {training}"
         f"quantize {s['quantize'] if s['export'] else 'off'}{_kept_fp32(s)}, eval batch {s['eval_batch_size']} on {s['inference_threads']} threads, "
         f"wall {report['wall_s']:.0f} s at load {report['load_average_1m']['start']:.1f}-{report['load_average_1m']['end']:.1f}"
     )
