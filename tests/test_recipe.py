@@ -73,7 +73,10 @@ def test_resolved_recipe_round_trips(tmp_path):
     ("teacher: t\ndata:\n  unit: sentence\n  batching: neighbours\n  group_size: 8\n", ["training.batch_size=12"], "--set training.batch_size: training.batch_size 12 is not a multiple"),
     ("teacher: t\ntask:\n  glue: rte\n  unlabelled:\n    - glue:mrpc\n    - 7\n", [], "{path}:6: task.unlabelled.1: "),
     ("name: x\n", [], "{path}: teacher: required key is missing"),
-], ids=["unknown-key", "set-option", "across-keys", "across-section-keys", "across-keys-set", "list-item", "missing-key"])
+    ("teacher: t\n", ["trainig.steps=2"], "--set trainig.steps: trainig: unknown key (did you mean 'training'?)"),
+    ("teacher: t\ntask:\n  glue: rte\n  data_dir: d\n", ["training.steps=2"], "--set training.steps: training.steps 2: a task recipe's length is task.epochs"),
+], ids=["unknown-key", "set-option", "across-keys", "across-section-keys", "across-keys-set", "list-item", "missing-key", "misspelt-set-section",
+        "task-steps"])
 def test_errors_in_a_recipe_file_name_its_line_or_the_set_option(tmp_path, text, overrides, expected):
     path = tmp_path / "r.yaml"
     path.write_text(text)

@@ -599,6 +599,25 @@ def test_score_a_finished_classifier_on_a_dev_file_without_training(tmp_path: Pa
     assert bad.exit_code == 2 and "no column 'gold'" in bad.output and not (tmp_path / "y").exists()
 
 
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
+    import yaml
+
+    from homoexport.distillation import task
+
+    def interrupted(recipe, out_dir=None, **kwargs):
+        (Path(out_dir) / "checkpoints").mkdir(parents=True)
+        (Path(out_dir) / "checkpoints" / "step-00000005.pt").write_bytes(b"")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(task, "distill_task", interrupted)
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run")))
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    assert f"error: interrupted; the newest checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-00000005.pt'}: run the same command " \
+           "with --resume to continue" in result.output
+
+
 def test_the_shipped_file_is_timed_against_the_latency_budget():
     from homoexport.distillation.task import latency_check
 

@@ -252,15 +252,21 @@ def distill_command(
                                   depths=parse_depths(layers))
     if plan:
         console.print(f"plan: {plan['chosen']['name']} for {plan['budget']}", highlight=False)
-    with StepProgress("distill", console, enabled=progress) as bar:
-        if r.task is not None:
-            from homoexport.distillation.task import distill_task
+    try:
+        with StepProgress("distill", console, enabled=progress) as bar:
+            if r.task is not None:
+                from homoexport.distillation.task import distill_task
 
-            report = distill_task(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
-        elif r.assistant.mode != "off":
-            report = distill_with_assistant(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
-        else:
-            report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
+                report = distill_task(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
+            elif r.assistant.mode != "off":
+                report = distill_with_assistant(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
+            else:
+                report = distill(r, out_dir=out, resume=resume, overwrite=overwrite, on_log=bar.update, plan=plan)
+    except KeyboardInterrupt:
+        run_dir = out or r.output_dir()
+        saved = sorted((run_dir / "checkpoints").glob("step-*.pt")) if (run_dir / "checkpoints").is_dir() else []
+        where = f"the newest checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+        fail(f"interrupted; {where}: run the same command with --resume to continue", 130)
     if report and str(report.get("schema", "")).startswith("homoexport.task_distill/"):
         _print_task_report(report)
         if budget_missed(report):

@@ -377,7 +377,8 @@ class RecipeSource:
     def locate(self, loc: tuple) -> str:
         """``file:line`` of the deepest written key on ``loc``'s path, ``--set KEY`` for an overridden one, else the file."""
         for key in reversed(self.overridden):
-            if tuple(map(str, loc[:len(key)])) == key:
+            at = tuple(map(str, loc))
+            if at[:len(key)] == key or (at and key[:len(at)] == at):  # the override's key, or a section it created (a misspelt one)
                 return f"--set {'.'.join(key)}"
         for n in range(len(loc), 0, -1):
             if loc[:n] in self.lines:
