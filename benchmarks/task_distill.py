@@ -32,7 +32,6 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
                       teacher's hidden states and attention maps add over its predictions on the task's data
     (abs)             (ab) at ``SLOW_LR`` instead of ``DISTILL_LR``: on RTE even the unpruned control (a0) drifts below the
                       teacher at 1e-4, so does a smaller step keep the student nearer the teacher's solution while it is pruned?
-    (al2)             (al) with twice (a)'s epochs instead of ``LONG`` times: SST-2's (al) run is over the 60-minute limit
     (alx)             (al) with the teacher also labelling other text, up to ``MUCH_TEXT`` times the training rows
                       (``MUCH_TEXT_SOURCES`` and the task's GLUE test inputs), over (al)'s steps: the RTE and CoLA teachers
                       fit their training rows (``teacher_fit.py``), so their predictions there are mostly the labels again
@@ -84,8 +83,7 @@ ARMS = {
     "al": ("homodistil", "task HomoDistil in bf16, three times the epochs, best dev student", "192"),
     "ak": ("homodistil", "task HomoDistil in bf16, the logits term alone", "192"),
     "abs": ("homodistil", "task HomoDistil in bf16 at a third of the learning rate", "192"),
-    "al2": ("homodistil", "task HomoDistil in bf16, twice the epochs, best dev student", "192"),
-    "alx": ("homodistil", "(al) + up to 8x the training rows of other text for the teacher, same steps", "192"),
+    "alx": ("homodistil", "task HomoDistil as (al) + other text for the teacher (up to 8x the rows), same steps", "192"),
 }
 SCHEDULES = {"b": "one_shot", "a0": "none"}  # every other distilled arm prunes gradually ("homotopic")
 T_F = 0.4  # (a): the share of the steps spent at the final width
@@ -103,7 +101,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "al": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True},
     "ak": {"precision": "bf16", "logits_only": True},
     "abs": {"precision": "bf16", "lr": SLOW_LR},
-    "al2": {"precision": "bf16", "epochs_scale": 2, "keep_best": True},
     "alx": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True, "much_text": True},
 }
 # Columns of each task's GLUE test.tsv that hold its text (and pair).
