@@ -243,7 +243,7 @@ def distill_command(
     quiet_transformers()
     _log_to(console)  # before the plan: onnxruntime's quantizer would otherwise configure the root logger and print every line twice
     check_run_dir(out or r.output_dir(), resume, overwrite)  # before the minutes a budget plan takes
-    if r.task is not None:
+    if r.task is not None and (budget or plan_file or r.budget):  # without a plan, distill_task reads them first anyway
         from homoexport.distillation.task import check_task_inputs
 
         check_task_inputs(r)
