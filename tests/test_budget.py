@@ -337,6 +337,27 @@ def test_apply_plan_and_plan_for_recipe(minilm_dir, tmp_path):
         plan_for_recipe(widths, budget="latency=abc")
 
 
+def test_a_budget_that_leaves_a_very_narrow_student_warns(minilm_dir, tmp_path, caplog):
+    recipe = validate_recipe({"teacher": str(minilm_dir), "student": {}})
+    report = _plan(minilm_dir, "latency=6ms", FakeMeasure())
+    wide = report["chosen"]["hidden"]
+    assert wide >= MINILM.hidden / 3
+    narrow = {**report, "chosen": {**report["chosen"], "hidden": 64, "heads": 2, "ffn": 256}}
+    for name, plan_report, warns in (("wide", report, False), ("narrow", narrow, True)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(plan_report))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="homoexport.deployment.budget"):
+            planned, _ = plan_for_recipe(recipe, plan_file=tmp_path / f"{name}.json")
+        assert planned.student.hidden == plan_report["chosen"]["hidden"]
+        assert ("64 of the teacher's 384 hidden units (17%)" in caplog.text) is warns
+    assert "accuracy-drop" not in caplog.text  # only a task recipe can check it
+    task = validate_recipe({"teacher": str(minilm_dir), "student": {}, "task": {"train_file": "train.csv", "dev_file": "dev.csv"}})
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="homoexport.deployment.budget"):
+        plan_for_recipe(task, plan_file=tmp_path / "narrow.json")
+    assert "add accuracy-drop=N to the budget" in caplog.text
+
+
 # --- real export, edge round trip (one tiny export per candidate) ---------------------------------------
 
 
