@@ -358,6 +358,24 @@ def test_a_budget_that_leaves_a_very_narrow_student_warns(minilm_dir, tmp_path, 
     assert "add accuracy-drop=N to the budget" in caplog.text
 
 
+@pytest.mark.parametrize("budget", ["latency=6ms", "latency=6ms,rss=200MB"])
+def test_the_plan_table_reads_at_80_columns(minilm_dir, budget):
+    from rich.console import Console
+
+    from homoexport.cli.tables import plan_table
+
+    report = _plan(minilm_dir, budget, FakeMeasure())
+    for r in report["candidates"]:  # deployed files as large as real MiniLM students'
+        if r["measurement"]:
+            r["measurement"]["file_bytes"] = 123_456_789
+    console = Console(width=80, record=True)
+    console.print(plan_table(report))
+    text = console.export_text()
+    assert "…" not in text
+    assert all(f" {r['name']} " in text for r in report["candidates"] if r["measurement"])
+    assert ("rss" in text) is ("rss" in budget)
+
+
 # --- real export, edge round trip (one tiny export per candidate) ---------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from rich import box
 from rich.table import Table
 
 from homoexport.deployment.budget import MB
@@ -70,29 +71,34 @@ def _check_text(entry: dict[str, Any] | None) -> str:
 
 
 def plan_table(report: Mapping[str, Any]) -> Table:
-    """A rich table of the candidates: shape, params, measured figures, fit; the chosen row in bold."""
+    """A rich table of the candidates: shape, params, measured figures, fit; the chosen row in bold.
+
+    Drawn without vertical rules and without columns no candidate has a figure for, so that it reads at 80 columns."""
     s = report["settings"]
     title = (f"plan for {report['budget']} ({report['statistic']}, batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, "
              f"{s['precision']}, margin {report['margin']:.0%})")
-    table = Table(title=title)
-    for col in ("shape", "params", "backbone", "p50 ms", "p90 ms", "file MB", "rss MB", "source", "fits", "front"):
-        table.add_column(col, justify="left" if col in ("shape", "source") else "right", no_wrap=col == "shape")
+    rows = [r for r in report["candidates"] if r["measurement"] or r["fits"] is not None]
+    has_rss = any((r["measurement"] or {}).get("rss_mb") is not None for r in rows)
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0),
+                  caption="params, backbone (non-embedding): millions; p50, p90: ms; MB: the deployed file" + (", rss: peak MB" if has_rss else "")
+                  + "; *: on its depth's params-vs-latency Pareto front")
+    columns = ["shape", "params", "backbone", "p50", "p90", "MB", *(["rss"] if has_rss else []), "source", "fits"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("shape", "source") else "right", no_wrap=True)
     chosen = (report.get("chosen") or {}).get("name")
     front = {name for d in report.get("depths", []) for name in d["pareto"]}
-    for r in report["candidates"]:
+    for r in rows:
         m = r["measurement"] or {}
-        if not m and r["fits"] is None:
-            continue
-        cells = [r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['backbone_params'] / 1e6:.2f}M", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
-                 _num(m["file_bytes"] / MB if m else None), _num(m.get("rss_mb")), m.get("source", "-"),
-                 {True: "yes", False: "no", None: "-"}[r["fits"]], "*" if r["name"] in front else ""]
+        cells = [r["name"], f"{r['params'] / 1e6:.2f}", f"{r['backbone_params'] / 1e6:.2f}", _num(m.get("p50_ms")), _num(m.get("p90_ms")),
+                 _num(m["file_bytes"] / MB if m else None, 1),
+                 *([_num(m.get("rss_mb"), 0)] if has_rss else []), m.get("source", "-"),
+                 {True: "yes", False: "no", None: "-"}[r["fits"]] + (" *" if r["name"] in front else "  ")]
         table.add_row(*cells, style="bold green" if r["name"] == chosen else None)
     return table
 
 
-
-def _num(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
+def _num(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def depth_lines(report: Mapping[str, Any]) -> list[str]:
