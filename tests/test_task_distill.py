@@ -658,6 +658,35 @@ def test_budget_runs_check_data_and_output_before_planning(tmp_path: Path, teach
     validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"training.steps": 1000}))  # as resolved recipes carry it
 
 
+def test_log_handlers_are_set_before_the_plan(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
+    """The plan imports onnxruntime's quantizer, whose module calls logging.basicConfig: a root handler set before
+    it makes that call a no-op, so log lines are not printed twice."""
+    import logging
+
+    import yaml
+
+    from homoexport.deployment import budget
+    from homoexport.deployment.budget import BudgetError
+
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen["root"] = [type(h).__name__ for h in logging.getLogger().handlers]
+        seen["ours"] = [type(h).__name__ for h in logging.getLogger("homoexport").handlers]
+        raise BudgetError("stop here")
+
+    for name in ("", "homoexport"):  # as in a fresh process
+        log = logging.getLogger(name)
+        for h in [h for h in log.handlers if type(h).__name__ in ("RichHandler", "_OtherLibraries")]:
+            monkeypatch.setattr(log, "handlers", [x for x in log.handlers if x is not h])
+    monkeypatch.setattr(budget, "plan_for_recipe", record)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run")))
+    result = CliRunner().invoke(app, ["distill", str(good), "--no-progress", "--budget", "latency=8ms"])
+    assert result.exit_code != 0 and "stop here" in result.output
+    assert "_OtherLibraries" in seen["root"] and "RichHandler" in seen["ours"]
+
+
 def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir: Path, task_files):
     from homoexport.deployment.budget import BudgetError, plan_for_recipe, split_accuracy_drop
 
