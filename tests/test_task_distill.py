@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -597,6 +598,25 @@ def test_score_a_finished_classifier_on_a_dev_file_without_training(tmp_path: Pa
     assert both.exit_code == 2 and "not both" in both.output
     bad = CliRunner().invoke(app, ["score", str(teacher_dir), "--dev-file", str(task_files[1]), "--label-column", "gold", "--out", str(tmp_path / "y")])
     assert bad.exit_code == 2 and "no column 'gold'" in bad.output and not (tmp_path / "y").exists()
+
+    # The exported files themselves, scored as they are (as on the target machine): the same scores, nothing exported again.
+    onnx_dir = tmp_path / "scored" / "seed-42" / "onnx"
+    again = CliRunner().invoke(app, ["score", str(onnx_dir), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "files")])
+    assert again.exit_code == 0, again.output
+    given = json.loads((tmp_path / "files" / "glue_report.json").read_text())
+    assert set(given["scored_files"]) == {"onnx_fp32", "onnx_int8"} and not (tmp_path / "files" / "seed-42").exists()
+    assert all(given["results"][0][b] == row[b] for b in ("onnx_fp32", "onnx_int8")) and given["results"][0]["pytorch"] is None
+    assert "scored as given (no training, no export)" in " ".join(again.output.split())
+    one = CliRunner().invoke(app, ["score", str(onnx_dir / "model_quantized.onnx"), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    assert list(json.loads((tmp_path / "one" / "glue_report.json").read_text())["scored_files"]) == ["onnx_int8"]  # told apart by its operators
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    shutil.copy(onnx_dir / "model.onnx", renamed / "student.onnx")
+    other = CliRunner().invoke(app, ["score", str(renamed), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "z")])
+    assert other.exit_code == 2 and f"give the file to score, e.g. {renamed / 'student.onnx'}" in " ".join(other.output.split())
+    alone = CliRunner().invoke(app, ["score", str(renamed / "student.onnx"), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "z")])
+    assert alone.exit_code != 0 and "config.json" in alone.output and not (tmp_path / "z").exists()
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):

@@ -492,7 +492,9 @@ def glue_command(
 
 @app.command("score")
 def score_command(
-    model_dir: Path = typer.Argument(..., help="A finished classifier: a task-distilled student (OUT/student) or a fine-tuned teacher."),
+    model_dir: Path = typer.Argument(..., help="A finished classifier: a task-distilled student (OUT/student) or a fine-tuned teacher; "
+                                     "or ONNX files to score as they are, without exporting again: an export directory (OUT/export, with "
+                                     "its config.json and tokenizer) or one .onnx file in it."),
     dev_file: Optional[Path] = typer.Option(None, "--dev-file", help="Your labelled dev set: CSV, TSV or JSON lines with named columns. "
                                             "Labels are the model's class names (its id2label) or class ids; numbers for a regression head."),
     text_column: str = typer.Option("sentence", "--text-column", help="Column of the text (as task.text_column in a task recipe)."),
@@ -500,7 +502,8 @@ def score_command(
     label_column: str = typer.Option("label", "--label-column", help="Column of the label."),
     task: Optional[str] = typer.Option(None, "--task", help="Or a GLUE task (cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli), read from --data-dir."),
     data_dir: Optional[Path] = _GLUE_DATA_DIR,
-    out: Path = typer.Option(..., "--out", help="Run directory: glue_report.json/.md, seed-42/onnx (the exported files that were scored)."),
+    out: Path = typer.Option(..., "--out", help="Run directory: glue_report.json/.md, seed-42/onnx (the exported files that were scored; "
+                             "none when ONNX files were given)."),
     eval_batch_size: int = _GLUE_EVAL_BATCH,
     max_length: int = _GLUE_MAX_LENGTH,
     max_eval_samples: Optional[int] = _GLUE_MAX_EVAL,
@@ -510,11 +513,13 @@ def score_command(
     overwrite: bool = _GLUE_OVERWRITE,
 ) -> None:
     """Score a finished classifier without training it: PyTorch, ONNX fp32 and ONNX int8 (exported, fused and quantized
-    here) on your dev file or a GLUE dev set, with the int8-vs-PyTorch delta and dev-set latency."""
+    here) on your dev file or a GLUE dev set, with the int8-vs-PyTorch delta and dev-set latency. Given ONNX files, scores
+    exactly those files (e.g. the shipped int8 file, on the target machine)."""
     if (dev_file is None) == (task is None):
         fail("give --dev-file (your labelled dev set) or --task (a GLUE task), not both")
     _check_out(out)
-    _check_model_dir(model_dir)
+    if not (model_dir.suffix == ".onnx" or (model_dir.is_dir() and any(model_dir.glob("*.onnx")))):
+        _check_model_dir(model_dir)
     from homoexport.cli.progress import StepProgress
     from homoexport.cli.tables import glue_table
     from homoexport.evaluation.glue import DevFile, GlueSettings, run_glue, score_dev_file

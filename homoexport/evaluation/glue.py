@@ -181,13 +181,18 @@ def load_classifier(model_dir: str | os.PathLike, task: GlueTask):
     return model
 
 
-def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
-    """A classifier that is already trained for ``task`` (its head has the task's outputs); no new weights."""
+def check_finished_classifier(model_dir: str | os.PathLike, task: GlueTask) -> None:
+    """Fail unless the config in ``model_dir`` is a classifier already trained for ``task`` (its head has the task's outputs)."""
     config = AutoConfig.from_pretrained(model_dir)
     archs = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != task.num_labels:
         raise UsageError(f"{model_dir} is not a classifier for {task.name} ({task.num_labels} outputs; found {', '.join(archs) or 'no architecture'} "
                          f"with {config.num_labels}): --no-train scores a finished classifier, drop it to fine-tune")
+
+
+def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
+    """A classifier that is already trained for ``task`` (its head has the task's outputs); no new weights."""
+    check_finished_classifier(model_dir, task)
     return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 
 
@@ -388,6 +393,68 @@ def evaluate_onnx(onnx_path: str | os.PathLike, task: GlueTask, dev: DatasetDict
     return _evaluate(forward, tokenizer, task, dev, max_length, batch_size, threads, onnx_path.name)
 
 
+# Operators that only a quantized graph holds (onnxruntime.quantization's dynamic and QDQ/QOperator formats).
+INT8_OPERATORS = frozenset({"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
+                            "MatMulIntegerToFloat", "QAttention", "QGemm"})
+PYTORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass(frozen=True)
+class GivenOnnx:
+    """Exported files scored as they are, without a PyTorch model or a new export: backend -> file. ``directory`` holds
+    the config.json and tokenizer that ``homoexport export`` writes beside them."""
+
+    files: dict[str, Path]
+    directory: Path
+
+
+def given_onnx(path: str | os.PathLike) -> GivenOnnx | None:
+    """The ONNX files ``path`` names, or None for a PyTorch model directory: a ``.onnx`` file (fp32 or int8 by its
+    operators), or an export directory's model.onnx and model_quantized.onnx."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise InputNotFoundError(f"ONNX file not found: {path}")
+        return GivenOnnx({_onnx_backend(path): path}, path.parent)
+    if not path.is_dir() or any((path / f).is_file() for f in PYTORCH_WEIGHTS):
+        return None
+    files = {backend: path / name for backend, name in ONNX_FILES.items() if (path / name).is_file()}
+    if files:
+        return GivenOnnx(files, path)
+    others = sorted(p.name for p in path.glob("*.onnx"))
+    if others:
+        raise UsageError(f"{path} holds {', '.join(others)} but neither {' nor '.join(ONNX_FILES.values())}: give the file to score, "
+                         f"e.g. {path / others[0]}")
+    return None
+
+
+def _onnx_backend(path: Path) -> str:
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return "onnx_int8" if any(node.op_type in INT8_OPERATORS for node in graph.node) else "onnx_fp32"
+
+
+def _score_given(given: GivenOnnx, task: GlueTask, data: DatasetDict, settings: GlueSettings, seed: int) -> dict[str, Any]:
+    """One run's record for ONNX files scored as they are (the shape ``_run_seed`` returns, without PyTorch)."""
+    dev = DatasetDict({split: data[split] for split in task.dev_splits})
+    evals: dict[str, EvalResult] = {}
+    wall = {"train_s": 0.0}
+    for backend, path in given.files.items():
+        start = time.perf_counter()
+        evals[backend] = evaluate_onnx(path, task, dev, given.directory, settings.max_length, settings.eval_batch_size, settings.inference_threads)
+        wall[f"eval_{backend}_s"] = time.perf_counter() - start
+    return {
+        "seed": seed,
+        "training": {"steps": 0, "scored_as_given": True},
+        "metrics": {backend: result.metrics for backend, result in evals.items()},
+        "latency": {backend: result.latency for backend, result in evals.items()},
+        "wall_s": wall,
+        "paths": {backend: str(path.resolve()) for backend, path in given.files.items()},
+        "export": None,
+    }
+
+
 # --------------------------------------------------------------------------------------------- export
 
 
@@ -499,7 +566,7 @@ def aggregate_results(task: GlueTask, runs: Sequence[dict[str, Any]]) -> list[di
             for backend in BACKENDS:
                 values = [v for v in per_seed.get(backend, []) if v is not None]
                 row[backend], row[f"{backend}_std"] = _mean_std(values)
-            deltas = [i - p for i, p in zip(per_seed.get("onnx_int8", []), per_seed["pytorch"]) if i is not None and p is not None]
+            deltas = [i - p for i, p in zip(per_seed.get("onnx_int8", []), per_seed.get("pytorch", [])) if i is not None and p is not None]
             row["int8_delta"], row["int8_delta_std"] = _mean_std(deltas)
             row["int8_delta_max_abs"] = max((abs(d) for d in deltas), default=None)
             row["per_seed"] = per_seed
@@ -541,7 +608,9 @@ def run_glue(
     The directory appears whole or not at all (see ``staging_dir``).
     """
     spec = get_task(task)
-    _check_model(Path(model_dir), settings)
+    config_dir = _check_model(Path(model_dir), settings)
+    if not settings.train and config_dir != Path(model_dir):  # ONNX files: no PyTorch model loads to check them
+        check_finished_classifier(config_dir, spec)
     data = load_data(spec, data_dir, hub)
     source = {"source": "hub", "dataset": HUB_DATASET} if hub else {"source": "tsv", "path": str(Path(data_dir).resolve())}
     return _run_task(Path(model_dir), spec, data, source, out_dir, settings, overwrite, on_progress)
@@ -568,8 +637,7 @@ def score_dev_file(model_dir: str | os.PathLike, dev: DevFile, out_dir: str | os
     if settings.train:
         raise UsageError("score_dev_file scores a finished classifier: give settings with train=False")
     model_dir = Path(model_dir)
-    _check_model(model_dir, settings)
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(_check_model(model_dir, settings))
     regression = config.num_labels == 1
     names = None if regression else label_names(config) or [str(i) for i in range(config.num_labels)]
     rows = load_files(dev.path, dev.path, dev.text_column, dev.text_pair_column, dev.label_column, names, regression)
@@ -578,10 +646,17 @@ def score_dev_file(model_dir: str | os.PathLike, dev: DevFile, out_dir: str | os
                      on_progress)
 
 
-def _check_model(model_dir: Path, settings: GlueSettings) -> None:
-    if not (model_dir / "config.json").is_file():
-        raise InputNotFoundError(f"not a model directory (no config.json): {model_dir}")
-    _check_max_length(model_dir, settings.max_length)
+def _check_model(model_dir: Path, settings: GlueSettings) -> Path:
+    """The directory of the model's config.json: ``model_dir``, or for given ONNX files the directory beside them."""
+    given = given_onnx(model_dir)
+    if given is not None and settings.train:
+        raise UsageError(f"{model_dir} holds ONNX files: fine-tuning needs a PyTorch model directory (score ONNX files with --no-train)")
+    config_dir = given.directory if given is not None else model_dir
+    if not (config_dir / "config.json").is_file():
+        what = "ONNX files need the config.json that `homoexport export` writes beside them" if given else "not a model directory"
+        raise InputNotFoundError(f"{what} (no config.json): {config_dir}")
+    _check_max_length(config_dir, settings.max_length)
+    return config_dir
 
 
 def _run_task(model_dir: Path, spec: GlueTask, data: DatasetDict, source: dict[str, Any], out_dir: str | os.PathLike, settings: GlueSettings,
@@ -590,12 +665,17 @@ def _run_task(model_dir: Path, spec: GlueTask, data: DatasetDict, source: dict[s
     data = DatasetDict(
         {split: subsample(ds, settings.max_train_samples if split == "train" else settings.max_eval_samples) for split, ds in data.items()}
     )
+    given = given_onnx(model_dir)
     with staging_dir(out_dir, overwrite=overwrite) as stage:
-        runs = [_run_seed(model_dir, spec, data, settings, seed, stage / f"seed-{seed}", on_progress) for seed in settings.seeds]
+        if given is not None:  # scored as they are: no training, no export, and no seeds to vary
+            runs = [_score_given(given, spec, data, settings, settings.seeds[0])]
+        else:
+            runs = [_run_seed(model_dir, spec, data, settings, seed, stage / f"seed-{seed}", on_progress) for seed in settings.seeds]
         report = {
             "schema": REPORT_SCHEMA,
             "task": spec.name,
             "model_dir": str(model_dir.resolve()),
+            **({"scored_files": {backend: str(path.resolve()) for backend, path in given.files.items()}} if given else {}),
             "data": source,
             "n_examples": {split: len(ds) for split, ds in data.items()},
             "settings": asdict(settings) | {"inference_threads": settings.inference_threads, "onnx_files": ONNX_FILES},
@@ -635,7 +715,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["backend", *titles, f"Δ {METRIC_TITLES[primary['metric']]} vs PyTorch", "batch ms (mean)", "batch ms (p90)", "samples/s"]
     rows = []
     for backend, latency in report["latency"].items():
-        delta = None if backend == "pytorch" or primary[backend] is None else primary[backend] - primary["pytorch"]
+        delta = None if backend == "pytorch" or primary[backend] is None or primary["pytorch"] is None else primary[backend] - primary["pytorch"]
         rows.append(
             [
                 BACKEND_TITLES[backend],
@@ -658,16 +738,17 @@ def settings_line(report: dict[str, Any]) -> str:
     s = report["settings"]
     n = report["n_examples"]
     dev = ", ".join(str(v) for k, v in n.items() if k != "train")
-    if s.get("train", True):
-        training = (f"epochs {s['epochs']}, lr {s['learning_rate']}, batch {s['batch_size']}, max_length {s['max_length']}, warmup "
-                    f"{s['warmup_ratio']}, weight decay {s['weight_decay']}, seeds {','.join(map(str, s['seeds']))}, train {n['train']} / dev {dev} examples, ")
+    if report.get("scored_files"):  # nothing was trained or exported here
+        names = ", ".join(Path(f).name for f in report["scored_files"].values())
+        run = f"{names} scored as given (no training, no export), max_length {s['max_length']}, dev {dev} examples"
+    elif s.get("train", True):
+        run = (f"epochs {s['epochs']}, lr {s['learning_rate']}, batch {s['batch_size']}, max_length {s['max_length']}, warmup "
+               f"{s['warmup_ratio']}, weight decay {s['weight_decay']}, seeds {','.join(map(str, s['seeds']))}, train {n['train']} / dev {dev} "
+               f"examples, quantize {s['quantize'] if s['export'] else 'off'}{_kept_fp32(s)}")
     else:  # scored as given: the training settings were not used
-        training = f"scored as given (no training), max_length {s['max_length']}, dev {dev} examples, "
-    return (
-        f"{report['task']} on {report['model_dir']}: {training}"
-        f"quantize {s['quantize'] if s['export'] else 'off'}{_kept_fp32(s)}, eval batch {s['eval_batch_size']} on {s['inference_threads']} threads, "
-        f"wall {report['wall_s']:.0f} s at load {report['load_average_1m']['start']:.1f}-{report['load_average_1m']['end']:.1f}"
-    )
+        run = f"scored as given (no training), max_length {s['max_length']}, dev {dev} examples, quantize {s['quantize'] if s['export'] else 'off'}{_kept_fp32(s)}"
+    return (f"{report['task']} on {report['model_dir']}: {run}, eval batch {s['eval_batch_size']} on {s['inference_threads']} threads, "
+            f"wall {report['wall_s']:.0f} s at load {report['load_average_1m']['start']:.1f}-{report['load_average_1m']['end']:.1f}")
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
