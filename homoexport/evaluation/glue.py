@@ -707,12 +707,14 @@ def _cell(value: float | None, std: float | None) -> str:
 
 
 def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the per-run table: one row per backend, metrics, delta, latency."""
+    """Header and rows of the per-run table: one row per backend, metrics, delta (when PyTorch was scored), latency."""
     results = report["results"]
     multi_split = len({r["split"] for r in results}) > 1
     titles = [(f"{r['split'].removeprefix('validation_')} " if multi_split else "") + METRIC_TITLES[r["metric"]] for r in results]
     primary = next(r for r in results if r["primary"])
-    header = ["backend", *titles, f"Δ {METRIC_TITLES[primary['metric']]} vs PyTorch", "batch ms (mean)", "batch ms (p90)", "samples/s"]
+    with_delta = "pytorch" in report["latency"]
+    delta_title = [f"Δ {METRIC_TITLES[primary['metric']]} vs PyTorch"] if with_delta else []
+    header = ["backend", *titles, *delta_title, "batch ms (mean)", "batch ms (p90)", "samples/s"]
     rows = []
     for backend, latency in report["latency"].items():
         delta = None if backend == "pytorch" or primary[backend] is None or primary["pytorch"] is None else primary[backend] - primary["pytorch"]
@@ -720,7 +722,7 @@ def report_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             [
                 BACKEND_TITLES[backend],
                 *(_cell(r[backend], r[f"{backend}_std"]) for r in results),
-                "-" if delta is None else f"{delta:+.2f}",
+                *((["-" if delta is None else f"{delta:+.2f}"]) if with_delta else []),
                 f"{latency['mean_batch_ms']:.1f}",
                 f"{latency['p90_batch_ms']:.1f}",
                 f"{latency['throughput_samples_per_s']:.1f}",
