@@ -204,15 +204,15 @@ def test_text_file(task: str, glue_data: Path, work: Path) -> Path:
     return out
 
 
-def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path) -> Path:
+def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path, precision: str | None = None) -> Path:
     from homoexport.config.recipe import validate_recipe
     from homoexport.distillation.task import distill_task
 
     run = work / task / f"{arm}-s{seed}"
     if not (run / "report.json").is_file():
         schedule = SCHEDULES.get(arm, "homotopic")
-        recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill",
-                                             **VARIANTS.get(arm, {})))
+        variant = VARIANTS.get(arm, {}) | ({"precision": precision} if precision else {})
+        recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill", **variant))
         report = distill_task(recipe, resume=(run / "distill").exists())
         atomic_write_json(run / "report.json", report)
     return run / "distill" / "student"
@@ -297,11 +297,11 @@ def keep_fp32_dir(run: Path, groups: Sequence[str]) -> Path:
     return run / f"int8-keep-{'-'.join(groups)}"
 
 
-def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path, keep_fp32: tuple[str, ...] = ()) -> None:
+def run_arm(task: str, arm: str, seed: int, work: Path, glue_data: Path, keep_fp32: tuple[str, ...] = (), precision: str | None = None) -> None:
     run = work / task / f"{arm}-s{seed}"
     started = time.time()
     if arm in DISTILLED_ARMS:
-        student = distill_student(task, arm, seed, work, glue_data)
+        student = distill_student(task, arm, seed, work, glue_data, precision)
         score(task, student, run / "glue", glue_data, GlueSettings(train=False))
         if keep_fp32:
             score(task, student, keep_fp32_dir(run, keep_fp32), glue_data, GlueSettings(train=False, keep_fp32=keep_fp32))
@@ -364,6 +364,7 @@ def collect(work: Path, tasks: Sequence[str], arms: Sequence[str], earlier: Sequ
                     **step_times(run / "distill" / "train_log.jsonl"),
                     "family": family_curve(distill),
                     "keep_best": distill.get("keep_best") if distill else None,  # the step that shipped; the last step's dev scores
+                    "precision": distill.get("precision") if distill else None,
                     "int8_keep_fp32": kept_fp32_scores(run),
                 })
     have = {(r["task"], r["arm"], r["seed"]) for r in rows}
@@ -464,7 +465,17 @@ def markdown(result: dict[str, Any], tasks: Sequence[str]) -> str:
         lines.append(f"| {title.get(s['arm'], s['arm'])} | " + " | ".join(cells) + f" | {avg} |")
     return ("GLUE dev scores in points (the mean of a task's metrics: MRPC F1 and accuracy, CoLA MCC, RTE and SST-2 accuracy); "
             "students as int8 ONNX (O2 + dynamic int8), the teacher in PyTorch; mean ± std over seeds where n > 1; — not run yet.\n\n"
-            + "\n".join(lines) + "\n" + _best_dev(result) + _kept_fp32(result) + _families(result) + _details(result))
+            + "\n".join(lines) + "\n" + _other_precision(result) + _best_dev(result) + _kept_fp32(result) + _families(result) + _details(result))
+
+
+def _other_precision(result: dict[str, Any]) -> str:
+    """Runs trained at another precision than their arm's (``--precision``), named under the table they are averaged into."""
+    odd = [r for r in result["rows"] if r.get("precision") and r["arm"] in DISTILLED_ARMS
+           and r["precision"] != VARIANTS.get(r["arm"], {}).get("precision", "fp32")]
+    if not odd:
+        return ""
+    runs = "; ".join(f"{r['task']} ({r['arm']}) seed {r['seed']} in {r['precision']} on {r.get('cpu') or 'an unknown CPU'}" for r in odd)
+    return f"\nTrained at another precision than their arm's (the CPU had no native bf16, which it would emulate many times slower): {runs}.\n"
 
 
 def _best_dev(result: dict[str, Any]) -> str:
@@ -560,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--table-only", action="store_true", help="rebuild the table from finished runs")
     ap.add_argument("--int8-keep-fp32", default="", help="also score each distilled student as int8 with these layer groups left fp32 "
                     "(comma-separated, as `homoexport export --keep-fp32`, e.g. ffn-output), under RUN/int8-keep-GROUPS")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                    help="run the distilled arms at this training.precision instead of their own: a CPU without native bf16 "
+                    "emulates it many times slower than fp32 (recorded per row, and the table names such runs)")
     args = ap.parse_args(argv)
     tasks, arms = args.tasks.split(","), args.arms.split(",")
     unknown = [a for a in arms if a not in ARMS]
@@ -574,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for task in tasks:
                 ensure_teacher(args.work, task, args.encoder, args.glue_data)
                 for seed in seeds:
-                    run_arm(task, arm, seed, args.work, args.glue_data, tuple(g for g in args.int8_keep_fp32.split(",") if g))
+                    run_arm(task, arm, seed, args.work, args.glue_data, tuple(g for g in args.int8_keep_fp32.split(",") if g), args.precision)
                     write(args, all_tasks)
     write(args, all_tasks)
     return 0
