@@ -475,7 +475,7 @@ def _other_precision(result: dict[str, Any]) -> str:
     if not odd:
         return ""
     runs = "; ".join(f"{r['task']} ({r['arm']}) seed {r['seed']} in {r['precision']} on {r.get('cpu') or 'an unknown CPU'}" for r in odd)
-    return f"\nTrained at another precision than their arm's (the CPU had no native bf16, which it would emulate many times slower): {runs}.\n"
+    return f"\nTrained at another precision than their arm's (`--precision`; a CPU without native bf16 emulates it many times slower): {runs}.\n"
 
 
 def _best_dev(result: dict[str, Any]) -> str:

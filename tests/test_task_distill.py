@@ -610,13 +610,47 @@ def test_score_a_finished_classifier_on_a_dev_file_without_training(tmp_path: Pa
     one = CliRunner().invoke(app, ["score", str(onnx_dir / "model_quantized.onnx"), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
     assert list(json.loads((tmp_path / "one" / "glue_report.json").read_text())["scored_files"]) == ["onnx_int8"]  # told apart by its operators
+
+
+
+def test_scoring_given_onnx_files_checks_them_before_reading_data(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.evaluation.glue import given_onnx
+
+    first = CliRunner().invoke(app, ["score", str(teacher_dir), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "scored")])
+    assert first.exit_code == 0, first.output
+    onnx_dir = tmp_path / "scored" / "seed-42" / "onnx"
+    assert given_onnx(onnx_dir).files == {"onnx_fp32": onnx_dir / "model_optimized.onnx", "onnx_int8": onnx_dir / "model_quantized.onnx"}
+    assert given_onnx(teacher_dir) is None
+    shutil.copy(onnx_dir / "model.onnx", teacher_dir / "model.onnx")
+    assert given_onnx(teacher_dir) is None  # PyTorch weights beside it: the model is scored (and exported) again
+
+    def score(path, *more):
+        out = tmp_path / f"out-{len(list(tmp_path.glob('out-*')))}"
+        result = CliRunner().invoke(app, ["score", str(path), *more, "--out", str(out)])
+        assert not out.exists()
+        return result.exit_code, " ".join(result.output.split())
+
+    # A GLUE task is checked against the config's outputs before its data is read (this data directory does not exist).
+    code, text = score(onnx_dir, "--task", "mnli", "--data-dir", str(tmp_path / "no-glue"))
+    assert code == 2 and "exported from a classifier with 2 outputs; mnli needs 3" in text
+    code, text = score(onnx_dir, "--dev-file", str(task_files[1]), "--quantize", "static")
+    assert code == 2 and "ONNX files are scored as they are" in text
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     shutil.copy(onnx_dir / "model.onnx", renamed / "student.onnx")
-    other = CliRunner().invoke(app, ["score", str(renamed), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "z")])
-    assert other.exit_code == 2 and f"give the file to score, e.g. {renamed / 'student.onnx'}" in " ".join(other.output.split())
-    alone = CliRunner().invoke(app, ["score", str(renamed / "student.onnx"), "--dev-file", str(task_files[1]), "--out", str(tmp_path / "z")])
-    assert alone.exit_code != 0 and "config.json" in alone.output and not (tmp_path / "z").exists()
+    code, text = score(renamed, "--dev-file", str(task_files[1]))
+    assert code == 2 and f"give the file to score, e.g. {renamed / 'student.onnx'}" in text
+    code, text = score(renamed / "student.onnx", "--dev-file", str(task_files[1]))
+    assert code != 0 and "no config.json beside them" in text
+    shutil.copy(onnx_dir / "config.json", renamed / "config.json")  # shipped without the tokenizer
+    code, text = score(renamed / "student.onnx", "--dev-file", str(task_files[1]))
+    assert code != 0 and "no tokenizer beside them" in text
+    encoder = tmp_path / "encoder"
+    shutil.copytree(onnx_dir, encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps(config | {"architectures": ["BertModel"]}))
+    code, text = score(encoder, "--dev-file", str(task_files[1]))
+    assert code == 2 and "not exported from a classifier (config: BertModel)" in text
 
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):

@@ -73,7 +73,7 @@ def _check_text(entry: dict[str, Any] | None) -> str:
 def plan_table(report: Mapping[str, Any]) -> Table:
     """A rich table of the candidates: shape, params, measured figures, fit; the chosen row in bold.
 
-    Drawn without vertical rules and without columns no candidate has a figure for, so that it reads at 80 columns."""
+    Drawn without vertical rules, units in the caption and the rss column only when measured, so that it reads at 80 columns."""
     s = report["settings"]
     title = (f"plan for {report['budget']} ({report['statistic']}, batch {s['batch']}, seq {s['seq']}, {s['threads_resolved']} threads, "
              f"{s['precision']}, margin {report['margin']:.0%})")

@@ -922,7 +922,8 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
         settings = PlanSettings(task="text-classification" if getattr(recipe, "task", None) is not None else "feature-extraction")
         report = plan(recipe.teacher, budget, settings, SearchSpace(depths=depths or ([s.layers] if s.layers else None)),
                       FigureSource(cache_path=cache_path), on_progress=on_progress)
-    warn_if_narrow(report, suggest_drop=getattr(recipe, "task", None) is not None and drop is None)
+    task = getattr(recipe, "task", None)
+    warn_if_narrow(report, suggest_drop=task is not None and task.max_drop is None)
     return apply_plan(recipe, report), report
 
 
@@ -931,16 +932,15 @@ def plan_for_recipe(recipe: Any, budget: str | None = None, plan_file: Path | No
 NARROW_FRACTION = 1 / 3
 
 
-def warn_if_narrow(plan_report: Mapping[str, Any], suggest_drop: bool = False) -> bool:
+def warn_if_narrow(plan_report: Mapping[str, Any], suggest_drop: bool = False) -> None:
     """Warn when the budget leaves the student under ``NARROW_FRACTION`` of the teacher's hidden width: the run
-    will train, but such a student may sit near chance. True when it warned."""
+    will train, but such a student may sit near chance."""
     chosen, teacher = plan_report.get("chosen") or {}, plan_report.get("teacher_shape") or {}
     if not chosen or not teacher.get("hidden") or chosen["hidden"] >= teacher["hidden"] * NARROW_FRACTION:
-        return False
+        return
     check = "; add accuracy-drop=N to the budget to have the run check the loss" if suggest_drop else ""
     logger.warning("the budget leaves the student %d of the teacher's %d hidden units (%.0f%%): expect a large accuracy loss, "
                    "possibly to chance level%s", chosen["hidden"], teacher["hidden"], 100 * chosen["hidden"] / teacher["hidden"], check)
-    return True
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Layout of a run directory::
     OUT/glue_report.md       the printed table, as markdown
     OUT/seed-S/model/        best fine-tuned checkpoint on the dev set (PyTorch, with tokenizer)
     OUT/seed-S/onnx/         ``homoexport.deployment.export.export_model`` output: model.onnx, model_quantized.onnx, ...
+
+Exported files can also be scored as they are (``given_onnx``: an export directory or a .onnx file), as CI on
+the target machine scores the file it ships: no PyTorch row, no seed directory.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import shutil
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -44,7 +47,7 @@ from transformers.utils import logging as hf_logging
 
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
 from homoexport.deployment.bench import load_session, percentiles
-from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, QUANTIZED_FILE, VALIDATION_ROWS, ExportSettings, export_model
+from homoexport.deployment.export import FP32_FILE, FP32_GROUPS, OPTIMIZED_FILE, QUANTIZED_FILE, VALIDATION_ROWS, ExportSettings, export_model
 from homoexport.deployment.export import REPORT_FILE as EXPORT_REPORT_FILE
 from homoexport.errors import InputNotFoundError, UsageError
 from homoexport.evaluation.glue_data import (
@@ -136,11 +139,11 @@ class EvalResult:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def load_data(task: GlueTask, data_dir: str | os.PathLike | None = None, hub: bool = False) -> DatasetDict:
-    """Train + dev splits from the original TSV layout under ``data_dir`` or, with ``hub``, from nyu-mll/glue."""
+def load_data(task: GlueTask, data_dir: str | os.PathLike | None = None, hub: bool = False, train: bool = True) -> DatasetDict:
+    """Train (unless ``train`` is False) + dev splits from the original TSV layout under ``data_dir`` or, with ``hub``, from nyu-mll/glue."""
     if (data_dir is None) == (not hub):
         raise UsageError("give exactly one data source: a GLUE data directory or the hub")
-    return load_hub(task) if hub else load_tsv(task, data_dir)
+    return load_hub(task, train) if hub else load_tsv(task, data_dir, train)
 
 
 def _tokenized(tokenizer, ds: Dataset, max_length: int) -> Dataset:
@@ -181,18 +184,13 @@ def load_classifier(model_dir: str | os.PathLike, task: GlueTask):
     return model
 
 
-def check_finished_classifier(model_dir: str | os.PathLike, task: GlueTask) -> None:
-    """Fail unless the config in ``model_dir`` is a classifier already trained for ``task`` (its head has the task's outputs)."""
+def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
+    """A classifier that is already trained for ``task`` (its head has the task's outputs); no new weights."""
     config = AutoConfig.from_pretrained(model_dir)
     archs = getattr(config, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs) or config.num_labels != task.num_labels:
         raise UsageError(f"{model_dir} is not a classifier for {task.name} ({task.num_labels} outputs; found {', '.join(archs) or 'no architecture'} "
                          f"with {config.num_labels}): --no-train scores a finished classifier, drop it to fine-tune")
-
-
-def load_finished_classifier(model_dir: str | os.PathLike, task: GlueTask):
-    """A classifier that is already trained for ``task`` (its head has the task's outputs); no new weights."""
-    check_finished_classifier(model_dir, task)
     return AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
 
 
@@ -396,7 +394,11 @@ def evaluate_onnx(onnx_path: str | os.PathLike, task: GlueTask, dev: DatasetDict
 # Operators that only a quantized graph holds (onnxruntime.quantization's dynamic and QDQ/QOperator formats).
 INT8_OPERATORS = frozenset({"DynamicQuantizeLinear", "QuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul",
                             "MatMulIntegerToFloat", "QAttention", "QGemm"})
-PYTORCH_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# Files that make a directory a PyTorch (transformers) model, sharded or not.
+PYTORCH_WEIGHTS = ("*.safetensors", "*.bin", "*.index.json", "tf_model.h5")
+# The export's file names (homoexport.deployment.export): fp32 is scored from the fused file when there is one (what
+# ships without int8), else the plain one; other names are told apart by their operators.
+KNOWN_ONNX = {QUANTIZED_FILE: "onnx_int8", OPTIMIZED_FILE: "onnx_fp32", FP32_FILE: "onnx_fp32"}
 
 
 @dataclass(frozen=True)
@@ -410,29 +412,58 @@ class GivenOnnx:
 
 def given_onnx(path: str | os.PathLike) -> GivenOnnx | None:
     """The ONNX files ``path`` names, or None for a PyTorch model directory: a ``.onnx`` file (fp32 or int8 by its
-    operators), or an export directory's model.onnx and model_quantized.onnx."""
+    operators), or an export directory's int8 file and its fused (else plain) fp32 file."""
     path = Path(path)
     if path.suffix == ".onnx":
         if not path.is_file():
             raise InputNotFoundError(f"ONNX file not found: {path}")
         return GivenOnnx({_onnx_backend(path): path}, path.parent)
-    if not path.is_dir() or any((path / f).is_file() for f in PYTORCH_WEIGHTS):
+    if not path.is_dir():
         return None
-    files = {backend: path / name for backend, name in ONNX_FILES.items() if (path / name).is_file()}
+    onnx_files = sorted(p.name for p in path.glob("*.onnx"))
+    if any(next(path.glob(pattern), None) for pattern in PYTORCH_WEIGHTS):
+        if onnx_files:
+            logger.info("%s holds PyTorch weights: scoring that model and exporting it again (give a .onnx file to score it as it is)", path)
+        return None
+    files: dict[str, Path] = {}
+    for name, backend in KNOWN_ONNX.items():
+        if name in onnx_files:
+            files.setdefault(backend, path / name)
     if files:
-        return GivenOnnx(files, path)
-    others = sorted(p.name for p in path.glob("*.onnx"))
-    if others:
-        raise UsageError(f"{path} holds {', '.join(others)} but neither {' nor '.join(ONNX_FILES.values())}: give the file to score, "
-                         f"e.g. {path / others[0]}")
+        return GivenOnnx(dict(sorted(files.items(), key=lambda kv: BACKENDS.index(kv[0]))), path)
+    if onnx_files:
+        raise UsageError(f"{path} holds {', '.join(onnx_files)} but none of {', '.join(KNOWN_ONNX)}: give the file to score, "
+                         f"e.g. {path / onnx_files[0]}")
     return None
 
 
 def _onnx_backend(path: Path) -> str:
+    if path.name in KNOWN_ONNX:
+        return KNOWN_ONNX[path.name]
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return "onnx_int8" if any(node.op_type in INT8_OPERATORS for node in graph.node) else "onnx_fp32"
+
+
+def check_given_onnx(given: GivenOnnx, task: GlueTask | None = None) -> None:
+    """Fail before any scoring unless the files carry what scoring them needs: the config of a classifier (for ``task``'s
+    outputs when given) and the tokenizer, as ``homoexport export`` writes them beside the files."""
+    where, files = given.directory, ", ".join(p.name for p in given.files.values())
+    if not (where / "config.json").is_file():
+        raise InputNotFoundError(f"{files}: no config.json beside them in {where} (`homoexport export` writes it, with the tokenizer)")
+    config = AutoConfig.from_pretrained(where)
+    archs = getattr(config, "architectures", None) or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise UsageError(f"{files} in {where} were not exported from a classifier (config: {', '.join(archs) or 'no architecture'}): "
+                         "score scores a classifier's predictions")
+    if task is not None and config.num_labels != task.num_labels:
+        raise UsageError(f"{files} in {where} were exported from a classifier with {config.num_labels} outputs; {task.name} needs {task.num_labels}")
+    try:
+        AutoTokenizer.from_pretrained(where)
+    except (OSError, TypeError, ValueError) as e:
+        raise InputNotFoundError(f"{files}: no tokenizer beside them in {where} (`homoexport export` writes tokenizer.json and its "
+                                 f"config there): {e}") from None
 
 
 def _score_given(given: GivenOnnx, task: GlueTask, data: DatasetDict, settings: GlueSettings, seed: int) -> dict[str, Any]:
@@ -593,6 +624,8 @@ def run_glue(
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_dir`` on ``task`` for every seed, export, score each backend; write and return the report.
+    With ``settings.train`` False, score the finished classifier instead; given ONNX files (``given_onnx``), score
+    those files as they are (the report then has ``scored_files`` and no PyTorch values).
 
     ``out_dir/glue_report.json`` (``schema`` "homoexport.glue_report/1") holds:
 
@@ -608,12 +641,10 @@ def run_glue(
     The directory appears whole or not at all (see ``staging_dir``).
     """
     spec = get_task(task)
-    config_dir = _check_model(Path(model_dir), settings)
-    if not settings.train and config_dir != Path(model_dir):  # ONNX files: no PyTorch model loads to check them
-        check_finished_classifier(config_dir, spec)
-    data = load_data(spec, data_dir, hub)
+    given = _check_model(Path(model_dir), settings, spec)
+    data = load_data(spec, data_dir, hub, train=given is None)  # given ONNX files: nothing is trained or calibrated
     source = {"source": "hub", "dataset": HUB_DATASET} if hub else {"source": "tsv", "path": str(Path(data_dir).resolve())}
-    return _run_task(Path(model_dir), spec, data, source, out_dir, settings, overwrite, on_progress)
+    return _run_task(Path(model_dir), spec, data, source, out_dir, settings, overwrite, on_progress, given)
 
 
 @dataclass(frozen=True)
@@ -630,42 +661,50 @@ class DevFile:
 def score_dev_file(model_dir: str | os.PathLike, dev: DevFile, out_dir: str | os.PathLike, settings: GlueSettings = GlueSettings(train=False),
                    overwrite: bool = False, on_progress: ProgressFn | None = None) -> dict[str, Any]:
     """Score a finished classifier on ``dev`` in PyTorch, ONNX fp32 and ONNX int8 (exported here), without training it:
-    ``run_glue --no-train`` for a task that is not GLUE. Labels are the model's class names (``id2label``) or ids;
-    the report has run_glue's schema, its task ``custom``."""
+    ``run_glue --no-train`` for a task that is not GLUE; given ONNX files (``given_onnx``), only those files, as they
+    are. Labels are the model's class names (``id2label``) or ids; the report has run_glue's schema, its task ``custom``."""
     from homoexport.distillation.task_data import label_names, load_files
 
     if settings.train:
         raise UsageError("score_dev_file scores a finished classifier: give settings with train=False")
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(_check_model(model_dir, settings))
+    given = _check_model(model_dir, settings)
+    config = AutoConfig.from_pretrained(given.directory if given else model_dir)
     regression = config.num_labels == 1
     names = None if regression else label_names(config) or [str(i) for i in range(config.num_labels)]
     rows = load_files(dev.path, dev.path, dev.text_column, dev.text_pair_column, dev.label_column, names, regression)
-    data = DatasetDict({"train": rows.dev, "dev": rows.dev})  # nothing is trained: the export's int8 check reads "train" too
+    # Nothing is trained; an export here checks its int8 file on "train" too.
+    data = DatasetDict({"dev": rows.dev} if given else {"train": rows.dev, "dev": rows.dev})
     return _run_task(model_dir, rows.task, data, {"source": "file", "path": str(Path(dev.path).resolve())}, out_dir, settings, overwrite,
-                     on_progress)
+                     on_progress, given)
 
 
-def _check_model(model_dir: Path, settings: GlueSettings) -> Path:
-    """The directory of the model's config.json: ``model_dir``, or for given ONNX files the directory beside them."""
+def _check_model(model_dir: Path, settings: GlueSettings, task: GlueTask | None = None) -> GivenOnnx | None:
+    """Check what is to be scored before any data is read: a PyTorch model directory (None), or ONNX files to score as
+    they are (returned), with their config and tokenizer beside them."""
     given = given_onnx(model_dir)
-    if given is not None and settings.train:
-        raise UsageError(f"{model_dir} holds ONNX files: fine-tuning needs a PyTorch model directory (score ONNX files with --no-train)")
-    config_dir = given.directory if given is not None else model_dir
-    if not (config_dir / "config.json").is_file():
-        what = "ONNX files need the config.json that `homoexport export` writes beside them" if given else "not a model directory"
-        raise InputNotFoundError(f"{what} (no config.json): {config_dir}")
-    _check_max_length(config_dir, settings.max_length)
-    return config_dir
+    if given is None:
+        if not (model_dir / "config.json").is_file():
+            raise InputNotFoundError(f"not a model directory (no config.json): {model_dir}")
+        _check_max_length(model_dir, settings.max_length)
+        return None
+    if settings.train:
+        raise UsageError(f"{model_dir} holds ONNX files: fine-tuning needs a PyTorch model directory")
+    if settings.quantize != GlueSettings.quantize or settings.keep_fp32:
+        raise UsageError("--quantize and --keep-fp32 choose how a model is exported: ONNX files are scored as they are")
+    check_given_onnx(given, task)
+    _check_max_length(given.directory, settings.max_length)
+    return given
 
 
 def _run_task(model_dir: Path, spec: GlueTask, data: DatasetDict, source: dict[str, Any], out_dir: str | os.PathLike, settings: GlueSettings,
-              overwrite: bool, on_progress: ProgressFn | None) -> dict[str, Any]:
+              overwrite: bool, on_progress: ProgressFn | None, given: GivenOnnx | None = None) -> dict[str, Any]:
     start, load_at_start = time.perf_counter(), os.getloadavg()[0]
     data = DatasetDict(
         {split: subsample(ds, settings.max_train_samples if split == "train" else settings.max_eval_samples) for split, ds in data.items()}
     )
-    given = given_onnx(model_dir)
+    if given is not None:  # nothing is exported: the export settings do not apply
+        settings = replace(settings, export=False)
     with staging_dir(out_dir, overwrite=overwrite) as stage:
         if given is not None:  # scored as they are: no training, no export, and no seeds to vary
             runs = [_score_given(given, spec, data, settings, settings.seeds[0])]
@@ -678,7 +717,7 @@ def _run_task(model_dir: Path, spec: GlueTask, data: DatasetDict, source: dict[s
             **({"scored_files": {backend: str(path.resolve()) for backend, path in given.files.items()}} if given else {}),
             "data": source,
             "n_examples": {split: len(ds) for split, ds in data.items()},
-            "settings": asdict(settings) | {"inference_threads": settings.inference_threads, "onnx_files": ONNX_FILES},
+            "settings": asdict(settings) | {"inference_threads": settings.inference_threads} | ({} if given else {"onnx_files": ONNX_FILES}),
             "units": "metric values are points (metric x 100); int8_delta = onnx_int8 - pytorch in points",
             "results": aggregate_results(spec, runs),
             "latency": _mean_latency(runs, spec.primary_split),

@@ -166,22 +166,22 @@ def _parse_label(task: GlueTask, raw: str, label_ids: dict[str, int], path: Path
     return label_ids[raw]
 
 
-def load_tsv(task: GlueTask, data_dir: str | os.PathLike) -> DatasetDict:
-    """The train split and every dev split of ``task`` from ``data_dir/<Task>/*.tsv``."""
+def load_tsv(task: GlueTask, data_dir: str | os.PathLike, train: bool = True) -> DatasetDict:
+    """The train split (unless ``train`` is False) and every dev split of ``task`` from ``data_dir/<Task>/*.tsv``."""
     root = Path(data_dir) / task.directory
     if not root.is_dir():
         raise GlueDataError(f"{root}: directory not found (expected the original GLUE layout, e.g. {Path(data_dir) / 'SST-2' / 'train.tsv'})")
-    files = {"train": "train.tsv", **task.dev_files}
+    files = {**({"train": "train.tsv"} if train else {}), **task.dev_files}
     return DatasetDict({split: read_tsv(task, root / name) for split, name in files.items()})
 
 
-def load_hub(task: GlueTask) -> DatasetDict:
-    """The train and dev splits of ``task`` from the hub's ``nyu-mll/glue`` (needs network or a cache)."""
+def load_hub(task: GlueTask, train: bool = True) -> DatasetDict:
+    """The train (unless ``train`` is False) and dev splits of ``task`` from the hub's ``nyu-mll/glue`` (needs network or a cache)."""
     from datasets import load_dataset
 
     raw = load_dataset(HUB_DATASET, task.name)
     out = {}
-    for split in ("train", *task.dev_splits):
+    for split in (*(("train",) if train else ()), *task.dev_splits):
         ds = raw[split]
         keep = dict(zip(task.hub_text_columns, ("text_a", "text_b")))
         ds = ds.select_columns([*task.hub_text_columns, "label"]).rename_columns(keep)
