@@ -434,7 +434,8 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
 
     path = tmp_path / "task.yaml"
     path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.export": True,
-                                                                                              "task.keep_best": True, "training.eval_every": 3})))
+                                                                                              "task.keep_best": True, "training.eval_every": 3,
+                                                                                              "task.keep_fp32": ["ffn-output"]})))
     result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", "accuracy-drop=100"])
     assert result.exit_code == 0, result.output
     out = " ".join(result.output.split())
@@ -455,8 +456,10 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     assert 32 < kept["widths"]["hidden"] <= 56 and kept["int8"]["path"] == str(Path(kept["path"]) / "export" / "model_quantized.onnx")
     for member in report["family"]:
         assert Path(member["int8"]["path"]).is_file() and member["int8"]["p50_ms"] > 0 and member["int8"]["file_mb"] > 0
-        gate = json.loads((Path(member["int8"]["path"]).parent / "export_report.json").read_text())["validation_inputs"]
+        export = json.loads((Path(member["int8"]["path"]).parent / "export_report.json").read_text())
+        gate = export["validation_inputs"]
         assert gate["source"] == "given" and gate["texts"] == 16  # the int8 gate ran on the dev inputs
+        assert export["quantization"]["kept_fp32"]["groups"] == ["ffn-output"] and export["quantization"]["kept_fp32"]["nodes"]
         # The int8 file agrees with its PyTorch student on this easy task within a few examples (16 dev rows).
         assert abs(member["int8"]["dev"]["accuracy"] - member["dev"]["accuracy"]) <= 100 * 3 / 16
     # The wider student's file is bigger; compared on the fp32 files, whose size does not hang on the int8 build order
@@ -739,6 +742,15 @@ def test_log_handlers_are_set_before_the_plan(tmp_path: Path, teacher_dir: Path,
     result = CliRunner().invoke(app, ["distill", str(good), "--no-progress", "--budget", "latency=8ms"])
     assert result.exit_code != 0 and "stop here" in result.output
     assert "_OtherLibraries" in seen["root"] and "RichHandler" in seen["ours"]
+
+
+def test_task_keep_fp32_names_the_export_groups(tmp_path: Path, teacher_dir: Path, task_files):
+    from homoexport.config.recipe import RecipeError, TaskSpec
+    from homoexport.deployment.export import FP32_GROUPS
+
+    assert set(TaskSpec.model_fields["keep_fp32"].annotation.__args__[0].__args__) == set(FP32_GROUPS)
+    with pytest.raises(RecipeError, match="keep_fp32.*ffn-output"):
+        validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.keep_fp32": ["attention"]}))
 
 
 def test_accuracy_drop_budget_from_the_command_line(tmp_path: Path, teacher_dir: Path, task_files):

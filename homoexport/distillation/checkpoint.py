@@ -100,7 +100,10 @@ def resumable_fields(recipe: Recipe) -> dict[str, Any]:
     ``training.precision`` is left out: what must match is the precision it resolved to, which the checkpoint keeps
     (see check_same_precision), so ``auto`` and the precision it chose are the same run.
     """
-    return recipe.model_dump(mode="json", exclude={"output": True, "training": set(_NOT_RESUMABLE)})
+    exclude: dict[str, Any] = {"output": True, "training": set(_NOT_RESUMABLE)}
+    if recipe.task is not None:  # how the finished student is exported changes nothing trained
+        exclude["task"] = {"keep_fp32"}
+    return recipe.model_dump(mode="json", exclude=exclude)
 
 
 

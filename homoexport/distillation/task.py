@@ -33,7 +33,7 @@ from torch import nn
 
 from homoexport import __version__
 from homoexport.atomic import atomic_write_json, atomic_write_text, staging_dir
-from homoexport.config.recipe import LossSpec, Recipe, steps_of
+from homoexport.config.recipe import LossSpec, Recipe, TaskSpec, steps_of
 from homoexport.distillation.augment import WordNeighbours, augmented_rows
 from homoexport.distillation.checkpoint import (
     TrainingClock,
@@ -620,7 +620,7 @@ def _score_once(run: TaskRun, teacher: nn.Module, train: TaskBatcher, recipe: Re
     run.pruner.prune_to_target()
 
 
-def _export_and_score(student: Path, export_dir: Path, data: TaskData, max_length: int) -> dict[str, Any]:
+def _export_and_score(student: Path, export_dir: Path, data: TaskData, spec: TaskSpec) -> dict[str, Any]:
     """Export ``student`` as a deployment would (optimum ONNX, O2, dynamic int8; the int8 gate on the dev inputs) to
     ``export_dir`` and score the int8 file on dev."""
     from datasets import DatasetDict
@@ -632,24 +632,24 @@ def _export_and_score(student: Path, export_dir: Path, data: TaskData, max_lengt
     from homoexport.evaluation.glue_data import input_texts
 
     logger.info("exporting %s to %s and scoring the int8 file on dev", student, export_dir)
-    settings = ExportSettings(task="text-classification", validation_texts=input_texts(data.dev, VALIDATION_ROWS))
+    settings = ExportSettings(task="text-classification", validation_texts=input_texts(data.dev, VALIDATION_ROWS), keep_fp32=tuple(spec.keep_fp32))
     export = export_model(student, export_dir, settings, overwrite=True)
     path = export_dir / QUANTIZED_FILE
-    result = evaluate_onnx(path, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=max_length)
+    result = evaluate_onnx(path, data.task, DatasetDict({data.task.primary_split: data.dev}), max_length=spec.max_length)
     metrics = {k: 100 * v for k, v in result.metrics[data.task.primary_split].items()}
     return {"student": str(student), "path": str(path), "dev": metrics, "file_mb": round(file_size_bytes(path) / MB, 2),
             "dev_latency": result.latency.get(data.task.primary_split), "int8_build": export.get("quantization", {}).get("order")}
 
 
-def export_family(members: list[dict[str, Any]], out: Path, data: TaskData, max_length: int) -> None:
+def export_family(members: list[dict[str, Any]], out: Path, data: TaskData, spec: TaskSpec) -> None:
     """Export every member to int8 ONNX (the final student to OUT/export, a kept one to its own ``export/``), score
     each file on dev, and time them side by side (batch 1, ``max_length`` tokens): the width-vs-score-vs-latency curve."""
     from homoexport.deployment.export import interleaved_p50
 
     for m in members:
         final = m["path"] == str(out / "student")
-        m["int8"] = _export_and_score(Path(m["path"]), out / "export" if final else Path(m["path"]) / "export", data, max_length)
-    p50 = interleaved_p50({m["path"]: Path(m["int8"]["path"]) for m in members}, seq=max_length, threads=None)
+        m["int8"] = _export_and_score(Path(m["path"]), out / "export" if final else Path(m["path"]) / "export", data, spec)
+    p50 = interleaved_p50({m["path"]: Path(m["int8"]["path"]) for m in members}, seq=spec.max_length, threads=None)
     for m in members:
         m["int8"]["p50_ms"] = round(p50[m["path"]], 3)
 
@@ -691,7 +691,7 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -
         logger.warning("task.family: no student was kept at hidden <= %s: the schedule passed those widths in one mask update "
                        "(a smaller pruning.interval or more steps make more stops)", ", ".join(map(str, skipped)))
     if recipe.task.export:
-        export_family(members, out, data, recipe.task.max_length)
+        export_family(members, out, data, recipe.task)
     fits = within_plan(plan)
     selection = select_within_drop(members, teacher_dev[primary], primary, recipe.task.max_drop, fits) if recipe.task.max_drop else None
     if selection is not None and not selection["met"]:
