@@ -284,6 +284,23 @@ def test_compare_accuracy_gate():
     assert across.exit_code == bench.EXIT_REGRESSION and not across.latency_compared
 
 
+def test_accuracy_gate_on_onnx_files_alone_leaves_the_pytorch_reference_unscored():
+    """A baseline scored from the PyTorch model and its export, a run that scored the shipped files alone
+    (``homoexport score EXPORT_DIR``): the PyTorch entries are not a failure, the ONNX ones are still gated."""
+    base = fake_report(BASE, {"sst2": 91.0, "mrpc": 85.0})
+    base["accuracy"] += [{**r, "variant": "pytorch", "value": r["value"] + 0.2} for r in base["accuracy"]]
+    onnx_only = bench.compare_reports(fake_report(BASE, {"sst2": 90.8, "mrpc": 85.0}), base, max_accuracy_drop=0.5)
+    assert onnx_only.exit_code == bench.EXIT_OK
+    assert sorted(d.key for d in onnx_only.diffs if d.status == "unscored") == ["glue:mrpc[validation]/accuracy/pytorch",
+                                                                               "glue:sst2[validation]/accuracy/pytorch"]
+    assert "this run scored the ONNX files only" in onnx_only.to_markdown()
+    assert bench.compare_reports(fake_report(BASE, {"sst2": 90.0, "mrpc": 85.0}), base, max_accuracy_drop=0.5).exit_code == bench.EXIT_REGRESSION
+    # A task the run did not score at all is still missing, PyTorch entry included.
+    dropped_task = bench.compare_reports(fake_report(BASE, {"sst2": 91.0}), base, max_accuracy_drop=0.5)
+    assert dropped_task.exit_code == bench.EXIT_MISSING
+    assert {d.key: d.status for d in dropped_task.diffs}["glue:mrpc[validation]/accuracy/pytorch"] == "missing"
+
+
 def test_load_report_errors(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="baseline not found"):
         bench.load_report(tmp_path / "none.json")

@@ -642,7 +642,7 @@ class Diff:
     baseline: float | None
     current: float | None
     change: float | None
-    status: str  # "ok" | "regressed" | "improved" | "missing" | "new"
+    status: str  # "ok" | "regressed" | "improved" | "missing" | "new" | "unscored"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -710,13 +710,15 @@ class Comparison:
             lines += ["| status | kind | entry | baseline | current | change |", "|---|---|---|---:|---:|---:|"]
             for d in sorted(shown, key=lambda d: (_STATUS_ORDER.index(d.status), d.kind, d.key)):
                 lines.append(f"| {d.status.upper() if d.status in ('regressed', 'missing') else d.status} | {d.kind} | {d.key} | {_fmt(d.baseline)} | {_fmt(d.current)} | {_fmt_change(d)} |")
+        if any(d.status == "unscored" for d in self.diffs):
+            lines += ["", "unscored: a PyTorch score of the baseline's; this run scored the ONNX files only, which the gate compares"]
         hidden = len(self.diffs) - len(shown)
         if hidden:
             lines += ["", f"({hidden} entries within limits not shown)"]
         return "\n".join(lines) + "\n"
 
 
-_STATUS_ORDER = ("regressed", "missing", "improved", "new", "ok")
+_STATUS_ORDER = ("regressed", "missing", "improved", "new", "unscored", "ok")
 
 
 def _fmt(x: float | None) -> str:
@@ -772,7 +774,10 @@ def compare_reports(
     and its ``metric`` may grow by at most ``max_regression`` (0.10 = 10%). Only when both were measured
     on the same machine (CPU model, arch, ISA, cores, onnxruntime), unless ``allow_machine_mismatch``.
     Accuracy (only when ``max_accuracy_drop`` is given, in metric points on a 0-100 scale): each baseline
-    (source, task, metric, variant) may lose at most that many points.
+    (source, task, metric, variant) may lose at most that many points. A baseline ``pytorch`` entry is
+    ``unscored`` (not a failure) when the current report scored that metric's ONNX files but no PyTorch model,
+    as ``homoexport score EXPORT_DIR`` does on a target without the training stack: the files that ship are
+    what the gate compares.
     """
     if metric not in GATE_METRICS:
         raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(GATE_METRICS)}")
@@ -804,10 +809,11 @@ def compare_reports(
     if max_accuracy_drop is not None:
         now_acc = {accuracy_key(r): r["value"] for r in current.get("accuracy", [])}
         base_acc = {accuracy_key(r): r["value"] for r in baseline.get("accuracy", [])}
+        onnx_only = {accuracy_key({**r, "variant": "pytorch"}) for r in current.get("accuracy", [])} - set(now_acc)
         for key, b in base_acc.items():
             c = now_acc.get(key)
             if c is None:
-                diffs.append(Diff("accuracy", key, b, None, None, "missing"))
+                diffs.append(Diff("accuracy", key, b, None, None, "unscored" if key in onnx_only else "missing"))
                 continue
             drop = b - c
             status = "regressed" if drop > max_accuracy_drop else "improved" if drop < -max_accuracy_drop else "ok"
