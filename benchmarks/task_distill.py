@@ -209,7 +209,12 @@ def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path,
     from homoexport.distillation.task import distill_task
 
     run = work / task / f"{arm}-s{seed}"
-    if not (run / "report.json").is_file():
+    if (run / "report.json").is_file():
+        trained = json.loads((run / "report.json").read_text()).get("precision")
+        if precision and trained and trained != precision:
+            raise SystemExit(f"{run} finished in {trained}, not the --precision {precision} asked for: move it away to train it "
+                             f"again, or pass --precision {trained}")
+    else:
         schedule = SCHEDULES.get(arm, "homotopic")
         variant = VARIANTS.get(arm, {}) | ({"precision": precision} if precision else {})
         recipe = validate_recipe(task_recipe(task, teacher_dir(work, task), glue_data, ARMS[arm][2], seed, schedule, run / "distill", **variant))
