@@ -216,7 +216,8 @@ class TaskSpec(_Strict):
     export: bool = Field(True, description="export the student to OUT/export (optimum ONNX, O2 fusion, dynamic int8 for this "
                          "CPU) and score the int8 file on the dev set with onnxruntime")
     keep_fp32: list[Literal["ffn-output"]] = Field(default_factory=list, description="layer groups whose MatMuls stay fp32 in "
-                                                   "the int8 file (as `homoexport export --keep-fp32`): dev accuracy for some speed")
+                                                   "the int8 file (as `homoexport export --keep-fp32`): dev accuracy for some speed; a finished run resumed "
+                                                   "under another value is exported again, not trained again")
     family: list[int] = Field(default_factory=list, description="hidden sizes, wider than the final student's, at which to keep a student on the way down "
                               "(OUT/family/...), each scored on dev and, with export, exported to its own export/, scored as int8 "
                               "and timed beside the others: one run gives the width-vs-score-vs-latency curve")

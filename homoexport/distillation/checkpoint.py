@@ -149,6 +149,15 @@ def finished_report(run_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
     return json.loads(report.read_text())
 
 
+def finished_keep_fp32(run_dir: Path) -> list[str]:
+    """The ``task.keep_fp32`` a finished run's files were exported with (its resolved recipe): a resume under another
+    one exports them again, since it changes nothing trained (:func:`resumable_fields`)."""
+    import yaml
+
+    task = yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()).get("task") or {}
+    return list(task.get("keep_fp32") or [])
+
+
 def _value_at(tree: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part) if isinstance(tree, dict) else None

@@ -40,6 +40,7 @@ from homoexport.distillation.checkpoint import (
     check_run_dir,
     check_same_precision,
     check_same_recipe,
+    finished_keep_fp32,
     finished_report,
     resolved_header,
     resumable_fields,
@@ -416,7 +417,14 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
     if resume:
         finished = finished_report(out, recipe)
         if finished is not None:
-            logger.info("%s already finished: nothing to do (use --overwrite to train it again)", out)
+            exported_with = finished_keep_fp32(out)
+            if not recipe.task.export or exported_with == recipe.task.keep_fp32:
+                logger.info("%s already finished: nothing to do (use --overwrite to train it again)", out)
+                return finished
+            logger.info("%s already finished; exporting it again: task.keep_fp32 was %s, now %s", out, exported_with, recipe.task.keep_fp32)
+            if ranks.is_main:
+                finished = export_again(finished, recipe, out)
+            ranks.barrier()
             return finished
     seed = recipe.training.seed + ranks.rank  # a process's own dropout stream; the data order comes from the recipe's seed
     torch.manual_seed(seed)
@@ -654,6 +662,44 @@ def export_family(members: list[dict[str, Any]], out: Path, data: TaskData, spec
         m["int8"]["p50_ms"] = round(p50[m["path"]], 3)
 
 
+def deploy(members: list[dict[str, Any]], out: Path, data: TaskData, spec: TaskSpec, teacher_score: float,
+           plan: dict[str, Any] | None) -> dict[str, Any]:
+    """Export the students (``task.export``), choose the one that ships (``task.max_drop``, within the plan) and time
+    it against the budget: the report's ``family``, ``selection``, ``deployed`` and ``latency_check``."""
+    if spec.export:
+        export_family(members, out, data, spec)
+    primary = data.task.primary_metric
+    selection = select_within_drop(members, teacher_score, primary, spec.max_drop, within_plan(plan)) if spec.max_drop else None
+    if selection is not None and not selection["met"]:
+        if selection["over_budget"]:
+            logger.warning("no student within the budget %s is within %.2f points of the teacher (%s is, but it is over the budget): "
+                           "deploying the final one", plan and plan.get("budget"), selection["max_drop"], selection["over_budget"])
+        else:
+            logger.warning("no student is within %.2f points of the teacher (best drop %.2f): deploying the final one",
+                           selection["max_drop"], selection["best_drop"])
+    deployed_path = selection["chosen"] if selection and selection["met"] else str(out / "student")
+    deployed = next((m.get("int8") for m in members if m["path"] == deployed_path), None)
+    return {"family": members, "selection": selection, "deployed": deployed, "latency_check": latency_check(plan, deployed, spec.max_length)}
+
+
+def export_again(report: dict[str, Any], recipe: Recipe, out: Path) -> dict[str, Any]:
+    """A finished run whose ``task.keep_fp32`` is not the one its files were exported with: export and score its
+    students again and choose the one that ships again (nothing trained changes), then rewrite the report and the
+    resolved recipe."""
+    from transformers import AutoConfig
+
+    assert recipe.task is not None
+    config = AutoConfig.from_pretrained(out / "student")
+    dev_only = recipe.model_copy(update={"task": recipe.task.model_copy(update={"unlabelled": [], "augment": None})})
+    data = load_task_data(dev_only, label_names(config), config.num_labels == 1)
+    members = [{k: v for k, v in m.items() if k != "int8"} for m in report["family"]]
+    teacher_score = report["teacher"]["dev"][report["primary_metric"]]
+    report = {**report, **deploy(members, out, data, recipe.task, teacher_score, report.get("plan")), "machine": fingerprint()}
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
+    return report
+
+
 def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -> dict[str, Any]:
     """Materialise (if still masked), check parity, score, save the student and the report."""
     recipe, out, data, dev, teacher_dev, plan = setting.recipe, setting.out, setting.data, setting.dev, setting.teacher_dev, setting.plan
@@ -690,19 +736,7 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -
     if skipped:
         logger.warning("task.family: no student was kept at hidden <= %s: the schedule passed those widths in one mask update "
                        "(a smaller pruning.interval or more steps make more stops)", ", ".join(map(str, skipped)))
-    if recipe.task.export:
-        export_family(members, out, data, recipe.task)
-    fits = within_plan(plan)
-    selection = select_within_drop(members, teacher_dev[primary], primary, recipe.task.max_drop, fits) if recipe.task.max_drop else None
-    if selection is not None and not selection["met"]:
-        if selection["over_budget"]:
-            logger.warning("no student within the budget %s is within %.2f points of the teacher (%s is, but it is over the budget): "
-                           "deploying the final one", plan and plan.get("budget"), selection["max_drop"], selection["over_budget"])
-        else:
-            logger.warning("no student is within %.2f points of the teacher (best drop %.2f): deploying the final one",
-                           selection["max_drop"], selection["best_drop"])
-    deployed_path = selection["chosen"] if selection and selection["met"] else str(out / "student")
-    deployed = next((m.get("int8") for m in members if m["path"] == deployed_path), None)
+    deployment = deploy(members, out, data, recipe.task, teacher_dev[primary], plan)
     report = {
         "schema": REPORT_SCHEMA,
         "homoexport_version": __version__,
@@ -714,13 +748,13 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -
         "student": {"path": str(out / "student"), "dev": student_dev, **parameter_report(dense, config_widths(dense.config))},
         "primary_metric": primary,
         "dev_drop": teacher_dev[primary] - student_dev[primary],
-        "deployed": deployed,
+        "deployed": deployment["deployed"],
         "curve": run.curve,
-        "family": members,
+        "family": deployment["family"],
         "family_skipped": skipped,
         "keep_best": selected,
-        "selection": selection,
-        "latency_check": latency_check(plan, deployed, recipe.task.max_length),
+        "selection": deployment["selection"],
+        "latency_check": deployment["latency_check"],
         "plan": plan,
         "steps": total,
         "epochs": recipe.task.epochs,
