@@ -649,6 +649,10 @@ def test_scoring_given_onnx_files_checks_them_before_reading_data(tmp_path: Path
     # A GLUE task is checked against the config's outputs before its data is read (this data directory does not exist).
     code, text = score(onnx_dir, "--task", "mnli", "--data-dir", str(tmp_path / "no-glue"))
     assert code == 2 and "exported from a classifier with 2 outputs; mnli needs 3" in text
+    # `glue --no-train` takes the same inputs as `score --task` (here one .onnx file).
+    result = CliRunner().invoke(app, ["glue", str(onnx_dir / "model_quantized.onnx"), "--task", "mnli", "--no-train", "--data-dir",
+                                      str(tmp_path / "no-glue"), "--out", str(tmp_path / "glue-out")])
+    assert result.exit_code == 2 and "mnli needs 3" in " ".join(result.output.split()) and not (tmp_path / "glue-out").exists()
     code, text = score(onnx_dir, "--dev-file", str(task_files[1]), "--quantize", "static")
     assert code == 2 and "ONNX files are scored as they are" in text
     renamed = tmp_path / "renamed"

@@ -110,6 +110,13 @@ def _check_model_dir(model_dir: Path) -> None:
         fail(f"not a model directory (no config.json): {model_dir}")
 
 
+def _check_scored_model(model_dir: Path) -> None:
+    """As :func:`_check_model_dir`, for what a scoring command takes: a model directory, or ONNX files scored as they
+    are (a ``.onnx`` file, or a directory holding some; ``evaluation.glue.given_onnx`` checks them in full)."""
+    if not (model_dir.suffix == ".onnx" or (model_dir.is_dir() and any(model_dir.glob("*.onnx")))):
+        _check_model_dir(model_dir)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print a one-line error (no traceback) and exit with ``code``."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)  # one line, also in a log file
@@ -449,7 +456,8 @@ def _glue_settings(epochs: float, lr: float, batch_size: int, eval_batch_size: i
 
 @app.command("glue")
 def glue_command(
-    model_dir: Path = typer.Argument(..., help="Encoder or student to fine-tune (a classification head is added when it has none)."),
+    model_dir: Path = typer.Argument(..., help="Encoder or student to fine-tune (a classification head is added when it has none); "
+                                     "with --no-train, a finished classifier or its ONNX files, as `homoexport score` takes them."),
     task: str = typer.Option(..., "--task", help="GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte or wnli."),
     out: Path = typer.Option(..., "--out", help="Run directory: glue_report.json/.md, seed-S/model (best dev checkpoint), seed-S/onnx (export)."),
     data_dir: Optional[Path] = _GLUE_DATA_DIR,
@@ -475,7 +483,10 @@ def glue_command(
     """Fine-tune MODEL_DIR on one GLUE task (or, with --no-train, take it as it is), export it to ONNX fp32 + int8, and
     score PyTorch, ONNX fp32 and ONNX int8 on the same dev set: metric (points), int8-vs-PyTorch delta, dev-set latency and throughput, exact settings."""
     _check_out(out)
-    _check_model_dir(model_dir)
+    if train:
+        _check_model_dir(model_dir)
+    else:
+        _check_scored_model(model_dir)
     from homoexport.cli.tables import glue_table
     from homoexport.evaluation.glue import run_glue
 
@@ -518,8 +529,7 @@ def score_command(
     if (dev_file is None) == (task is None):
         fail("give --dev-file (your labelled dev set) or --task (a GLUE task), not both")
     _check_out(out)
-    if not (model_dir.suffix == ".onnx" or (model_dir.is_dir() and any(model_dir.glob("*.onnx")))):
-        _check_model_dir(model_dir)
+    _check_scored_model(model_dir)
     from homoexport.cli.progress import StepProgress
     from homoexport.cli.tables import glue_table
     from homoexport.evaluation.glue import DevFile, GlueSettings, run_glue, score_dev_file
