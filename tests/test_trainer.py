@@ -140,6 +140,27 @@ def test_the_student_turns_dense_at_its_final_width_and_trains_on_as_the_masked_
     assert max_weight_difference(tmp_path / "dense" / "student", tmp_path / "masked" / "student") < 1e-5
 
 
+def test_the_full_width_student_and_its_optimizer_state_are_freed_at_the_dense_switch(teachers, corpus, tmp_path):
+    """After the switch only the teacher is a full-width model, and the only Adam moments are the dense student's."""
+    import gc
+
+    from transformers import AutoConfig, PreTrainedModel
+
+    full = AutoConfig.from_pretrained(teachers["base"]).hidden_size
+    seen: dict[bool, tuple[int, int]] = {}
+
+    def count(record):
+        gc.collect()
+        models = sum(isinstance(o, PreTrainedModel) and o.config.hidden_size == full and o.base_model is o for o in gc.get_objects())
+        moments = sum(isinstance(o, torch.optim.Optimizer) and not hasattr(o, "optimizer") and any(o.state.values())  # not accelerate's wrapper
+                      for o in gc.get_objects())
+        seen[record["dense"]] = (models, moments)  # each phase's last step
+
+    r = recipe_dict(teachers["base"], corpus, tmp_path / "run", training={"steps": 16, "batch_size": 8, "log_every": 1, "precision": "fp32"})
+    distill(validate_recipe(r), on_log=count)
+    assert seen == {False: (2, 1), True: (1, 1)}
+
+
 def test_kill_after_the_dense_switch_and_resume_reproduces_the_run_bitwise(teachers, corpus, tmp_path, caplog):
     base = recipe_dict(teachers["mlm"], corpus, tmp_path / "full", training={"steps": 16, "batch_size": 8, "log_every": 1, "checkpoint_every": 2})
     full = distill(validate_recipe(base))

@@ -167,6 +167,9 @@ def _to_dense(opt: Optimized, pruner: HomoDistilPruner, recipe: Recipe, accelera
     opt.lr_scheduler.load_state_dict(sched_state)
     for group, lr in zip(optimizer.param_groups, old_lrs):
         group["lr"] = lr
+    # accelerate keeps every prepared model and optimizer; without this the full-width student and its Adam moments
+    # stay in memory for the rest of the run. Nothing else is prepared (the teacher and the data are not).
+    accelerator.free_memory()
     opt.module, opt.optimizer = accelerator.prepare(module, optimizer)
     opt.unwrapped = accelerator.unwrap_model(opt.module)
     opt.dense_from = step
@@ -303,6 +306,7 @@ def distill(
     lr_scheduler = _scheduler(optimizer, o, total)
     module, optimizer = accelerator.prepare(module, optimizer)
     opt = Optimized(module, accelerator.unwrap_model(module), optimizer, lr_scheduler)
+    del student, module, optimizer, lr_scheduler  # opt holds them, and the dense switch replaces them there
     probe = model_inputs((setup.eval_batcher or batcher).batch_at(0), accelerator.device)  # where masked and dense must agree
 
     micro = recipe.training.micro_batch_size or recipe.training.batch_size // world
