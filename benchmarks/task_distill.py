@@ -103,10 +103,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "abs": {"precision": "bf16", "lr": SLOW_LR},
     "alx": {"precision": "bf16", "epochs_scale": LONG, "keep_best": True, "much_text": True},
 }
-# Columns of each task's GLUE test.tsv that hold its text (and pair).
-TEST_TEXT_COLUMNS = {"rte": ("sentence1", "sentence2"), "mrpc": ("#1 String", "#2 String"), "cola": ("sentence", None),
-                     "sst2": ("sentence", None), "stsb": ("sentence1", "sentence2")}
-
 DISTILLED_ARMS = ("a", "b", "a128", *VARIANTS)
 # Text the teacher labels for (ax): other GLUE tasks' training splits (pairs for pair tasks), never a dev or test file.
 UNLABELLED_TEXT = {"rte": ["glue:mrpc", "glue:stsb"], "mrpc": ["glue:rte", "glue:stsb"], "cola": ["glue:stsb", "glue:sst2"],
@@ -157,15 +153,14 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
         rows = len(read_tsv(get_task(task), glue_data / get_task(task).directory / "train.tsv"))
         spec |= {"unlabelled": UNLABELLED_TEXT[task], "max_unlabelled_samples": rows, "epochs": STUDENT_EPOCHS[task] / 2}
     if test_text:
-        spec |= {"unlabelled": [str(test_text_file(task, glue_data, out.parent.parent))], "text_pair_column": "text_b" if TEST_TEXT_COLUMNS[task][1] else None}
+        spec |= {"unlabelled": [f"glue:{task}/test"]}
     if much_text:
         from homoexport.distillation.task_data import load_glue, unlabelled_rows
 
         data = load_glue(task, glue_data)
-        sources = [*MUCH_TEXT_SOURCES[task], str(test_text_file(task, glue_data, out.parent.parent))]
-        pair_column = "text_b" if TEST_TEXT_COLUMNS[task][1] else None
-        extra = len(unlabelled_rows(sources, data, glue_data, "sentence", pair_column, MUCH_TEXT * len(data.train), seed))
-        spec |= {"unlabelled": sources, "text_pair_column": pair_column, "max_unlabelled_samples": MUCH_TEXT * len(data.train),
+        sources = [*MUCH_TEXT_SOURCES[task], f"glue:{task}/test"]
+        extra = len(unlabelled_rows(sources, data, glue_data, "sentence", None, MUCH_TEXT * len(data.train), seed))
+        spec |= {"unlabelled": sources, "max_unlabelled_samples": MUCH_TEXT * len(data.train),
                  "epochs": spec["epochs"] * len(data.train) / (len(data.train) + extra)}  # (al)'s steps over the larger set
         eval_every = math.ceil(len(data.train) / BATCH_SIZE)  # as often as (al) evaluates: once per pass over the labelled rows
     if augment:
@@ -183,25 +178,6 @@ def task_recipe(task: str, teacher: Path, glue_data: Path, shape: str, seed: int
                      **({"eval_every": eval_every} if eval_every else {})},
         "output": str(out),
     }
-
-
-def test_text_file(task: str, glue_data: Path, work: Path) -> Path:
-    """The inputs of the task's GLUE test.tsv as a JSON-lines file of ``sentence`` (and ``text_b``) rows: unlabelled
-    in-domain text, as a user's own unlabelled data would be given to ``task.unlabelled``."""
-    import csv
-
-    out = work / "test_text.jsonl"
-    if not out.is_file():
-        first, second = TEST_TEXT_COLUMNS[task]
-        from homoexport.evaluation.glue_data import get_task
-
-        path = glue_data / get_task(task).directory / "test.tsv"
-        with open(path, encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-        lines = [json.dumps({"sentence": r[first], **({"text_b": r[second]} if second else {})}) for r in rows]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, "".join(line + "\n" for line in lines))
-    return out
 
 
 def distill_student(task: str, arm: str, seed: int, work: Path, glue_data: Path, precision: str | None = None) -> Path:

@@ -20,6 +20,7 @@ from homoexport.config.recipe import LossSpec, validate_recipe
 from homoexport.distillation.task import TaskLoss, distill_task
 from homoexport.distillation.task_data import UNLABELLED, TaskDataError, load_files, unlabelled_rows
 from homoexport.errors import UsageError
+from homoexport.evaluation.glue_data import GlueDataError
 
 
 def write_rows(path: Path, n: int, seed: int, labels=("neg", "pos"), pair: bool = False) -> Path:
@@ -119,8 +120,18 @@ def test_unlabelled_rows_join_without_labels_and_never_repeat_dev_text(tmp_path:
     (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood fun\t1\n")
     with pytest.raises(TaskDataError, match=r"glue:sst2: has no sentence pairs"):
         unlabelled_rows(["glue:sst2"], pairs, glue, "sentence", "other", None)
-    with pytest.raises(TaskDataError, match=r"glue:rte/test: unknown split 'test' for rte \(allowed: train, dev;"):
-        unlabelled_rows(["glue:rte/test"], data, glue, "sentence", None, None)
+    # A test file's inputs, by its header (GLUE publishes no test labels); CoLA's test file has a header, its others none.
+    (glue / "RTE" / "test.tsv").write_text("index\tsentence1\tsentence2\n0\tbirds fly\tsome birds fly\n")
+    got = unlabelled_rows(["glue:rte/test"], pairs, glue, "sentence", "other", None)
+    assert got["text_a"] == ["birds fly"] and got["text_b"] == ["some birds fly"] and got["label"] == [UNLABELLED]
+    (glue / "CoLA").mkdir()
+    (glue / "CoLA" / "test.tsv").write_text("index\tsentence\n0\tThe book was read.\n1\tRead book the was.\n")
+    assert unlabelled_rows(["glue:cola/test"], data, glue, "sentence", None, None)["text_a"] == ["The book was read.", "Read book the was."]
+    (glue / "CoLA" / "test.tsv").write_text("index\tsentence\n0\tA tab\there.\n")
+    with pytest.raises(GlueDataError, match=r"CoLA/test.tsv:2: expected 2 tab-separated columns, found 3"):
+        unlabelled_rows(["glue:cola/test"], data, glue, "sentence", None, None)
+    with pytest.raises(TaskDataError, match=r"glue:rte/tests: unknown split 'tests' for rte \(allowed: train, dev, test\)"):
+        unlabelled_rows(["glue:rte/tests"], data, glue, "sentence", None, None)
     with pytest.raises(TaskDataError, match=r"extra.jsonl: no column 'text'"):
         unlabelled_rows([str(extra_file)], data, None, "text", None, None)
     with pytest.raises(TaskDataError, match="no rows left once the dev set's text is removed"):

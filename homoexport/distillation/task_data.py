@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from homoexport.evaluation.glue_data import GlueDataError, GlueTask, get_task, load_tsv, read_tsv, subsample
+from homoexport.evaluation.glue_data import GlueDataError, GlueTask, get_task, load_tsv, read_test_texts, read_tsv, subsample
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
 MIN_ROWS = {"train": 1, "dev": 2}
@@ -143,7 +143,8 @@ def unlabelled_rows(sources: list[str], data: TaskData, data_dir: str | Path | N
     """Extra training rows without labels, for the teacher to label (TinyBERT's augmentation, with real text).
 
     A source is a CSV / TSV / JSON-lines file with the task's text (and pair) columns, or ``glue:TASK`` /
-    ``glue:TASK/dev`` (the file's name) for the text of a GLUE file under ``data_dir`` (its labels are never read). A
+    ``glue:TASK/dev`` / ``glue:TASK/test`` (the file's name) for the text of a GLUE file under ``data_dir`` (its labels
+    are never read; test files have none). A
     sentence-pair task needs pair sources; a single-sentence task takes each text of a pair as a row. Rows
     whose text is also a dev row are dropped, so the dev score never rests on text the student was
     trained to match. ``max_rows`` keeps a fixed random subset.
@@ -184,12 +185,13 @@ def _source_texts(source: str, data_dir: str | Path | None, text_column: str, te
     if source.startswith(GLUE_SOURCE):
         name, _, split = source[len(GLUE_SOURCE):].partition("/")
         task, split = get_task(name), split or "train"
-        files = {"train": "train.tsv", **{Path(f).stem: f for f in task.dev_files.values()}}  # split = file name: train, dev, ...
+        files = {"train": "train.tsv", **{Path(f).stem: f for f in task.dev_files.values()}, **task.test_files}  # split = file name
         if split not in files:
-            raise TaskDataError(f"{source}: unknown split {split!r} for {task.name} (allowed: {', '.join(files)}; test files have no "
-                                "labels to check the layout by and are not used)")
+            raise TaskDataError(f"{source}: unknown split {split!r} for {task.name} (allowed: {', '.join(files)})")
         if data_dir is None:
             raise TaskDataError(f"{source}: a GLUE source needs task.data_dir (the GLUE directory)")
+        if split in task.test_files:
+            return read_test_texts(task, Path(data_dir) / task.directory / files[split])
         rows = read_tsv(task, Path(data_dir) / task.directory / files[split])
         return list(rows["text_a"]), list(rows["text_b"]) if "text_b" in rows.column_names else None
     ds = _read(Path(source), text_column, text_pair_column)

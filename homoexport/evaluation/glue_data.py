@@ -62,6 +62,11 @@ class GlueTask:
         return tuple(self.dev_files)
 
     @property
+    def test_files(self) -> dict[str, str]:
+        """Its test files by split name, named as its dev files are (test.tsv; MNLI test_matched.tsv, ...)."""
+        return {Path(f).stem.replace("dev", "test"): f.replace("dev", "test") for f in self.dev_files.values()}
+
+    @property
     def primary_split(self) -> str:
         """The dev split that selects the best checkpoint (MNLI: matched)."""
         return self.dev_splits[0]
@@ -138,6 +143,32 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> Dataset:
         raise GlueDataError(f"{path}: no examples")
     columns: dict[str, list] = dict(zip(("text_a", "text_b"), texts)) | {"label": labels}
     return Dataset.from_dict(columns, features=_features(task))
+
+
+def read_test_texts(task: GlueTask, path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
+    """The inputs of a GLUE test file, which holds no labels (GLUE keeps them): its text (and pair) column by
+    header name, the training files' names (CoLA's other files have no header; its test file names ``sentence``).
+    Checked as :func:`read_tsv` checks a labelled file: the column count of every line, naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise GlueDataError(f"{path}: file not found (expected the original GLUE layout: DATA_DIR/{task.directory}/{path.name})")
+    names = task.text_columns if all(isinstance(c, str) for c in task.text_columns) else task.hub_text_columns
+    texts: list[list[str]] = [[] for _ in names]
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = enumerate((line.rstrip("\r\n") for line in f), start=1)
+        header = next(lines, (1, ""))[1].split("\t")
+        idx = [_column_index(header, c, path) for c in names]
+        for lineno, line in lines:
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != len(header):
+                raise GlueDataError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(fields)}")
+            for column, i in zip(texts, idx):
+                column.append(fields[i])
+    if not texts[0]:
+        raise GlueDataError(f"{path}: no examples")
+    return texts[0], texts[1] if len(texts) > 1 else None
 
 
 def _features(task: GlueTask) -> Features:
