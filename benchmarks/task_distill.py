@@ -36,8 +36,9 @@ lr 1e-4, best dev checkpoint). Students, all from that teacher, with the same da
                       (``MUCH_TEXT_SOURCES`` and the task's GLUE test inputs), over (al)'s steps: the RTE and CoLA teachers
                       fit their training rows (``teacher_fit.py``), so their predictions there are mostly the labels again
     (axt)             (ab) with the task's own GLUE test inputs (whose labels were never published) as unlabelled
-                      in-domain text for the teacher to label (``task.unlabelled``, a JSON-lines file written under
-                      ``--work``), the same epochs over both: about (a)'s wall time on RTE
+                      in-domain text for the teacher to label (``task.unlabelled: [glue:TASK/test]``; runs before this
+                      read the same rows from a JSON-lines file and cannot be resumed by this code), the same epochs over
+                      both: about (a)'s wall time on RTE
 
 (a), (b), (a128) and the variants of (a) (``VARIANTS``) are ``homoexport distill`` task recipes (``task_recipe``); every student is exported
 (O2 fusion + dynamic int8) and scored in PyTorch, ONNX fp32 and ONNX int8 by ``run_glue`` (``--no-train``

@@ -299,6 +299,13 @@ def test_accuracy_gate_on_onnx_files_alone_leaves_the_pytorch_reference_unscored
     dropped_task = bench.compare_reports(fake_report(BASE, {"sst2": 91.0}), base, max_accuracy_drop=0.5)
     assert dropped_task.exit_code == bench.EXIT_MISSING
     assert {d.key: d.status for d in dropped_task.diffs}["glue:mrpc[validation]/accuracy/pytorch"] == "missing"
+    # A run that scored PyTorch but lost one score, or a baseline with PyTorch scores alone: nothing to compare, missing.
+    partial = fake_report(BASE, {"sst2": 91.0, "mrpc": 85.0})
+    partial["accuracy"].append({**partial["accuracy"][0], "variant": "pytorch"})
+    assert {d.key: d.status for d in bench.compare_reports(partial, base, max_accuracy_drop=0.5).diffs}[
+        "glue:mrpc[validation]/accuracy/pytorch"] == "missing"
+    pytorch_only = {**base, "accuracy": [r for r in base["accuracy"] if r["variant"] == "pytorch"]}
+    assert bench.compare_reports(fake_report(BASE, {"sst2": 20.0, "mrpc": 20.0}), pytorch_only, max_accuracy_drop=0.5).exit_code == bench.EXIT_MISSING
 
 
 def test_load_report_errors(tmp_path: Path):

@@ -476,19 +476,26 @@ def test_cli_task_distill_and_errors(tmp_path: Path, teacher_dir: Path, task_fil
     # The wider student's file is bigger; compared on the fp32 files, whose size does not hang on the int8 build order
     # that the export picks by latency (on a busy machine the two members may pick differently).
     assert (Path(kept["int8"]["path"]).parent / "model.onnx").stat().st_size > (Path(final["int8"]["path"]).parent / "model.onnx").stat().st_size
-    # A resume of the finished run with only task.keep_fp32 changed trains nothing and exports every student again.
-    log = (tmp_path / "run" / "train_log.jsonl").read_text()
+    # A resume of the finished run with only task.keep_fp32 changed trains nothing and exports every student again,
+    # also when the run has moved since.
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "run", moved)
+    log = (moved / "train_log.jsonl").read_text()
     path.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run", **{"task.family": [56], "task.export": True,
                                                                                               "task.keep_best": True, "training.eval_every": 3})))
-    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", "accuracy-drop=100", "--resume"])
+    result = CliRunner().invoke(app, ["distill", str(path), "--no-progress", "--budget", "accuracy-drop=100", "--resume", "--out", str(moved)])
     assert result.exit_code == 0, result.output
-    again = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert (tmp_path / "run" / "train_log.jsonl").read_text() == log and again["curve"] == report["curve"]
-    assert "keep_fp32: []" in (tmp_path / "run" / "recipe.resolved.yaml").read_text()
+    again = json.loads((moved / "report.json").read_text())
+    assert (moved / "train_log.jsonl").read_text() == log and again["curve"] == report["curve"]
+    assert "keep_fp32: []" in (moved / "recipe.resolved.yaml").read_text()
+    assert [m["path"] for m in again["family"]] == [m["path"].replace(str(tmp_path / "run"), str(moved)) for m in report["family"]]
     for member in again["family"]:
+        final = member["path"] == str(moved / "student")
+        assert Path(member["int8"]["path"]).parent == (moved / "export" if final else Path(member["path"]) / "export")
         export = json.loads((Path(member["int8"]["path"]).parent / "export_report.json").read_text())
         assert export["quantization"]["kept_fp32"] == {"groups": [], "nodes": []} and member["int8"]["p50_ms"] > 0
-    assert again["deployed"] == again["family"][-1]["int8"] and again["selection"]["chosen"] == report["selection"]["chosen"]
+    assert again["deployed"] == again["family"][-1]["int8"] and again["deployed"]["path"] == str(moved / "export" / "model_quantized.onnx")
+    assert again["selection"]["chosen"] == report["selection"]["chosen"].replace(str(tmp_path / "run"), str(moved))
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(task_recipe(teacher_dir, task_files, tmp_path / "run2", **{"task.label_column": "gold"})))
     result = CliRunner().invoke(app, ["distill", str(bad), "--no-progress"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -51,3 +52,25 @@ def test_a_shipped_task_recipe_is_the_benchmark_arm_it_quotes(name, arm, shared_
                                                  Path(shipped.output_dir()), precision="auto", **variant))
     assert _trained(shipped) == _trained(measured)
     assert _steps(shipped) == _steps(measured)
+    # The rows the committed runs of that arm trained on (their reports' counts), not only the benchmark's code of today.
+    committed = json.loads((REPO / "benchmarks" / "results" / "task_distill.json").read_text())["rows"]
+    runs = [r for r in committed if r["task"] == name and r["arm"] == arm]
+    assert runs and shipped.task is not None
+    data = load_task_data(shipped, None, regression=False)
+    assert {(r["data"]["train_rows"], r["data"]["unlabelled_rows"]) for r in runs} == {(len(data.train), data.unlabelled)}
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("task", ["cola", "mrpc", "rte", "stsb", "qnli"])
+def test_glue_test_inputs_are_every_row_of_the_file_in_order(task, shared_dir):
+    """``glue:TASK/test`` reads the rows that csv's own reader finds in the file (quoting off, as GLUE needs)."""
+    import csv
+
+    from homoexport.evaluation.glue_data import TASKS, read_test_texts
+
+    path = shared_dir / "data" / "glue" / TASKS[task].directory / "test.tsv"
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    first, second = read_test_texts(TASKS[task], path)
+    columns = {"cola": ("sentence", None), "mrpc": ("#1 String", "#2 String"), "qnli": ("question", "sentence")}.get(task, ("sentence1", "sentence2"))
+    assert first == [r[columns[0]] for r in rows] and second == ([r[columns[1]] for r in rows] if columns[1] else None)

@@ -207,7 +207,7 @@ class TaskSpec(_Strict):
     unlabelled: list[str] = Field(default_factory=list, description="more text for the teacher to label, trained on beside the "
                                   "training rows with the distillation terms only (the hard-label term skips it): CSV / TSV / JSONL "
                                   "files with the task's text columns, or glue:TASK[/SPLIT] for a GLUE file's text (labels not read; SPLIT "
-                                  "train, dev or test); "
+                                  "is the file's name: train, dev, test, or MNLI's dev_matched, test_matched, ...); "
                                   "rows that repeat a dev row are dropped; epochs count passes over both")
     max_unlabelled_samples: Optional[int] = Field(None, gt=0, description="fixed random subset of the unlabelled rows")
     augment: Optional[AugmentSpec] = Field(None, description="word-swapped copies of the training rows for the teacher to label "

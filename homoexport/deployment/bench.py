@@ -775,9 +775,9 @@ def compare_reports(
     on the same machine (CPU model, arch, ISA, cores, onnxruntime), unless ``allow_machine_mismatch``.
     Accuracy (only when ``max_accuracy_drop`` is given, in metric points on a 0-100 scale): each baseline
     (source, task, metric, variant) may lose at most that many points. A baseline ``pytorch`` entry is
-    ``unscored`` (not a failure) when the current report scored that metric's ONNX files but no PyTorch model,
-    as ``homoexport score EXPORT_DIR`` does on a target without the training stack: the files that ship are
-    what the gate compares.
+    ``unscored`` (not a failure) when the current report holds no PyTorch score at all, as ``homoexport score
+    EXPORT_DIR`` writes on a target without the training stack, and an ONNX score of that metric is compared: the
+    files that ship are what the gate compares.
     """
     if metric not in GATE_METRICS:
         raise UsageError(f"unknown metric {metric!r}: expected one of {', '.join(GATE_METRICS)}")
@@ -809,7 +809,7 @@ def compare_reports(
     if max_accuracy_drop is not None:
         now_acc = {accuracy_key(r): r["value"] for r in current.get("accuracy", [])}
         base_acc = {accuracy_key(r): r["value"] for r in baseline.get("accuracy", [])}
-        onnx_only = {accuracy_key({**r, "variant": "pytorch"}) for r in current.get("accuracy", [])} - set(now_acc)
+        onnx_only = _unscored_pytorch(current.get("accuracy", []), baseline.get("accuracy", []))
         for key, b in base_acc.items():
             c = now_acc.get(key)
             if c is None:
@@ -820,6 +820,16 @@ def compare_reports(
             diffs.append(Diff("accuracy", key, b, c, drop, status))
         diffs += [Diff("accuracy", k, None, v, None, "new") for k, v in now_acc.items() if k not in base_acc]
     return Comparison(diffs, [] if side_by_side is not None else differences, latency_compared, metric, max_regression, max_accuracy_drop, mode)
+
+
+def _unscored_pytorch(current: list[Mapping[str, Any]], baseline: list[Mapping[str, Any]]) -> set[str]:
+    """Keys of the baseline's ``pytorch`` accuracy entries that a run scoring ONNX files alone cannot have: the run's
+    report (``source``) holds no PyTorch score at all, and an ONNX score of the same metric is compared in both."""
+    with_pytorch = {r.get("source", "") for r in current if r["variant"] == "pytorch"}
+    now = {accuracy_key(r) for r in current}
+    compared = {accuracy_key({**r, "variant": "pytorch"}) for r in baseline if r["variant"] != "pytorch" and accuracy_key(r) in now}
+    return {accuracy_key(r) for r in baseline
+            if r["variant"] == "pytorch" and r.get("source", "") not in with_pytorch and accuracy_key(r) in compared}
 
 
 def interleaved_ratios(pairs: Mapping[str, tuple[Path, Path]], settings: "BenchSettings", rounds: int = 5,

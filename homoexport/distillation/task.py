@@ -422,8 +422,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
                 logger.info("%s already finished: nothing to do (use --overwrite to train it again)", out)
                 return finished
             logger.info("%s already finished; exporting it again: task.keep_fp32 was %s, now %s", out, exported_with, recipe.task.keep_fp32)
-            if ranks.is_main:
-                finished = export_again(finished, recipe, out)
+            finished = export_again(finished, recipe, out) if ranks.is_main else {}
             ranks.barrier()
             return finished
     seed = recipe.training.seed + ranks.rank  # a process's own dropout stream; the data order comes from the recipe's seed
@@ -692,9 +691,15 @@ def export_again(report: dict[str, Any], recipe: Recipe, out: Path) -> dict[str,
     config = AutoConfig.from_pretrained(out / "student")
     dev_only = recipe.model_copy(update={"task": recipe.task.model_copy(update={"unlabelled": [], "augment": None})})
     data = load_task_data(dev_only, label_names(config), config.num_labels == 1)
-    members = [{k: v for k, v in m.items() if k != "int8"} for m in report["family"]]
+    was = Path(report["student"]["path"]).parent  # where the run was written: it may have moved, or be spelled otherwise now
+
+    def here(path: str) -> str:
+        return str(out / Path(path).relative_to(was)) if Path(path).is_relative_to(was) else path
+
+    members = [{**{k: v for k, v in m.items() if k != "int8"}, "path": here(m["path"])} for m in report["family"]]
     teacher_score = report["teacher"]["dev"][report["primary_metric"]]
-    report = {**report, **deploy(members, out, data, recipe.task, teacher_score, report.get("plan")), "machine": fingerprint()}
+    report = {**report, "homoexport_version": __version__, "student": {**report["student"], "path": str(out / "student")},
+              **deploy(members, out, data, recipe.task, teacher_score, report.get("plan")), "machine": fingerprint()}
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
     return report
