@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 from datasets import Dataset, DatasetDict, Features, Value
@@ -105,6 +105,33 @@ def get_task(name: str) -> GlueTask:
     return TASKS[key]
 
 
+def _tsv_rows(task: GlueTask, path: Path, columns: list[str | int], n_columns: int | None = None) -> Iterator[tuple[int, list[str]]]:
+    """(line number, the values of ``columns``) for every line of a GLUE TSV, strictly: every line has the header's
+    column count (or ``n_columns`` for a file without a header, whose ``columns`` are then positions), else an error
+    naming the file and the line. Quoting is off: GLUE files contain unbalanced quotes."""
+    if not path.is_file():
+        raise GlueDataError(f"{path}: file not found (expected the original GLUE layout: DATA_DIR/{task.directory}/{path.name})")
+    found = False
+    # utf-8-sig drops the byte-order mark that starts the MRPC header.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = enumerate((line.rstrip("\r\n") for line in f), start=1)
+        if n_columns is None:
+            header = next(lines, (1, ""))[1].split("\t")
+            n_columns, idx = len(header), [_column_index(header, c, path) for c in columns]
+        else:
+            idx = [int(c) for c in columns]
+        for lineno, line in lines:
+            if not line:
+                continue
+            fields = line.split("\t")
+            if len(fields) != n_columns:
+                raise GlueDataError(f"{path}:{lineno}: expected {n_columns} tab-separated columns, found {len(fields)}")
+            found = True
+            yield lineno, [fields[i] for i in idx]
+    if not found:
+        raise GlueDataError(f"{path}: no examples")
+
+
 def read_tsv(task: GlueTask, path: str | os.PathLike) -> Dataset:
     """Read one labelled GLUE TSV into ``text_a``/``text_b``/``label`` columns.
 
@@ -114,33 +141,13 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> Dataset:
     fails naming the file and the line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise GlueDataError(f"{path}: file not found (expected the original GLUE layout: DATA_DIR/{task.directory}/{path.name})")
     texts: list[list[str]] = [[] for _ in task.text_columns]
     labels: list[int | float] = []
     label_ids = {value: i for i, value in enumerate(task.labels or ())}
-    # utf-8-sig drops the byte-order mark that starts the MRPC header.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = enumerate((line.rstrip("\r\n") for line in f), start=1)
-        if task.n_columns is None:
-            header_line = next(lines, (1, ""))[1]
-            header = header_line.split("\t")
-            n_columns = len(header)
-            text_idx = [_column_index(header, c, path) for c in task.text_columns]
-            label_idx = _column_index(header, task.label_column, path)
-        else:
-            n_columns, text_idx, label_idx = task.n_columns, list(task.text_columns), task.label_column
-        for lineno, line in lines:
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != n_columns:
-                raise GlueDataError(f"{path}:{lineno}: expected {n_columns} tab-separated columns, found {len(fields)}")
-            for column, i in zip(texts, text_idx):
-                column.append(fields[i])
-            labels.append(_parse_label(task, fields[label_idx], label_ids, path, lineno))
-    if not labels:
-        raise GlueDataError(f"{path}: no examples")
+    for lineno, (*values, label) in _tsv_rows(task, path, [*task.text_columns, task.label_column], task.n_columns):
+        for column, value in zip(texts, values):
+            column.append(value)
+        labels.append(_parse_label(task, label, label_ids, path, lineno))
     columns: dict[str, list] = dict(zip(("text_a", "text_b"), texts)) | {"label": labels}
     return Dataset.from_dict(columns, features=_features(task))
 
@@ -148,26 +155,12 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> Dataset:
 def read_test_texts(task: GlueTask, path: str | os.PathLike) -> tuple[list[str], list[str] | None]:
     """The inputs of a GLUE test file, which holds no labels (GLUE keeps them): its text (and pair) column by
     header name, the training files' names (CoLA's other files have no header; its test file names ``sentence``).
-    Checked as :func:`read_tsv` checks a labelled file: the column count of every line, naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise GlueDataError(f"{path}: file not found (expected the original GLUE layout: DATA_DIR/{task.directory}/{path.name})")
-    names = task.text_columns if all(isinstance(c, str) for c in task.text_columns) else task.hub_text_columns
+    Checked as :func:`read_tsv` checks a labelled file."""
+    names: list[str | int] = list(task.text_columns if all(isinstance(c, str) for c in task.text_columns) else task.hub_text_columns)
     texts: list[list[str]] = [[] for _ in names]
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        lines = enumerate((line.rstrip("\r\n") for line in f), start=1)
-        header = next(lines, (1, ""))[1].split("\t")
-        idx = [_column_index(header, c, path) for c in names]
-        for lineno, line in lines:
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != len(header):
-                raise GlueDataError(f"{path}:{lineno}: expected {len(header)} tab-separated columns, found {len(fields)}")
-            for column, i in zip(texts, idx):
-                column.append(fields[i])
-    if not texts[0]:
-        raise GlueDataError(f"{path}: no examples")
+    for _, values in _tsv_rows(task, Path(path), names):
+        for column, value in zip(texts, values):
+            column.append(value)
     return texts[0], texts[1] if len(texts) > 1 else None
 
 
