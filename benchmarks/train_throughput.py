@@ -34,7 +34,7 @@ from homoexport.distillation.precision import precision_context
 from homoexport.distillation.trainer import DistillModule, adamw, teacher_outputs
 from homoexport.machine import fingerprint
 from homoexport.pruning.importance import ImportanceTracker
-from homoexport.pruning.mask_groups import Widths, full_widths, prepare, random_masks
+from homoexport.pruning.mask_groups import KeptHeads, Widths, full_widths, prepare, random_masks
 from homoexport.pruning.oneshot import synthetic_blocks
 from homoexport.pruning.surgery import materialize
 
@@ -85,6 +85,8 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
     if dense:  # the materialised student a task run continues on once the target width is reached for good
         student = materialize(masked).train().requires_grad_(True)
         loss.keep_student_dims(masked.masks.hidden.nonzero().flatten())
+    heads = KeptHeads(masked.masks.heads, torch.ones(target.heads, dtype=torch.bool).repeat(len(masked.masks.heads), 1)) if dense \
+        else masked.masks.kept_heads()
     module = DistillModule(student, loss, None)
     if compiled:  # torch.compile (inductor) of the student + losses and of the teacher, in place (nn.Module.compile)
         module.compile()
@@ -102,7 +104,7 @@ def measure(teacher_path: str, widths_name: str, target: Widths, batch: int, seq
         t0 = time.perf_counter()
         with autocast():  # as the trainers run the forward passes and losses
             t_out, dt_t = timed(lambda: teacher_outputs(teacher, batch_, loss, None))
-            (value, _), dt_s = timed(lambda: module(batch_, t_out, masked.masks.heads))
+            (value, _), dt_s = timed(lambda: module(batch_, t_out, heads))
         _, dt_b = timed(lambda: value.backward())
         _, dt_i = timed(tracker.update if tracker is not None else lambda: None)
 

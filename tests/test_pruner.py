@@ -13,7 +13,7 @@ from transformers import Trainer, TrainingArguments
 
 from homoexport.pruning.callback import HomoDistilCallback
 from homoexport.pruning.mask_groups import Widths
-from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings, slice_optimizer_state
+from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings, slice_optimizer_state, stages
 from homoexport.pruning.surgery import parity_max_abs_diff
 
 TARGET = Widths(hidden=32, heads=2, head_dim=16, ffn=64)
@@ -94,3 +94,47 @@ def test_stock_trainer_with_callback_prunes_to_target(tmp_path):
     assert (dense.config.hidden_size, dense.config.num_attention_heads, dense.config.intermediate_size) == (32, 2, 64)
     batch = random_batch(model.config.vocab_size)
     assert parity_max_abs_diff(callback.pruner.masked, dense, batch) <= 1e-4
+
+
+def _prune(target: Widths, steps: int, share: float | None) -> HomoDistilPruner:
+    """Backward passes on fixed weights (no optimizer), pruning on schedule; with ``share``, going on over the
+    materialised model whenever :meth:`~HomoDistilPruner.worth_rebasing` says so."""
+    pruner = HomoDistilPruner(make_model("cls", num_labels=2), target, PrunerSettings(total_steps=12, t_f=4, interval=2))
+    for step in range(steps):
+        pruner.model(**random_batch(128, seed=step), labels=torch.tensor([0, 1, 0])).loss.backward()
+        changed = pruner.after_backward(step)
+        pruner.model.zero_grad(set_to_none=True)
+        pruner.after_optimizer_step()
+        if share is not None and changed and pruner.worth_rebasing(share) and not pruner.reached_target(step):
+            pruner.rebase(pruner.materialize())
+    return pruner
+
+
+@pytest.mark.parametrize("target", [TARGET, Widths(hidden=32, heads=4, head_dim=8, ffn=64)])
+def test_going_on_over_the_materialised_model_chooses_the_units_the_masked_one_does(target):
+    """Weights that leave the model at a rebase take their decaying scores along as a residue, so the rebased pruner
+    ranks units as the masked one does; kept heads are numbered as in the first model; its state replays."""
+    masked, rebased = _prune(target, 12, None), _prune(target, 12, 0.9)
+    assert len(rebased.stages) >= 2 and rebased.widths() == masked.widths() == target
+    assert torch.equal(rebased.kept_heads().teacher, masked.masks.heads) and rebased.kept_heads().student.sum(-1).tolist() == [target.heads] * 2
+    a, b = masked.materialize().state_dict(), rebased.materialize().state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    halfway = _prune(target, 7, 0.9)
+    assert halfway.stages and halfway.widths() != target
+    state = halfway.state_dict()
+    again = HomoDistilPruner(make_model("cls", num_labels=2), target, PrunerSettings(total_steps=12, t_f=4, interval=2))
+    with pytest.raises(ValueError, match="replay them first"):
+        again.load_state_dict(state)
+    for masks in stages(state):
+        again.masked.set_masks(masks)
+        again.rebase(again.materialize())
+    again.load_state_dict(state)
+    ours, theirs = again.importance.unit_scores(), halfway.importance.unit_scores()
+    assert all(torch.equal(getattr(ours, k), getattr(theirs, k)) for k in ("hidden", "attn", "ffn"))
+    assert torch.equal(again.kept_heads().teacher, halfway.kept_heads().teacher)
+
+    rebased.rebase(rebased.materialize(), final=True)  # the loop trains the target from here: nothing left to score
+    assert not rebased.scoring and rebased.widths() == target and bool(rebased.kept_heads().student.all())
+    assert torch.equal(rebased.kept_heads().teacher, masked.masks.heads)
+    assert rebased.masked.model is None

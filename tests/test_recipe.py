@@ -83,3 +83,11 @@ def test_errors_in_a_recipe_file_name_its_line_or_the_set_option(tmp_path, text,
     with pytest.raises(RecipeError) as err:
         load_recipe(path, overrides)
     assert expected.format(path=path) in str(err.value)
+
+
+def test_materialize_at_is_a_share_and_off_with_a_student_masked_to_the_end():
+    assert validate_recipe({"teacher": "t"}).pruning.materialize_at == 0.9
+    assert validate_recipe({"teacher": "t", "pruning": {"materialize": False}}).pruning.materialize_at is None
+    assert validate_recipe({"teacher": "t", "pruning": {"materialize_at": None}}).pruning.materialize_at is None
+    with pytest.raises(RecipeError, match=r"pruning\.materialize_at"):
+        validate_recipe({"teacher": "t", "pruning": {"materialize_at": 1.0}})

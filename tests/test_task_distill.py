@@ -364,6 +364,27 @@ def test_task_resume_is_exact(tmp_path: Path, teacher_dir: Path, task_files, cap
     assert resumed["student"]["dev"] == whole["student"]["dev"] and resumed["keep_best"] == whole["keep_best"] is not None
 
 
+def test_task_resume_is_exact_from_a_materialised_student_still_being_pruned(tmp_path: Path, teacher_dir: Path, task_files):
+    """pruning.materialize_at: the run goes on over smaller materialised students while it prunes; killed after a
+    checkpoint taken there, the resume replays those switches and ends where an uninterrupted run does."""
+    whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a")))
+
+    def kill_at_10(record):
+        if record["step"] == 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b")), on_log=kill_at_10)
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-00000010.pt", weights_only=False)
+    assert not state["dense"] and state["pruner"]["stages"] and state["pruner"]["importance"]["mean"]
+    assert state["student"]["bert.embeddings.word_embeddings.weight"].shape[1] < AutoConfig.from_pretrained(teacher_dir).hidden_size
+    resumed = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b")), resume=True)
+    assert resumed["resumed_from_step"] == 10 and resumed["parity_max_abs_diff"] == whole["parity_max_abs_diff"] <= 1e-4
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a" / "student").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b" / "student").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and resumed["student"]["dev"] == whole["student"]["dev"]
+
+
 def test_the_full_width_student_is_freed_at_the_dense_switch(tmp_path: Path, teacher_dir: Path, task_files):
     """After the switch nothing holds the masked student (nor, through it, its optimizer state): only the teacher is
     still a full-width model."""

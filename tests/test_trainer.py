@@ -57,14 +57,14 @@ def test_distill_reaches_targets_with_monotone_masks_and_zero_pruned_weights(tea
     def checked_apply(self):
         original(self)
         assert self.pruned_weights_are_zero()
-        seen.append([m.clone() for m in self.masks.tensors()])
+        seen.append((id(self), [m.clone() for m in self.masks.tensors()]))
 
     monkeypatch.setattr(MaskedModel, "apply", checked_apply)
     records = []
     report = distill(validate_recipe(recipe_dict(teachers["mlm"], corpus, tmp_path / "run")), on_log=records.append)
-    assert len(seen) >= 24
-    for before, after in zip(seen, seen[1:]):
-        assert all(not (a & ~b).any() for a, b in zip(after, before)), "a pruned unit came back"
+    assert len(seen) >= 24 and len({model for model, _ in seen}) >= 2  # pruning went on over a materialised student
+    for (model, before), (same, after) in zip(seen, seen[1:]):
+        assert model != same or all(not (a & ~b).any() for a, b in zip(after, before)), "a pruned unit came back"
     assert report["student"]["widths"] == {"hidden": 32, "heads": 2, "head_dim": 16, "ffn": 48}
     assert report["parity_max_abs_diff"] <= 1e-4 and report["mlm_kl_active"]
     widths = [r["widths"]["hidden"] for r in records]
@@ -140,8 +140,10 @@ def test_the_student_turns_dense_at_its_final_width_and_trains_on_as_the_masked_
     assert max_weight_difference(tmp_path / "dense" / "student", tmp_path / "masked" / "student") < 1e-5
 
 
-def test_the_full_width_student_and_its_optimizer_state_are_freed_at_the_dense_switch(teachers, corpus, tmp_path):
-    """After the switch only the teacher is a full-width model, and the only Adam moments are the dense student's."""
+@pytest.mark.parametrize("materialize_at,masked_phase", [(None, (2, 1)), (0.9, (1, 1))])
+def test_the_full_width_student_and_its_optimizer_state_are_freed_at_the_dense_switch(teachers, corpus, tmp_path, materialize_at, masked_phase):
+    """After the switch only the teacher is a full-width model, and the only Adam moments are the dense student's; with
+    pruning.materialize_at the full-width student is gone before the last masked step, at the first switch on the way down."""
     import gc
 
     from transformers import AutoConfig, PreTrainedModel
@@ -157,8 +159,9 @@ def test_the_full_width_student_and_its_optimizer_state_are_freed_at_the_dense_s
         seen[record["dense"]] = (models, moments)  # each phase's last step
 
     r = recipe_dict(teachers["base"], corpus, tmp_path / "run", training={"steps": 16, "batch_size": 8, "log_every": 1, "precision": "fp32"})
+    r["pruning"]["materialize_at"] = materialize_at
     distill(validate_recipe(r), on_log=count)
-    assert seen == {False: (2, 1), True: (1, 1)}
+    assert seen == {False: masked_phase, True: (1, 1)}
 
 
 def test_kill_after_the_dense_switch_and_resume_reproduces_the_run_bitwise(teachers, corpus, tmp_path, caplog):

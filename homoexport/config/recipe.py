@@ -122,6 +122,17 @@ class PruningSpec(_Strict):
     score_batches: int = Field(8, ge=1, description="batches used to score importance for one-shot pruning")
     materialize: bool = Field(True, description="continue on the dense student once the target width is reached for good "
                               "(late steps cost what the small model costs)")
+    materialize_at: Optional[float] = Field(0.9, gt=0, lt=1, description="with materialize: while pruning, also continue on the "
+                                            "materialised student whenever its kept widths hold at most this share of the weights "
+                                            "per layer of the model it runs on; null: only at the target width")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _materialize_at_needs_materialize(cls, data: Any) -> Any:
+        """A student that stays masked to the end is never materialised on the way down either: the resolved recipe says so."""
+        if isinstance(data, dict) and data.get("materialize") is False:
+            data = {**data, "materialize_at": None}
+        return data
 
 
 class OptimizerSpec(_Strict):

@@ -321,7 +321,7 @@ def run_sandwich(recipe: Recipe, on_log: Callable[[dict], None] | None = None) -
         total = 0.0
         for w in [largest, target, *_sampled(middle, spec.sampled_widths, seed, step)]:
             with autocast():
-                loss, _ = masked_call(module, masked_overrides(masked, masks[width_key(w)], "student."), batch, t_out, masks[width_key(w)].heads)
+                loss, _ = masked_call(module, masked_overrides(masked, masks[width_key(w)], "student."), batch, t_out, masks[width_key(w)].kept_heads())
             loss.backward()
             total += float(loss.detach())
         if o.max_grad_norm > 0:

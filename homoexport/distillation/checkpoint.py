@@ -98,9 +98,11 @@ def resumable_fields(recipe: Recipe) -> dict[str, Any]:
     """What must not change between a checkpoint and its resume (everything but the output location).
 
     ``training.precision`` is left out: what must match is the precision it resolved to, which the checkpoint keeps
-    (see check_same_precision), so ``auto`` and the precision it chose are the same run.
+    (see check_same_precision), so ``auto`` and the precision it chose are the same run. So is
+    ``pruning.materialize_at``: where the loop goes on over a materialised student changes what a step costs, not what
+    it computes (the two agree to PARITY_TOLERANCE, checked at every switch).
     """
-    exclude: dict[str, Any] = {"output": True, "training": set(_NOT_RESUMABLE)}
+    exclude: dict[str, Any] = {"output": True, "training": set(_NOT_RESUMABLE), "pruning": {"materialize_at"}}
     if recipe.task is not None:  # how the finished student is exported changes nothing trained
         exclude["task"] = {"keep_fp32"}
     return recipe.model_dump(mode="json", exclude=exclude)

@@ -19,6 +19,7 @@ from torch import nn
 
 from homoexport.config.recipe import LossSpec
 from homoexport.errors import UsageError
+from homoexport.pruning.mask_groups import KeptHeads
 
 
 @dataclass
@@ -135,15 +136,14 @@ def masked_mse(student: torch.Tensor, teacher: torch.Tensor, token_mask: torch.T
     return (err * w).sum() / w.sum().clamp_min(1)
 
 
-def attention_mse(student: torch.Tensor, teacher: torch.Tensor, kept_heads: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
-    """MSE of attention probabilities [B, heads, T, T] over kept heads and non-padding query rows.
-
-    ``kept_heads`` [teacher heads] selects the teacher's heads; the student's are selected the same way
-    while it is masked (same head count), and taken whole once it is materialised (kept heads only).
-    """
-    t = teacher[:, kept_heads]  # [B, h, T, T]
-    s = student if student.shape[1] == t.shape[1] and student.shape[1] != teacher.shape[1] else student[:, kept_heads]
-    err = (s - t).pow(2).mean(-1)  # [B, h, T]
+def attention_mse(student: torch.Tensor, teacher: torch.Tensor, kept: KeptHeads | None, layer: int, token_mask: torch.Tensor) -> torch.Tensor:
+    """MSE of attention probabilities [B, heads, T, T] over the kept heads (``kept`` of ``layer``, all when None) and
+    non-padding query rows: the student's kept heads against the teacher heads they were copied from."""
+    if kept is not None:
+        teacher, student = teacher[:, kept.teacher[layer].to(teacher.device)], student[:, kept.student[layer].to(student.device)]
+    if student.shape[1] != teacher.shape[1]:
+        raise UsageError("the attention term needs the same head count in student and teacher; use relation transfer instead")
+    err = (student - teacher).pow(2).mean(-1)  # [B, h, T]
     w = token_mask[:, None, :].to(err.dtype).expand_as(err)
     return (err * w).sum() / w.sum().clamp_min(1)
 
@@ -210,9 +210,9 @@ class DistillationLoss(nn.Module):
 
     def forward(
         self, student: EncoderOutputs, teacher: EncoderOutputs, token_mask: torch.Tensor,
-        mlm_labels: torch.Tensor | None, kept_heads: torch.Tensor | None,
+        mlm_labels: torch.Tensor | None, kept_heads: KeptHeads | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total loss and each unweighted term. ``kept_heads``: [Ls, heads] bool of the student's heads."""
+        """Total loss and each unweighted term. ``kept_heads``: the student's heads among the teacher's (a pruned student)."""
         terms: dict[str, torch.Tensor] = {}
         active = self.active_terms
         if "mlm" in active:
@@ -231,14 +231,8 @@ class DistillationLoss(nn.Module):
         if "embedding" in active:
             terms["embedding"] = masked_mse(self.embedding_proj(student.hidden[0]), teacher.hidden[0], token_mask)
         if "attention" in active:
-            per_layer = []
-            for k, targets in self.pairs:
-                s_heads, t_heads = student.attentions[k - 1].shape[1], teacher.attentions[targets[-1] - 1].shape[1]
-                dense_kept = kept_heads is not None and int(kept_heads[k - 1].sum()) == s_heads
-                if s_heads != t_heads and not dense_kept:
-                    raise UsageError("the attention term needs the same head count in student and teacher; use relation transfer instead")
-                heads = kept_heads[k - 1] if kept_heads is not None else torch.ones(t_heads, dtype=torch.bool)
-                per_layer.append(attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], heads.to(token_mask.device), token_mask))
+            per_layer = [attention_mse(student.attentions[k - 1], teacher.attentions[targets[-1] - 1], kept_heads, k - 1, token_mask)
+                         for k, targets in self.pairs]
             terms["attention"] = torch.stack(per_layer).mean()
         if SENTENCE_TERMS & set(active):
             s_sent = student.sentence if student.sentence is not None else pool_hidden(student.hidden[-1], token_mask, self.pooling)

@@ -66,8 +66,8 @@ from homoexport.distillation.task_data import (
 from homoexport.errors import UsageError
 from homoexport.evaluation.glue_data import GlueTask, predictions, score
 from homoexport.machine import fingerprint
-from homoexport.pruning.mask_groups import config_widths
-from homoexport.pruning.pruner import HomoDistilPruner
+from homoexport.pruning.mask_groups import KeptHeads, config_widths
+from homoexport.pruning.pruner import HomoDistilPruner, stages
 from homoexport.pruning.surgery import model_inputs, parameter_report, save_student
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class TaskLoss(nn.Module):
             terms["label"] = self.hard_label
         return terms
 
-    def forward(self, student, teacher, token_mask: torch.Tensor, labels: torch.Tensor, kept_heads: torch.Tensor | None):
+    def forward(self, student, teacher, token_mask: torch.Tensor, labels: torch.Tensor, kept_heads: KeptHeads | None):
         s = EncoderOutputs(hidden=student.hidden_states, attentions=student.attentions)
         t = EncoderOutputs(hidden=teacher.hidden_states, attentions=teacher.attentions)
         total, terms = self.inner(s, t, token_mask, None, kept_heads)
@@ -273,7 +273,7 @@ class TaskRun:
     scheduler: Any
     pruner: HomoDistilPruner | None
     dense: bool = False
-    parity: float | None = None  # max |masked - dense| when the loop switched to the dense student
+    parity: float | None = None  # the largest max |masked - dense| of the loop's switches to a materialised student
     step: int = 0
     curve: list[dict[str, Any]] = field(default_factory=list)
     family: list[dict[str, Any]] = field(default_factory=list)  # students kept on the way down (task.family)
@@ -285,7 +285,7 @@ class TaskRun:
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {**{f"student.{n}": p for n, p in self.student.named_parameters()}, **{f"loss.{n}": p for n, p in self.loss.named_parameters()}}
 
-    def kept_heads(self) -> torch.Tensor | None:
+    def kept_heads(self) -> KeptHeads | None:
         return self.pruner.kept_heads() if self.pruner is not None else None
 
 
@@ -339,27 +339,29 @@ def _scheduler(optimizer, recipe: Recipe, total: int):
     return get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
 
 
-def to_dense(run: TaskRun, recipe: Recipe, total: int, probe: dict[str, torch.Tensor]) -> None:
+def to_dense(run: TaskRun, recipe: Recipe, total: int, probe: dict[str, torch.Tensor], final: bool = True) -> None:
     """Continue on the materialised student (parity-checked on ``probe``): slice weights, loss projections and Adam state
-    to the kept units."""
+    to the kept units. ``final``: the target is reached for good; else pruning goes on over the smaller model
+    (``pruning.materialize_at``)."""
     assert run.pruner is not None and not run.dense
     old = run.named_parameters()
     old_state = {n: run.optimizer.state.get(p, {}) for n, p in old.items()}
     old_lrs = [g["lr"] for g in run.optimizer.param_groups]
     sched_state = run.scheduler.state_dict()
-    dense, run.parity = run.pruner.materialize_checked(probe)
-    run.pruner.stop_scoring()
+    dense, parity = run.pruner.materialize_checked(probe)
+    run.parity = max(parity, run.parity or 0.0)
     run.student = dense.train().requires_grad_(True)
     run.loss.inner.keep_student_dims(run.pruner.masks.hidden.nonzero().flatten())
     new = run.named_parameters()
     run.optimizer = _optimizer(new, recipe)
     carry_optimizer_state(run.pruner, old_state, run.optimizer, new)
+    run.pruner.rebase(run.student, final)
     run.scheduler = _scheduler(run.optimizer, recipe, total)
     run.scheduler.load_state_dict(sched_state)
     for group, lr in zip(run.optimizer.param_groups, old_lrs):
         group["lr"] = lr
-    run.dense = True
-    logger.info("continuing on the dense student %s from step %d", run.pruner.widths(), run.step)
+    run.dense = final
+    logger.info("continuing on the %s student %s from step %d", "dense" if final else "materialised", run.pruner.widths(), run.step)
 
 
 def _save_checkpoint(directory: Path, run: TaskRun, recipe: Recipe, ranks: Ranks) -> None:
@@ -380,10 +382,12 @@ def _load_checkpoint(path: Path, run: TaskRun, recipe: Recipe, total: int, probe
     check_same_recipe(state["recipe"], recipe, path)
     check_same_precision(state.get("precision"), run.precision, recipe.training.precision, path)
     if run.pruner is not None:
-        run.pruner.load_state_dict(state["pruner"])
-    if state["dense"]:
-        to_dense(run, recipe, total, probe)
-        run.parity = state.get("parity")
+        replay = stages(state["pruner"], state["dense"])
+        for i, masks in enumerate(replay):  # the smaller students the run went on over, in order
+            run.pruner.masked.set_masks(masks)
+            to_dense(run, recipe, total, probe, final=state["dense"] and i == len(replay) - 1)
+        run.pruner.load_state_dict(state["pruner"], state["dense"])
+    run.parity = state.get("parity")
     run.student.load_state_dict(state["student"])
     run.loss.load_state_dict(state["loss"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -492,6 +496,9 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             if recipe.pruning.materialize and run.pruner.reached_target(step):
                 run.step = step + 1
                 to_dense(run, recipe, total, probe)
+            elif changed and recipe.pruning.materialize and recipe.pruning.materialize_at and run.pruner.worth_rebasing(recipe.pruning.materialize_at):
+                run.step = step + 1
+                to_dense(run, recipe, total, probe, final=False)
         run.step = done = step + 1
         figures = ranks.sum_values({"loss": float(value.detach()) * share, **{f"loss_{k}": float(v.detach()) * share for k, v in terms.items()}})
         record: dict[str, Any] = {"step": done, "total": total, **figures, "lr": run.scheduler.get_last_lr()[0], "step_s": time.time() - t0,
@@ -709,9 +716,10 @@ def _finish(run: TaskRun, setting: TaskSetting, total: int, resumed_from: int) -
     """Materialise (if still masked), check parity, score, save the student and the report."""
     recipe, out, data, dev, teacher_dev, plan = setting.recipe, setting.out, setting.data, setting.dev, setting.teacher_dev, setting.plan
     assert recipe.task is not None
-    parity = run.parity
+    parity = run.parity  # the largest at the loop's switches to a materialised student
     if run.pruner is not None and not run.dense:
-        dense, parity = run.pruner.materialize_checked(model_inputs(dev.batch_at(0)))
+        dense, last = run.pruner.materialize_checked(model_inputs(dev.batch_at(0)))
+        parity = max(last, parity or 0.0)
     else:
         dense = run.student
     dense = dense.eval()

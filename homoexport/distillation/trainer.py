@@ -49,13 +49,14 @@ from homoexport.errors import UsageError
 from homoexport.evaluation.sts import carry_pooling
 from homoexport.machine import fingerprint
 from homoexport.pruning.mask_groups import (
+    KeptHeads,
     MaskedModel,
     Masks,
     Widths,
     config_widths,
     target_widths,
 )
-from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings
+from homoexport.pruning.pruner import HomoDistilPruner, PrunerSettings, stages
 from homoexport.pruning.surgery import materialize, model_inputs, parameter_report, save_student
 
 logger = logging.getLogger(__name__)
@@ -149,20 +150,23 @@ def _scheduler(optimizer, o: OptimizerSpec, total: int):
     return get_scheduler(o.scheduler, optimizer, num_warmup_steps=steps_of(o.warmup, total), num_training_steps=total)
 
 
-def _to_dense(opt: Optimized, pruner: HomoDistilPruner, recipe: Recipe, accelerator, step: int, probe: dict[str, torch.Tensor]) -> None:
+def _to_dense(opt: Optimized, pruner: HomoDistilPruner, recipe: Recipe, accelerator, step: int, probe: dict[str, torch.Tensor],
+              final: bool = True) -> None:
     """Continue on the materialised student (parity-checked on ``probe``), with the loss projections and the optimizer
-    state cut to the kept units and the schedule where it was: from here a step costs what the small model costs."""
+    state cut to the kept units and the schedule where it was: from here a step costs what the smaller model costs.
+    ``final``: the target is reached for good; else pruning goes on over the smaller model (``pruning.materialize_at``)."""
     raw = getattr(opt.optimizer, "optimizer", opt.optimizer)  # accelerate wraps the torch optimizer
     old_state = {n: raw.state.get(p, {}) for n, p in opt.unwrapped.named_parameters()}
     old_lrs = [g["lr"] for g in raw.param_groups]
     sched_state = opt.lr_scheduler.state_dict()
-    dense, opt.parity = pruner.materialize_checked(probe)
-    pruner.stop_scoring()
+    dense, parity = pruner.materialize_checked(probe)
+    opt.parity = max(parity, opt.parity or 0.0)
     loss = opt.unwrapped.loss
     loss.keep_student_dims(pruner.masks.hidden.nonzero().flatten())
     module = DistillModule(dense.to(accelerator.device).train().requires_grad_(True), loss, opt.unwrapped.relation_layer)
     optimizer = _optimizer(module, recipe.optimizer, accelerator.device)
     carry_optimizer_state(pruner, old_state, optimizer, dict(module.named_parameters()))
+    pruner.rebase(module.student, final)
     opt.lr_scheduler = _scheduler(optimizer, recipe.optimizer, recipe.training.steps)
     opt.lr_scheduler.load_state_dict(sched_state)
     for group, lr in zip(optimizer.param_groups, old_lrs):
@@ -172,8 +176,9 @@ def _to_dense(opt: Optimized, pruner: HomoDistilPruner, recipe: Recipe, accelera
     accelerator.free_memory()
     opt.module, opt.optimizer = accelerator.prepare(module, optimizer)
     opt.unwrapped = accelerator.unwrap_model(opt.module)
-    opt.dense_from = step
-    logger.info("continuing on the dense student %s from step %d", pruner.widths(), step)
+    if final:
+        opt.dense_from = step
+    logger.info("continuing on the %s student %s from step %d", "dense" if final else "materialised", pruner.widths(), step)
 
 
 @dataclass
@@ -190,7 +195,7 @@ class AgnosticRun:
     last_terms: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # of the forward passes and losses (training.precision resolved); weights stay fp32
 
-    def kept_heads(self) -> torch.Tensor | None:
+    def kept_heads(self) -> KeptHeads | None:
         return self.pruner.kept_heads() if self.pruner is not None else None
 
 
@@ -294,7 +299,6 @@ def distill(
     if recipe.pruning.schedule != "none" and recipe.init != "random":
         pruner = HomoDistilPruner(student, recipe_target(recipe, config_widths(student.config)), pruner_settings(recipe, total),
                                   verify=lambda masks: _check_same_on_all_ranks(accelerator, masks))
-    masked: MaskedModel | None = pruner.masked if pruner is not None else None
     student.requires_grad_(True).train()
     s_rel, t_rel = relation_layers(recipe, teacher.config.num_hidden_layers)
     loss_fn = DistillationLoss(recipe.losses, student.config.hidden_size, teacher.config.hidden_size,
@@ -330,10 +334,15 @@ def distill(
         check_same_recipe(state["recipe"], recipe, ckpt)
         check_same_precision(state.get("precision"), precision, recipe.training.precision, ckpt)
         if pruner is not None:
-            pruner.load_state_dict({"masks": state["masks"], "importance": state["importance"]})
-            if state.get("dense_from") is not None:
-                _to_dense(opt, pruner, recipe, accelerator, state["dense_from"], probe)
-                opt.parity = state["parity"]
+            dense = state.get("dense_from") is not None
+            saved = {k: state[k] for k in ("stages", "masks", "importance") if k in state}
+            replay = stages(saved, dense)
+            for i, masks in enumerate(replay):  # the smaller students the run went on over, in order
+                pruner.masked.set_masks(masks)
+                final = dense and i == len(replay) - 1
+                _to_dense(opt, pruner, recipe, accelerator, state["dense_from"] if final else state["step"], probe, final)
+            pruner.load_state_dict(saved, dense)
+            opt.parity = state["parity"]
         opt.unwrapped.load_state_dict(state["module"])
         opt.optimizer.load_state_dict(state["optimizer"])
         opt.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -351,8 +360,8 @@ def distill(
             atomic_write_text(out.log, "".join(line + "\n" for line in kept))
         atomic_write_text(out.out / "recipe.resolved.yaml", resolved_header() + recipe.resolved_yaml())
 
-    def kept_heads() -> torch.Tensor | None:
-        return masked.masks.heads if masked is not None else None
+    def kept_heads() -> KeptHeads | None:
+        return pruner.kept_heads() if pruner is not None else None
 
     tokens_per_step = round(recipe.training.batch_size * batcher.tokens_per_row)  # sentence rows: padding not counted
     clock = TrainingClock(before, start)
@@ -377,8 +386,7 @@ def distill(
             for k, v in terms.items():
                 terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / n_micro
         masking = pruner is not None and not opt.dense
-        if masking:
-            pruner.after_backward(step)
+        changed = pruner.after_backward(step) if masking else False
         if o.max_grad_norm > 0:
             accelerator.clip_grad_norm_(module.parameters(), o.max_grad_norm)
         opt.optimizer.step()
@@ -389,12 +397,14 @@ def distill(
             pruner.after_optimizer_step()
             if recipe.pruning.materialize and pruner.reached_target(step):
                 _to_dense(opt, pruner, recipe, accelerator, done, probe)
+            elif changed and recipe.pruning.materialize and recipe.pruning.materialize_at and pruner.worth_rebasing(recipe.pruning.materialize_at):
+                _to_dense(opt, pruner, recipe, accelerator, done, probe, final=False)
         last_terms = _all_reduce_mean(accelerator, terms_sum)
         record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in opt.unwrapped.loss.active_terms.items()),
                   **{f"loss_{k}": v for k, v in last_terms.items()}, "lr": opt.lr_scheduler.get_last_lr()[0],
                   "tokens_per_s": tokens_per_step / max(time.time() - t0, 1e-9), "step_s": time.time() - t0,
                   "elapsed_s": round(clock.since_start(), 1),
-                  **({"widths": masked.masks.widths().as_dict(), "dense": opt.dense} if masked is not None else {})}
+                  **({"widths": pruner.widths().as_dict(), "dense": opt.dense} if pruner is not None else {})}
         ev = recipe.training.eval_every
         if ev and done % ev == 0 and done < total and is_main:
             record.update(_evaluate(opt.unwrapped, teacher, eval_batcher, eval_steps, kept_heads(), t_rel))
@@ -402,8 +412,9 @@ def distill(
         if (ce and done % ce == 0) or done == total:
             _checkpoint(accelerator, out, done, recipe, opt, pruner, precision, clock.elapsed())
         se = recipe.training.snapshot_every
-        if se and done % se == 0 and done < total and is_main and (masked is None or masked.masks.widths().is_stock):
-            _snapshot(out.out / "snapshots" / f"step-{done:08d}", opt.unwrapped.student, None if opt.dense else masked, setup.tokenizer, recipe)
+        if se and done % se == 0 and done < total and is_main and (pruner is None or pruner.widths().is_stock):
+            _snapshot(out.out / "snapshots" / f"step-{done:08d}", opt.unwrapped.student, None if pruner is None or opt.dense else pruner.masked,
+                      setup.tokenizer, recipe)
         if is_main and (done % recipe.training.log_every == 0 or done == total or "eval_loss" in record):
             with open(out.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -456,6 +467,7 @@ def _checkpoint(accelerator, out: RunPaths, step: int, recipe: Recipe, opt: Opti
         state = {"step": step, "recipe": resumable_fields(recipe), "precision": precision, "module": opt.unwrapped.state_dict(),
                  "optimizer": opt.optimizer.state_dict(), "lr_scheduler": opt.lr_scheduler.state_dict(), "rng": rngs,
                  "dense_from": opt.dense_from, "parity": opt.parity, "elapsed_s": elapsed_s,
+                 "stages": [m.state_dict() for m in pruner.stages] if pruner is not None else None,
                  "masks": pruner.masks.state_dict() if pruner is not None else None,
                  "importance": pruner.importance.state_dict() if pruner is not None else None}
         save_checkpoint(out.checkpoints / f"step-{step:08d}.pt", state)
@@ -510,6 +522,7 @@ def _finish(recipe: Recipe, out: RunPaths, accelerator, run: AgnosticRun, clock:
             dense, parity = student, run.opt.parity  # checked when the loop switched to it
         else:
             dense, parity = run.pruner.materialize_checked(model_inputs((setup.eval_batcher or setup.batcher).batch_at(0), accelerator.device))
+            parity = max(parity, run.opt.parity or 0.0)  # and the loop's switches to a materialised student on the way down
         widths = run.pruner.widths() if run.pruner is not None else config_widths(student.config)
         dense = dense.cpu()
         with staging_dir(out.out / "student", overwrite=True) as tmp:

@@ -259,6 +259,10 @@ class Masks:
             raise ValueError("masks are not uniform across layers/heads: the student is not a stock BERT shape")
         return Widths(int(self.hidden.sum()), int(heads[0]), int(dims.flatten()[0]), int(ffn[0]))
 
+    def kept_heads(self) -> "KeptHeads":
+        """The kept heads of a model these masks are over, which numbers its heads as the teacher does (a full-width copy)."""
+        return KeptHeads(teacher=self.heads, student=self.heads)
+
     def clone(self) -> "Masks":
         return Masks(self.hidden.clone(), self.heads.clone(), self.head_dims.clone(), self.ffn.clone())
 
@@ -275,6 +279,16 @@ class Masks:
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "Masks":
         return cls(**{k: state[k].bool().clone() for k in ("hidden", "heads", "head_dims", "ffn")})
+
+
+@dataclass(frozen=True)
+class KeptHeads:
+    """The attention heads a student still has, in two numberings: ``teacher`` [layers, teacher heads] selects them
+    among the teacher's heads, ``student`` [layers, student heads] among the heads of the model being trained (all of
+    them once it is materialised at its final width)."""
+
+    teacher: torch.Tensor
+    student: torch.Tensor
 
 
 def _topk_mask(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:

@@ -10,6 +10,10 @@ The user owns the loop, in the manner of Torch-Pruning's ``MetaPruner.step()``::
         pruner.after_optimizer_step()      # pruned weights back to exactly 0
     dense = pruner.materialize()           # a stock, smaller model computing the same function
 
+A loop that wants its steps to cost what the kept widths cost materialises on the way down and trains on the
+smaller model, ``pruner.rebase(dense)`` after it has cut its optimizer state (:func:`slice_optimizer_state`); masks only
+ever shrink, so the dense model computes what the masked one did and pruning goes on over it.
+
 Importance is the PLATON-smoothed sensitivity summed over each unit's mask group and the width follows
 the cubic schedule of Liang et al. (HomoDistil, ICLR 2023); masks are monotone.
 """
@@ -25,9 +29,11 @@ from torch import nn
 from homoexport.errors import ParityError, UsageError
 from homoexport.pruning.importance import METHODS, ImportanceTracker
 from homoexport.pruning.mask_groups import (
+    KeptHeads,
     MaskedModel,
     Masks,
     Widths,
+    build_layout,
     full_widths,
     prepare,
     shrink,
@@ -85,6 +91,9 @@ class HomoDistilPruner:
         self.importance = ImportanceTracker(model, self.masked.layout, s.importance, s.beta1, s.beta2)  # type: ignore[arg-type]
         self.verify = verify
         self.scoring = True  # False once stop_scoring() dropped the scores
+        self.stages: list[Masks] = []  # the masks of every rebase(), each over the model before it: resume replays them
+        layers, heads = self.masks.heads.shape
+        self._head_origin = torch.arange(heads).repeat(layers, 1)  # [layers, heads of the model now] -> the first model's head
 
     def stop_scoring(self) -> None:
         """Drop the importance scores and the full-width model once the loop trains the materialised student and
@@ -109,9 +118,40 @@ class HomoDistilPruner:
     def widths(self) -> Widths:
         return self.masked.widths()
 
-    def kept_heads(self) -> torch.Tensor:
-        """[layers, heads] bool of the heads still in the student."""
-        return self.masked.masks.heads
+    def kept_heads(self) -> KeptHeads:
+        """The heads still in the student, numbered as in the model the pruner started from (the teacher's copy) and as in
+        the model it is over now: the attention term compares one with the other."""
+        own = self.masks.heads
+        first = torch.zeros(own.shape[0], self.full.heads, dtype=torch.bool).scatter_(1, self._head_origin, own)
+        return KeptHeads(teacher=first, student=own)
+
+    def worth_rebasing(self, share: float) -> bool:
+        """True when the kept widths cost at most ``share`` of the model the masks are over, counted as the weights of an
+        encoder layer (the matrix-multiply work per token): the point to continue on the materialised model."""
+        return layer_weights(self.widths()) <= share * layer_weights(full_widths(self.masked.layout))
+
+    def rebase(self, dense: nn.Module, final: bool = False) -> None:
+        """Go on over ``dense``, the materialisation of the masked model (:meth:`materialize`), which the loop trains from
+        now on: its masks start full, the importance scores are cut to the kept units
+        (:meth:`~homoexport.pruning.importance.ImportanceTracker.rebased`) and the schedule goes on where it was, so units
+        are chosen as they would have been over the masked model. ``final``: the target is reached for good, so
+        nothing is prepared and the scores are dropped (:meth:`stop_scoring`); ``dense`` stays a stock model.
+
+        The loop cuts its own optimizer state and loss projections before this call, while :attr:`masks` still describe
+        the model they were made for.
+        """
+        if not self.scoring:
+            raise RuntimeError("rebase() after stop_scoring(): the pruner is over its final model already")
+        old = self.masks
+        self.stages.append(old.clone())
+        self._head_origin = torch.stack([self._head_origin[layer][old.heads[layer]] for layer in range(old.heads.shape[0])])
+        if final:
+            layout = build_layout(dense)
+            self.masked = MaskedModel(None, layout, Masks.full(layout))
+            self.stop_scoring()
+            return
+        self.masked = prepare(dense)
+        self.importance = self.importance.rebased(dense, self.masked.layout, old)
 
     def reached_target(self, step: int) -> bool:
         """True once the masks after ``step`` are the target and can never change again."""
@@ -165,11 +205,31 @@ class HomoDistilPruner:
         return dense, parity
 
     def state_dict(self) -> dict:
-        return {"masks": self.masks.state_dict(), "importance": self.importance.state_dict()}
+        return {"stages": [m.state_dict() for m in self.stages], "masks": self.masks.state_dict(), "importance": self.importance.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, dense: bool = False) -> None:
+        """Masks and scores of a :meth:`state_dict` (``dense``: saved after the switch to the final model). Its
+        :func:`stages` must have been replayed first (each installed with ``masked.set_masks``, materialised and passed to
+        :meth:`rebase`), since only the loop can swap its model."""
+        if len(self.stages) != len(stages(state, dense)):
+            raise ValueError(f"the state has {len(stages(state, dense))} rebased stages and this pruner {len(self.stages)}: replay them first")
+        if not self.scoring:  # over the final model: its masks are full and its scores dropped
+            return
         self.masked.set_masks(Masks.from_state_dict(state["masks"]))
         self.importance.load_state_dict(state["importance"])
+
+
+def stages(state: dict, dense: bool = False) -> list[Masks]:
+    """The masks a pruner's :meth:`~HomoDistilPruner.state_dict` was rebased through, in order. A state written before
+    stages had none; ``dense``: it was saved after the loop switched to the materialised target, whose masks it holds."""
+    if "stages" in state:
+        return [Masks.from_state_dict(m) for m in state["stages"]]
+    return [Masks.from_state_dict(state["masks"])] if dense else []
+
+
+def layer_weights(widths: Widths) -> int:
+    """Weights of one encoder layer at ``widths``: Q, K, V and the attention output, then the FFN's two matrices."""
+    return 4 * widths.hidden * widths.attn + 2 * widths.hidden * widths.ffn
 
 
 def slice_optimizer_state(pruner: HomoDistilPruner, name: str, state: dict) -> dict:
