@@ -1,16 +1,23 @@
-"""What continuing on the dense student saves in a whole task-agnostic run, and what it changes.
+"""What continuing on materialised students saves in a whole task-agnostic run, and what it changes.
 
-One recipe is distilled twice, back to back on this machine: with ``pruning.materialize`` (the default: once the
-target width is reached for good, the loop trains the materialised student) and without it (the masked student
-computes at full width to the end). Every step is logged, so the table compares the median step time of the
-same steps in both runs, before and after the switch (from each step's logged throughput), and the runs' wall times. Quality: the held-out loss terms
-and cosine to the teacher of both final students. The two students are not bit-identical where the student has
-dropout (its masks are drawn over other shapes once the student is smaller).
+One recipe is distilled once per arm, back to back on this machine:
 
-    python benchmarks/dense_continuation.py --recipe recipes/quickstart.yaml
+    staged  ``pruning.materialize_at`` 0.9 (the default): the loop goes on over the materialised student whenever the
+            kept widths hold at most 90% of the weights per layer of the model it trains, and pruning goes on over it
+    dense   ``pruning.materialize_at: null``: the student stays masked (full width) until the target width is reached
+            for good, then the loop trains the materialised student (``pruning.materialize``)
+    masked  ``pruning.materialize: false``: the masked student computes at full width to the end
+
+Every step is logged, so the table compares the time of the same steps in every run, before and after the switch to
+the target width (from each step's logged throughput), and the runs' wall times. Quality: the held-out loss terms and
+cosine to the teacher of the final students. The students are not bit-identical where the student has dropout (its
+masks are drawn over other shapes once the student is smaller).
+
+    python benchmarks/dense_continuation.py --recipe recipes/quickstart.yaml --arms dense,masked
+    python benchmarks/dense_continuation.py --recipe recipes/quickstart.yaml --arms staged,dense --tag staged
 
 Each run lands under ``--work`` and is reused when its report is there (a killed run resumes). Prints a table
-and writes ``--results``/dense_continuation_<recipe name>.json.
+and writes ``--results``/dense_continuation_<recipe name>[-<tag>].json.
 """
 
 from __future__ import annotations
@@ -26,7 +33,9 @@ from homoexport.config.recipe import load_recipe
 from homoexport.distillation.trainer import distill
 from homoexport.machine import fingerprint
 
-ARMS = {"dense": "true", "masked": "false"}  # arm -> pruning.materialize
+ARMS = {"staged": ["pruning.materialize=true", "pruning.materialize_at=0.9"],
+        "dense": ["pruning.materialize=true", "pruning.materialize_at=null"],
+        "masked": ["pruning.materialize=false"]}
 
 
 def run_arm(recipe_path: str, overrides: list[str], out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -48,46 +57,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="recipes/quickstart.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
+    ap.add_argument("--arms", default="staged,dense,masked", help=f"comma-separated, of {', '.join(ARMS)}; ratios are to the last")
+    ap.add_argument("--tag", default="", help="suffix of the results file, to keep another comparison's")
     ap.add_argument("--work", default="runs/dense_continuation")
     ap.add_argument("--results", default="benchmarks/results")
     args = ap.parse_args(argv)
+    names = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if len(names) < 2 or any(a not in ARMS for a in names):
+        raise SystemExit(f"--arms needs two or more of {', '.join(ARMS)}; got {args.arms!r}")
+    base = names[-1]
 
     name = load_recipe(args.recipe, args.overrides).name
     arms: dict[str, dict[str, Any]] = {}
-    for arm, materialize in ARMS.items():
-        report, records = run_arm(args.recipe, [*args.overrides, f"pruning.materialize={materialize}"], Path(args.work) / name / arm)
+    for arm in names:
+        report, records = run_arm(args.recipe, [*args.overrides, *ARMS[arm]], Path(args.work) / name / arm)
         arms[arm] = {"report": report, "steps": step_seconds(records, report["tokens"] / report["steps"])}
-    switch = arms["dense"]["report"]["dense_from_step"]
+    switch = next((a["report"]["dense_from_step"] for a in arms.values() if a["report"]["dense_from_step"] is not None), None)
     if switch is None:
-        raise SystemExit("the dense arm never switched: the recipe's pruning never reaches its target for good")
-    total = arms["dense"]["report"]["steps"]
-    phases = {"masked in both (steps 1-%d)" % switch: range(1, switch + 1), "after the switch (steps %d-%d)" % (switch + 1, total): range(switch + 1, total + 1)}
+        raise SystemExit("no arm switched to the target width: the recipe's pruning never reaches its target for good")
+    total = arms[names[0]]["report"]["steps"]
+    phases = {"pruning (steps 1-%d)" % switch: range(1, switch + 1), "at the target (steps %d-%d)" % (switch + 1, total): range(switch + 1, total + 1)}
     rows = []
     for phase, steps in phases.items():
         row: dict[str, Any] = {"phase": phase, "steps": len(steps)}
-        for arm in ARMS:
+        for arm in names:
             row[f"{arm}_median_step_s"] = round(statistics.median(arms[arm]["steps"][s] for s in steps), 3)
-        row["dense_over_masked"] = round(row["dense_median_step_s"] / row["masked_median_step_s"], 3)
+            row[f"{arm}_phase_s"] = round(sum(arms[arm]["steps"][s] for s in steps), 1)
+        for arm in names[:-1]:
+            row[f"{arm}_over_{base}"] = round(row[f"{arm}_phase_s"] / row[f"{base}_phase_s"], 3)
         rows.append(row)
-    summary = {arm: {"wall_time_s": a["report"]["wall_time_s"], "precision": a["report"]["precision"],
+    summary = {arm: {"overrides": ARMS[arm], "wall_time_s": a["report"]["wall_time_s"], "precision": a["report"]["precision"],
                      "dense_from_step": a["report"]["dense_from_step"], "parity_max_abs_diff": a["report"]["parity_max_abs_diff"],
                      "evaluation": a["report"]["evaluation"], "final_loss_terms": a["report"]["final_loss_terms"],
                      "student": a["report"]["student"]["widths"]} for arm, a in arms.items()}
-    result = {"schema": "homoexport.dense_continuation/1", "recipe": args.recipe, "overrides": args.overrides, "steps": total,
-              "phases": rows, "arms": summary,
-              "wall_ratio": round(summary["dense"]["wall_time_s"] / summary["masked"]["wall_time_s"], 3), "machine": fingerprint()}
-    path = Path(args.results) / f"dense_continuation_{name}.json"
+    result = {"schema": "homoexport.dense_continuation/2", "recipe": args.recipe, "overrides": args.overrides, "steps": total,
+              "arms_order": names, "phases": rows, "arms": summary,
+              "wall_ratio": {f"{arm}_over_{base}": round(summary[arm]["wall_time_s"] / summary[base]["wall_time_s"], 3) for arm in names[:-1]},
+              "machine": fingerprint()}
+    path = Path(args.results) / f"dense_continuation_{name}{'-' + args.tag if args.tag else ''}.json"
     atomic_write_json(path, result)
 
-    print(f"{args.recipe}: {total} steps, dense from step {switch}, precision {summary['dense']['precision']}")
-    print(f"{'phase':<34} {'dense s/step':>13} {'masked s/step':>14} {'ratio':>6}")
+    print(f"{args.recipe}: {total} steps, at the target from step {switch}, precision {summary[names[0]]['precision']}")
+    print(f"{'phase':<30} " + " ".join(f"{arm + ' s':>10}" for arm in names) + " " + " ".join(f"{arm + '/' + base:>14}" for arm in names[:-1]))
     for row in rows:
-        print(f"{row['phase']:<34} {row['dense_median_step_s']:>13.3f} {row['masked_median_step_s']:>14.3f} {row['dense_over_masked']:>6.2f}")
+        print(f"{row['phase']:<30} " + " ".join(f"{row[f'{arm}_phase_s']:>10.1f}" for arm in names) + " "
+              + " ".join(f"{row[f'{arm}_over_{base}']:>14.2f}" for arm in names[:-1]))
     for arm, s in summary.items():
         ev = s["evaluation"]
         print(f"{arm:<7} wall {s['wall_time_s']:>7.1f} s   held-out loss {ev.get('eval_loss', float('nan')):.4f}   "
               f"cosine to teacher {ev.get('eval_cosine_to_teacher', float('nan')):.4f}")
-    print(f"wall time dense / masked: {result['wall_ratio']:.2f}   -> {path}")
+    print("wall time " + ", ".join(f"{k.replace('_over_', ' / ')}: {v:.2f}" for k, v in result["wall_ratio"].items()) + f"   -> {path}")
     return 0
 
 
