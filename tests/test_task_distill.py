@@ -442,6 +442,33 @@ def test_a_checkpoint_from_before_task_keep_best_resumes_as_it_was_trained(tmp_p
                           tmp_path / "step.pt")
 
 
+@pytest.mark.parametrize("kill_at", [5, 15])
+def test_a_checkpoint_from_before_materialize_at_resumes_as_it_was_trained(tmp_path: Path, teacher_dir: Path, task_files, kill_at):
+    """Checkpoints written before the pruner kept its stages: masked (the full-width masks and scores) or dense (the
+    final masks over the full width, scores dropped). Both resume where the uninterrupted run ends."""
+    single = {"pruning.materialize_at": None}
+    whole = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "a", **single)))
+
+    def kill(record):
+        if record["step"] == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b", **single)), on_log=kill)
+    path = tmp_path / "b" / "checkpoints" / f"step-{kill_at:08d}.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["dense"] == (kill_at == 15)
+    pruner = state["pruner"]
+    old = {"masks": pruner["stages"][-1] if state["dense"] else pruner["masks"], "importance": dict(pruner["importance"])}
+    old["importance"].pop("residues")
+    torch.save({**state, "pruner": old}, path)
+    resumed = distill_task(validate_recipe(task_recipe(teacher_dir, task_files, tmp_path / "b", **single)), resume=True)
+    assert resumed["resumed_from_step"] == kill_at and resumed["student"]["dev"] == whole["student"]["dev"]
+    a = AutoModelForSequenceClassification.from_pretrained(tmp_path / "a" / "student").state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(tmp_path / "b" / "student").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_task_resume_refuses_auto_resolving_to_another_precision(tmp_path: Path, teacher_dir: Path, task_files, monkeypatch):
     from homoexport.distillation import precision
 
