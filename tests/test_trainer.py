@@ -111,6 +111,8 @@ def test_kill_and_resume_reproduces_uninterrupted_run_bitwise(teachers, corpus, 
     with pytest.raises(Killed):
         distill(validate_recipe(killed), on_log=kill_after(10))  # "dies" after step 10; last checkpoint at 8
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").glob("*.pt")) == ["step-00000008.pt"]  # only the newest is kept
+    state = torch.load(tmp_path / "killed" / "checkpoints" / "step-00000008.pt", weights_only=False)
+    assert state["stages"] and state["dense_from"] is None  # the resume replays the switches to smaller students
     assert not (tmp_path / "killed" / "student").exists()
     with caplog.at_level("INFO", logger="homoexport"):
         report = distill(validate_recipe(killed), resume=True)
