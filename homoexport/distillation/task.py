@@ -496,7 +496,7 @@ def distill_task(recipe: Recipe, out_dir: Path | None = None, resume: bool = Fal
             if recipe.pruning.materialize and run.pruner.reached_target(step):
                 run.step = step + 1
                 to_dense(run, recipe, total, probe)
-            elif changed and recipe.pruning.materialize and recipe.pruning.materialize_at and run.pruner.worth_rebasing(recipe.pruning.materialize_at):
+            elif changed and recipe.pruning.materialize_at is not None and run.pruner.worth_rebasing(recipe.pruning.materialize_at):
                 run.step = step + 1
                 to_dense(run, recipe, total, probe, final=False)
         run.step = done = step + 1

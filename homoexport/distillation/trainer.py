@@ -397,7 +397,7 @@ def distill(
             pruner.after_optimizer_step()
             if recipe.pruning.materialize and pruner.reached_target(step):
                 _to_dense(opt, pruner, recipe, accelerator, done, probe)
-            elif changed and recipe.pruning.materialize and recipe.pruning.materialize_at and pruner.worth_rebasing(recipe.pruning.materialize_at):
+            elif changed and recipe.pruning.materialize_at is not None and pruner.worth_rebasing(recipe.pruning.materialize_at):
                 _to_dense(opt, pruner, recipe, accelerator, done, probe, final=False)
         last_terms = _all_reduce_mean(accelerator, terms_sum)
         record = {"step": done, "total": total, "loss": sum(last_terms.get(k, 0) * w for k, w in opt.unwrapped.loss.active_terms.items()),
